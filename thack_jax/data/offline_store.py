@@ -46,8 +46,8 @@ class OfflineSpec:
     prompts_checksum: str
 
     def __post_init__(self):
-        for f in ("num_prompts", "completions_per_prompt", "max_input_length",
-                  "max_target_length"):  # fmt: skip
+        sizes = ("num_prompts", "completions_per_prompt", "max_input_length", "max_target_length")
+        for f in sizes:
             value = getattr(self, f)
             if not isinstance(value, int | np.integer) or value <= 0:
                 raise ValueError(f"OfflineSpec.{f} must be a positive int, got {value!r}")
@@ -392,7 +392,6 @@ class OfflineIterator:
         epoch, index = int(state["epoch"]), int(state["index"])
         if epoch < 0 or not 0 <= index <= self.batches_per_epoch:
             raise ValueError(
-                f"iterator state {state} out of range (batches_per_epoch "
-                f"{self.batches_per_epoch})"
+                f"iterator state {state} out of range (batches_per_epoch {self.batches_per_epoch})"
             )
         self.epoch, self.index = epoch, index

@@ -14,7 +14,7 @@ share structure a model can learn and generalise from: the object noun depends o
 the noun after a preposition depends on the preposition, and adjectives depend on their noun
 (each a fixed permutation of the Zipf weights, drawn from the grammar's seed). Every word of
 a category stays possible in every slot, so the number of distinct prompts is very large
-(`SyntheticGrammar.count_sentences`: about 1e10 within 15 words).
+(`SyntheticGrammar.count_sentences`: about 4e14 within 15 words, i.e. max_length 16).
 
 Token ids follow the T5 convention (pad 0, eos 1, unk 2) and word `i` of `grammar.words`
 has id `FIRST_WORD_ID + i`; `thack_jax.data.vocab.SyntheticVocabulary` uses the same ids.
@@ -45,8 +45,20 @@ CATEGORIES: dict[str, tuple[str, ...]] = {
     "det": ("the", "a", "every", "some"),
     "adj": ("red", "blue", "green", "small", "big", "old", "new", "round", "soft", "dark"),
     "noun": (
-        "box", "ball", "cup", "key", "book", "lamp", "door",
-        "tree", "stone", "bird", "fish", "chair", "table", "coin",
+        "box",
+        "ball",
+        "cup",
+        "key",
+        "book",
+        "lamp",
+        "door",
+        "tree",
+        "stone",
+        "bird",
+        "fish",
+        "chair",
+        "table",
+        "coin",
     ),  # fmt: skip
     "prep": ("on", "in", "under", "near", "behind", "with"),
     "adv": ("quickly", "slowly", "twice", "carefully", "again"),
@@ -64,7 +76,7 @@ ZIPF_EXPONENT = 1.0
 # (candidate i always uses rows i of the stream), which makes outputs prefix-stable.
 _DRAWS_PER_CANDIDATE = 32
 _BLOCK = 2048
-_MAX_MISSES = 200_000
+_MAX_MISSES = 200_000  # module-level so tests can lower it
 
 
 def _cumulative(weights: np.ndarray) -> list[float]:
@@ -180,6 +192,15 @@ def _split_of(ids: tuple[int, ...]) -> str:
     return "validation" if bucket < int(VALIDATION_FRACTION * 10_000) else "train"
 
 
+def _check_args(split: str, max_length: int) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if max_length < MIN_PROMPT_LENGTH:
+        raise ValueError(
+            f"max_length must be >= {MIN_PROMPT_LENGTH} (VERB DET NOUN EOS), got {max_length}"
+        )
+
+
 def iter_prompts(
     *,
     split: str = "train",
@@ -193,12 +214,7 @@ def iter_prompts(
     Candidates are drawn from one random stream fixed by `seed`; those longer than
     `max_length - 1` words, of the other split, or (if `unique`) already seen are skipped.
     """
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    if max_length < MIN_PROMPT_LENGTH:
-        raise ValueError(
-            f"max_length must be >= {MIN_PROMPT_LENGTH} (VERB DET NOUN EOS), got {max_length}"
-        )
+    _check_args(split, max_length)
     grammar = grammar or SyntheticGrammar()
     rng = np.random.default_rng([int(seed), 104729])
     seen: set[tuple[int, ...]] = set()
@@ -246,6 +262,7 @@ def synthetic_prompts(
     """
     if num_prompts < 0:
         raise ValueError(f"num_prompts must be >= 0, got {num_prompts}")
+    _check_args(split, max_length)
     out = np.zeros((num_prompts, max_length), np.int32)
     stream = iter_prompts(
         split=split, seed=seed, max_length=max_length, unique=unique, grammar=grammar

@@ -162,9 +162,7 @@ def _text_source(generator_fn):
     def dataset_fn(split, shuffle_files):
         del shuffle_files  # deterministic order; Task.get_dataset shuffles if asked
         spec = {k: tf.TensorSpec((), tf.string) for k in ("inputs", "targets")}
-        return tf.data.Dataset.from_generator(
-            lambda: generator_fn(split), output_signature=spec
-        )
+        return tf.data.Dataset.from_generator(lambda: generator_fn(split), output_signature=spec)
 
     return seqio.FunctionDataSource(dataset_fn, splits=("train", "validation"))
 
@@ -179,10 +177,7 @@ def get_task(
     synthetic_max_length: int = 16,
 ):
     """The registered seqio.Task for `task_name` (registering it on first use)."""
-    import seqio
-
     _check_task_name(task_name)
-    vocab = _as_seqio_vocabulary(vocabulary, task_name)
     if task_name == "synthetic":
         config = (synthetic_seed, synthetic_max_length)
     elif task_name == "natural_instructions":
@@ -191,6 +186,9 @@ def get_task(
         config = (os.path.abspath(natural_instructions_dir),)
     else:
         config = (tfds_data_dir,)
+    vocab = _as_seqio_vocabulary(vocabulary, task_name)
+    import seqio
+
     name = f"thack_{task_name}_{_short_hash(_vocab_key(vocab), *config)}"
     if name in seqio.TaskRegistry.names():
         return seqio.TaskRegistry.get(name)
@@ -311,9 +309,12 @@ def load_examples(
     """
     _check_task_name(task_name)
     if task_name == "synthetic" and not via_seqio:
-        grammar = synthetic.SyntheticGrammar()
-        if vocabulary is not None and vocabulary != SyntheticVocabulary(grammar):
-            raise ValueError("the synthetic task needs the default SyntheticVocabulary")
+        inner = getattr(vocabulary, "vocab", vocabulary)  # unwrap the seqio wrapper
+        if vocabulary is not None and (
+            not isinstance(inner, SyntheticVocabulary)
+            or inner.words != synthetic.SyntheticGrammar().words
+        ):
+            raise ValueError("the synthetic task needs a SyntheticVocabulary")
         inputs = synthetic.synthetic_prompts(
             num_examples, split=split, seed=seed or 0, max_length=max_input_length
         )
