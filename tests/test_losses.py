@@ -73,7 +73,7 @@ def call(name, lt, s_logits, mask, temperature=1.0, **kw):
 )
 def test_losses_match_float64_reference(shape, name, kw):
     for temperature in (1.0, 2.0):
-        lt, s_logits, mask = make_inputs(shape, seed=hash((shape, name)) % 1000)
+        lt, s_logits, mask = make_inputs(shape, seed=sum(shape) * 31 + len(name))
         loss_sum, count = call(name, lt, s_logits, mask, temperature, **kw)
         ref = ref_per_token(name, lt, np_log_softmax(s_logits, temperature), **kw)
         assert loss_sum.dtype == jnp.float32 and count.dtype == jnp.float32
@@ -100,7 +100,8 @@ def test_jsd_normalised_matches_reference_near_limits(beta):
 
 
 def test_jsd_limits_are_forward_and_reverse_kl():
-    lt, s_logits, mask = make_inputs((2, 5, 7), seed=3)
+    # Mild logits: the O(beta) gap to the limit is then far below the tolerance at 1e-6.
+    lt, s_logits, mask = make_inputs((2, 5, 7), seed=3, scale=1.0)
     ls = np_log_softmax(s_logits)
     fwd, rev = ref_per_token("forward_kl", lt, ls), ref_per_token("reverse_kl", lt, ls)
     for beta, ref in [(0.0, fwd), (1e-6, fwd), (1.0, rev), (1 - 1e-6, rev)]:
@@ -135,13 +136,17 @@ def test_neg_inf_teacher_logprobs():
     _, s_logits, mask = make_inputs(shape, seed=6)
     ls = np_log_softmax(s_logits)
     t, s = jnp.asarray(lt, jnp.float32), jnp.asarray(s_logits, jnp.float32)
-    for name, kw in [("forward_kl", {}), ("tv", {}), ("jsd", {"beta": 0.3}),
-                     ("skew_kl", {"alpha": 0.1}), ("skew_reverse_kl", {"alpha": 0.1})]:
+    for name, kw in [
+        ("forward_kl", {}),
+        ("tv", {}),
+        ("jsd", {"beta": 0.3}),
+        ("skew_kl", {"alpha": 0.1}),
+        ("skew_reverse_kl", {"alpha": 0.1}),
+    ]:
         fn = losses.get_loss(name, **kw)
-        value, _ = fn(t, s, mask)
+        value, grad = jax.jit(jax.value_and_grad(lambda x, fn=fn: fn(t, x, mask)[0]))(s)
         ref = (ref_per_token(name, lt, ls, **kw) * mask).sum()
         np.testing.assert_allclose(float(value), ref, rtol=1e-5, err_msg=name)
-        grad = jax.grad(lambda x, fn=fn: fn(t, x, mask)[0])(s)
         assert np.all(np.isfinite(np.asarray(grad))), name
     # Reverse KL is genuinely infinite there: +inf, not NaN.
     assert float(losses.reverse_kl(t, s, mask)[0]) == np.inf
@@ -155,8 +160,9 @@ def test_pads_ignore_garbage_teacher_rows():
     s = jnp.asarray(s_logits, jnp.float32)
     for name in losses.LOSSES:
         fn = losses.get_loss(name)
-        clean = fn(jnp.asarray(lt, jnp.float32), s, mask)[0]
-        value, grad = jax.value_and_grad(lambda x, fn=fn: fn(jnp.asarray(garbage), x, mask)[0])(s)
+        value_and_grad = jax.jit(jax.value_and_grad(lambda t, x, fn=fn: fn(t, x, mask)[0], 1))
+        clean, _ = value_and_grad(jnp.asarray(lt, jnp.float32), s)
+        value, grad = value_and_grad(jnp.asarray(garbage, jnp.float32), s)
         np.testing.assert_allclose(float(value), float(clean), rtol=1e-6, err_msg=name)
         assert np.all(np.isfinite(np.asarray(grad))), name
         assert np.all(np.asarray(grad)[:, -2:] == 0), name
@@ -164,9 +170,11 @@ def test_pads_ignore_garbage_teacher_rows():
 
 @pytest.mark.parametrize("name", sorted(losses.LOSSES))
 def test_bf16_student_is_non_negative(name):
-    # Teacher equal to the student: every divergence is 0 up to rounding, never below.
-    logits = jax.random.normal(jax.random.PRNGKey(0), (4, 16, 64)).astype(jnp.bfloat16) * 8
-    teacher = jax.nn.log_softmax(logits.astype(jnp.float32))
+    # Teacher within rounding of the student: every divergence is ~0, and never below 0.
+    key_s, key_t = jax.random.split(jax.random.PRNGKey(0))
+    logits = (jax.random.normal(key_s, (4, 16, 64)) * 8).astype(jnp.bfloat16)
+    noise = jax.random.normal(key_t, logits.shape) * 1e-4
+    teacher = jax.nn.log_softmax(logits.astype(jnp.float32) + noise)
     mask = jnp.ones((4, 16))
     per_token = {
         "forward_kl": losses.forward_kl_per_token,
@@ -177,7 +185,7 @@ def test_bf16_student_is_non_negative(name):
         "skew_reverse_kl": lambda a, b: losses.skew_reverse_kl_per_token(a, b, 0.1),
     }[name]
     student = losses.log_softmax_with_temperature(logits, 1.0)
-    values = np.asarray(per_token(teacher + 1e-7, student))  # a rounding-sized mismatch
+    values = np.asarray(per_token(teacher, student))
     assert np.all(values >= 0) and values.max() < 1e-4
     loss_sum, _ = losses.get_loss(name)(teacher, logits, mask)
     assert 0.0 <= float(loss_sum) < 1e-3
@@ -190,25 +198,22 @@ def test_microbatch_gradient_accumulation_equals_full_batch():
     mask = jnp.asarray([[1] * 6, [1] * 2 + [0] * 4, [1] * 5 + [0], [1] + [0] * 5])
     w = jnp.asarray(rng.normal(size=(5, 7)), jnp.float32)
 
-    def loss_sum(w, sl):
-        return losses.forward_kl(teacher[sl], feats[sl] @ w, mask[sl])
+    @jax.jit
+    def grad_of_sum(w, teacher, feats, mask, denominator):
+        return jax.grad(lambda w: losses.forward_kl(teacher, feats @ w, mask)[0] / denominator)(w)
 
-    def full(w):
-        total, count = loss_sum(w, slice(None))
+    def full_mean(w):  # loss of one big batch: mean over its tokens
+        total, count = losses.forward_kl(teacher, feats @ w, mask)
         return total / count
 
-    global_count = float(mask.sum())
-    micro = sum(
-        jax.grad(lambda w, sl=sl: loss_sum(w, sl)[0] / global_count)(w)
-        for sl in (slice(0, 2), slice(2, 4))
-    )
-    np.testing.assert_allclose(micro, jax.grad(full)(w), rtol=1e-5, atol=1e-7)
+    expected = jax.grad(full_mean)(w)
+    halves = [(teacher[i : i + 2], feats[i : i + 2], mask[i : i + 2]) for i in (0, 2)]
+    global_count = mask.sum().astype(jnp.float32)
+    accumulated = sum(grad_of_sum(w, *half, global_count) for half in halves)
+    np.testing.assert_allclose(accumulated, expected, rtol=1e-5, atol=1e-7)
     # Averaging per-microbatch means (the wrong way) differs here: the test can fail.
-    naive = sum(
-        jax.grad(lambda w, sl=sl: 0.5 * loss_sum(w, sl)[0] / loss_sum(w, sl)[1])(w)
-        for sl in (slice(0, 2), slice(2, 4))
-    )
-    assert not np.allclose(naive, jax.grad(full)(w), rtol=1e-3)
+    naive = sum(0.5 * grad_of_sum(w, *h, h[2].sum().astype(jnp.float32)) for h in halves)
+    assert not np.allclose(naive, expected, rtol=1e-3)
 
 
 def test_cross_entropy_matches_reference():
@@ -229,7 +234,12 @@ def test_jit_and_registry():
     eager = losses.generalized_jsd(jnp.asarray(lt, jnp.float32), s_logits, mask, beta=0.1)
     np.testing.assert_allclose(fn(jnp.asarray(lt, jnp.float32), s_logits, mask), eager, 1e-6)
     assert set(losses.LOSSES) == {
-        "forward_kl", "reverse_kl", "jsd", "tv", "skew_kl", "skew_reverse_kl"
+        "forward_kl",
+        "reverse_kl",
+        "jsd",
+        "tv",
+        "skew_kl",
+        "skew_reverse_kl",
     }
     with pytest.raises(ValueError, match="valid names.*forward_kl"):
         losses.get_loss("kl")

@@ -172,8 +172,9 @@ def _prepare(teacher_logprobs, student_logits, mask, temperature):
             "(both must be [batch, length, vocab])"
         )
     if len(t_shape) < 1 or jnp.shape(mask) != t_shape[:-1]:
-        raise ValueError(f"mask shape {jnp.shape(mask)} must be the logits shape without vocab, "
-                         f"{t_shape[:-1]}")
+        raise ValueError(
+            f"mask shape {jnp.shape(mask)} must be the logits shape without vocab, {t_shape[:-1]}"
+        )
     student = log_softmax_with_temperature(student_logits, temperature)
     valid = jnp.asarray(mask) > 0
     # Pads: replace the teacher by the (constant) student so pads give exactly 0, and no

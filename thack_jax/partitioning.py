@@ -69,9 +69,7 @@ def make_mesh(shape: Mapping[str, int] | None = None, devices=None) -> Mesh:
     n = len(devices)
     if rest:
         if n % known:
-            raise ValueError(
-                f"mesh {shape} needs a multiple of {known} devices, {n} available"
-            )
+            raise ValueError(f"mesh {shape} needs a multiple of {known} devices, {n} available")
         shape[rest[0]] = n // known
     elif known != n:
         raise ValueError(f"mesh {shape} needs {known} devices, {n} available")
@@ -187,7 +185,8 @@ def opt_state_shardings(mesh: Mesh, opt_state_shapes, params_shardings, params_s
     adafactor's v/v_row/v_col, ...) is matched leaf by leaf with the params. A leaf there gets
     its param's sharding if it has the param's shape (from `params_shapes`; when that is None:
     the same rank and every sharded dimension divisible). Every other leaf (counts, scalars,
-    adafactor's factored row/column vectors, placeholders) is replicated.
+    adafactor's factored row/column vectors, placeholders) is replicated. Containers must
+    match exactly (a dict params tree does not mirror a FrozenDict state).
     """
     params_def = jax.tree.structure(params_shardings)
     shapes = params_shapes
