@@ -14,19 +14,45 @@ import logging
 import numpy as np
 from scipy import special
 
-# Calibrated by `calibrate_threshold` (docs/diagnostics.md): the 97th percentile of the
-# patience-2 maximum of the statistic on pure power law + noise, 40 evaluations, leaving margin
-# for longer curves (more evaluations = more chances of a false alarm).
-DEFAULT_THRESHOLD = 2.6
-DEFAULT_MIN_POINTS = 8
-DEFAULT_PATIENCE = 2
-DEFAULT_WINDOW = 3  # recent evaluations tested against the extrapolated law
-DEFAULT_FIT_FRACTION = 0.5  # the law is fitted on this first fraction of the evaluations seen
 OVERFIT_Z = 3.0  # significance of a proxy rise above its running minimum
 REL_STDERR_FLOOR = 1e-3  # floor on stderr / value, so no point dominates the weighted fit
 RESIDUAL_CLIP = 2.5  # cap on one standardized residual in the tested window
 MIN_FIT_POINTS = 3  # 2 parameters + 1 degree of freedom for the residual scale
 MODES = ("log", "warn", "stop")
+
+_LOG = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class DetectorConfig:
+    """Settings of the oracle-free deviation detector.
+
+    threshold: calibrated with `calibrate_threshold` (docs/diagnostics.md): on pure power law
+      + noise the whole-curve false-alarm rate is <= 5% up to about 100 evaluations (about 1%
+      at 40); longer curves test more often and need a higher threshold.
+    patience: consecutive evaluations above threshold needed to fire.
+    min_points: evaluations seen before the statistic is computed.
+    fit_fraction: the law is fitted on this first fraction of the evaluations seen.
+    window: most recent evaluations tested against the extrapolated law.
+    """
+
+    threshold: float = 2.8
+    patience: int = 2
+    min_points: int = 8
+    fit_fraction: float = 0.5
+    window: int = 3
+
+    def __post_init__(self):
+        if self.patience < 1 or self.window < 1:
+            raise ValueError(f"patience and window must be >= 1: {self}")
+        if not 0.0 < self.fit_fraction < 1.0:
+            raise ValueError(f"fit_fraction must be in (0, 1): {self}")
+        n_fit = int(self.fit_fraction * self.min_points)
+        if n_fit < MIN_FIT_POINTS + 1 or n_fit + self.window > self.min_points:
+            raise ValueError(
+                f"min_points={self.min_points} must leave >= {MIN_FIT_POINTS + 1} points to fit "
+                f"and {self.window} (window) after them at fit_fraction={self.fit_fraction}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +65,7 @@ class PowerLawFit:
     b: float
     residual_scale: float
     n: int
-    cov: tuple = ((0.0, 0.0), (0.0, 0.0))
+    cov: tuple  # ((var log_a, cov), (cov, var b))
 
     @property
     def b_stderr(self) -> float:
@@ -80,7 +106,7 @@ class GuardResult:
 
 
 def _rows(idx, steps, values) -> str:
-    shown = ", ".join(f"(index {i}, step {steps[i]!r}, value {values[i]!r})" for i in idx[:10])
+    shown = ", ".join(f"(index {i}, step {steps[i]:g}, value {values[i]:g})" for i in idx[:10])
     return shown + (f" and {len(idx) - 10} more" if len(idx) > 10 else "")
 
 
@@ -98,14 +124,18 @@ def _check_curve(steps, values, stderrs=None, name="values"):
         )
     bad = np.flatnonzero(np.diff(steps) <= 0) + 1
     if bad.size:
-        raise ValueError("steps must be strictly increasing; offending rows: " + _rows(bad, steps, values))
+        raise ValueError(
+            "steps must be strictly increasing; offending rows: " + _rows(bad, steps, values)
+        )
     if stderrs is not None:
         stderrs = np.asarray(stderrs, dtype=np.float64)
         if stderrs.shape != steps.shape:
             raise ValueError(f"stderrs {stderrs.shape} must match steps {steps.shape}")
         bad = np.flatnonzero(~(np.isfinite(stderrs) & (stderrs >= 0)))
         if bad.size:
-            raise ValueError("stderrs must be finite and >= 0; offending rows: " + _rows(bad, steps, stderrs))
+            raise ValueError(
+                "stderrs must be finite and >= 0; offending rows: " + _rows(bad, steps, stderrs)
+            )
     return steps, values, stderrs
 
 
@@ -116,104 +146,103 @@ def _log_sigma(values, stderrs):
     return np.maximum(stderrs / values, REL_STDERR_FLOOR)
 
 
-def _wls(x, y, sig, known_sigma):
-    """Weighted least squares of y = log_a - b x [n]. Returns (beta[2], cov[2,2], scale)."""
-    design = np.stack([np.ones_like(x), -x], axis=1)
+def _prefix_fits(x, y, sig, n_fit, known_sigma):
+    """Weighted least-squares fits of y = log_a - b x on the first n_fit[k] points, for every k
+    at once from prefix sums. Args: x, y, sig [n]; n_fit [K] ints >= 3.
+    Returns log_a [K], b [K], scale [K], inv [K, 3]: (s2, s1, s0) / det, the entries of the
+    inverse normal matrix [[s2, s1], [s1, s0]] / det (multiply by scale**2 for the covariance).
+    """
     w = 1.0 / sig**2
-    normal = design.T @ (design * w[:, None])
-    beta = np.linalg.solve(normal, design.T @ (w * y))
-    chi2 = float(np.sum(w * (y - design @ beta) ** 2))
-    scale = float(np.sqrt(chi2 / max(len(x) - 2, 1)))
+
+    def prefix(a):
+        return np.concatenate([[0.0], np.cumsum(a)])[n_fit]
+
+    s0, s1, s2 = prefix(w), prefix(w * x), prefix(w * x * x)
+    sy, sxy, syy = prefix(w * y), prefix(w * x * y), prefix(w * y * y)
+    det = s0 * s2 - s1**2
+    log_a = (s2 * sy - s1 * sxy) / det
+    b = (s1 * sy - s0 * sxy) / det
+    chi2 = np.maximum(syy - log_a * sy + b * sxy, 0.0)
+    scale = np.sqrt(chi2 / np.maximum(n_fit - 2, 1))
     if known_sigma:  # reported stderrs are a lower bound on the noise: inflate, never shrink
-        scale = max(scale, 1.0)
-    return beta, scale**2 * np.linalg.inv(normal), scale
+        scale = np.maximum(scale, 1.0)
+    return log_a, b, scale, np.stack([s2, s1, s0], axis=-1) / det[:, None]
 
 
 def fit_power_law(steps, values, stderrs=None) -> PowerLawFit:
-    """Fits `values ~ a * steps**-b` by Huber-robust weighted least squares in log-log space.
+    """Fits `values ~ a * steps**-b` by weighted least squares in log-log space.
 
     Weights are 1 / (stderr / value)**2 (delta method), with stderr / value floored at
-    REL_STDERR_FLOOR. Args: steps [n], values [n], stderrs [n] or None (equal weights).
+    REL_STDERR_FLOOR. Args: steps [n], values [n], stderrs [n] or None (equal weights, the
+    scale then estimated from the residuals).
     """
     steps, values, stderrs = _check_curve(steps, values, stderrs)
-    if len(steps) < MIN_FIT_POINTS:
-        raise ValueError(f"need at least {MIN_FIT_POINTS} points to fit a power law, got {len(steps)}")
-    beta, cov, scale = _wls(np.log(steps), np.log(values), _log_sigma(values, stderrs), stderrs is not None)
-    return PowerLawFit(float(beta[0]), float(beta[1]), scale, len(steps), tuple(map(tuple, cov.tolist())))
+    n = len(steps)
+    if n < MIN_FIT_POINTS:
+        raise ValueError(f"need at least {MIN_FIT_POINTS} points to fit a power law, got {n}")
+    sig = _log_sigma(values, stderrs)
+    log_a, b, scale, inv = _prefix_fits(
+        np.log(steps), np.log(values), sig, np.array([n]), stderrs is not None
+    )
+    s2, s1, s0 = scale[0] ** 2 * inv[0]
+    return PowerLawFit(float(log_a[0]), float(b[0]), float(scale[0]), n, ((s2, s1), (s1, s0)))
 
 
-def _statistic_at(x, y, sig, known_sigma, n, fit_fraction, window) -> float:
-    """Standardized deviation of evaluations [n-window, n) from the law fitted on the first
-    `fit_fraction * n` evaluations; positive = proxy higher than the law (slower decay)."""
-    n_fit = int(fit_fraction * n)
-    if n_fit < MIN_FIT_POINTS + 1 or n_fit + window > n:
-        return float("nan")
-    beta, cov, scale = _wls(x[:n_fit], y[:n_fit], sig[:n_fit], known_sigma)
-    test = np.stack([np.ones(window), -x[n - window : n]], axis=1)
-    # Covariance of the window's residuals: own noise + the extrapolation error they share.
-    resid_cov = np.diag(scale**2 * sig[n - window : n] ** 2) + test @ cov @ test.T
-    sd = np.sqrt(np.diag(resid_cov))
-    z = (y[n - window : n] - test @ beta) / sd
-    if not known_sigma:  # estimated scale: Student t with n_fit - 2 dof, mapped onto z-scores
-        z = -special.ndtri(special.stdtr(n_fit - 2, -z))
-    # Clipping bounds what one evaluation can add, so a single outlier cannot fire the detector.
-    clipped = np.clip(z, -RESIDUAL_CLIP, RESIDUAL_CLIP)
-    return float(np.sum(clipped) / np.sqrt(np.sum(resid_cov / np.outer(sd, sd))))
-
-
-def deviation_statistic(
-    steps, values, stderrs=None, *, min_points=DEFAULT_MIN_POINTS,
-    fit_fraction=DEFAULT_FIT_FRACTION, window=DEFAULT_WINDOW,
-) -> np.ndarray:
-    """Per-evaluation deviation statistic [n] (about N(0, 1) on a pure power law; nan at
-    evaluations before `min_points`), each using only the evaluations seen so far."""
+def deviation_statistic(steps, values, stderrs=None, config=DetectorConfig()) -> np.ndarray:
+    """Per-evaluation deviation statistic [n]: at evaluation k, the standardized deviation of
+    the last `window` evaluations from the law fitted on the first `fit_fraction * (k + 1)`,
+    positive = proxy higher than the law (slower decay). About N(0, 1) on a pure power law;
+    nan before `min_points` evaluations. Each entry uses only the evaluations seen so far."""
     steps, values, stderrs = _check_curve(steps, values, stderrs)
     x, y, sig = np.log(steps), np.log(values), _log_sigma(values, stderrs)
+    seen = np.arange(config.min_points, len(steps) + 1)
     out = np.full(len(steps), np.nan)
-    for k in range(max(min_points, 1), len(steps) + 1):
-        out[k - 1] = _statistic_at(x, y, sig, stderrs is not None, k, fit_fraction, window)
+    if seen.size == 0:
+        return out
+    n_fit = (config.fit_fraction * seen).astype(int)
+    log_a, b, scale, inv = _prefix_fits(x, y, sig, n_fit, stderrs is not None)
+    idx = seen[:, None] - config.window + np.arange(config.window)  # [K, window]
+    xt = x[idx]
+    # Covariance of the window's residuals [K, window, window]: own noise + the extrapolation
+    # error they share, t_i inv t_j with t_i = (1, -x_i).
+    shared = inv[:, 0, None, None] - inv[:, 1, None, None] * (xt[:, :, None] + xt[:, None, :])
+    shared = shared + inv[:, 2, None, None] * xt[:, :, None] * xt[:, None, :]
+    cov = scale[:, None, None] ** 2 * (shared + np.eye(config.window) * sig[idx][:, None] ** 2)
+    sd = np.sqrt(np.einsum("kii->ki", cov))
+    z = (y[idx] - (log_a[:, None] - b[:, None] * xt)) / sd
+    if stderrs is None:  # estimated scale: Student t with n_fit - 2 dof, mapped onto z-scores
+        z = -special.ndtri(special.stdtr((n_fit - 2)[:, None], -z))
+    # Clipping bounds what one evaluation can add, so a single outlier cannot fire the detector.
+    clipped = np.clip(z, -RESIDUAL_CLIP, RESIDUAL_CLIP)
+    corr_sum = np.sum(cov / (sd[:, :, None] * sd[:, None, :]), axis=(1, 2))
+    out[seen - 1] = np.sum(clipped, axis=1) / np.sqrt(corr_sum)
     return out
 
 
-def _first_fire(statistic, threshold, patience) -> int | None:
-    """Index of the first of `patience` consecutive evaluations above threshold, or None."""
+def detect_deviation(steps, values, stderrs=None, config=DetectorConfig()) -> Detection:
+    """Fires when the deviation statistic exceeds `config.threshold` at `config.patience`
+    consecutive evaluations."""
+    statistic = deviation_statistic(steps, values, stderrs, config)
     run = 0
     for i, s in enumerate(statistic):
-        run = run + 1 if s > threshold else 0  # nan compares False
-        if run >= patience:
-            return i - patience + 1
-    return None
+        run = run + 1 if s > config.threshold else 0  # nan compares False
+        if run == config.patience:
+            return Detection(True, int(np.asarray(steps)[i]), statistic, i - run + 1)
+    return Detection(False, None, statistic)
 
 
-def detect_deviation(
-    steps, values, stderrs=None, threshold=DEFAULT_THRESHOLD, *, patience=DEFAULT_PATIENCE,
-    min_points=DEFAULT_MIN_POINTS, fit_fraction=DEFAULT_FIT_FRACTION, window=DEFAULT_WINDOW,
-) -> Detection:
-    """Fires when the deviation statistic exceeds `threshold` at `patience` consecutive evals."""
-    if patience < 1:
-        raise ValueError(f"patience must be >= 1, got {patience}")
-    statistic = deviation_statistic(
-        steps, values, stderrs, min_points=min_points, fit_fraction=fit_fraction, window=window
-    )
-    first = _first_fire(statistic, threshold, patience)
-    if first is None:
-        return Detection(False, None, statistic)
-    return Detection(True, int(np.asarray(steps)[first + patience - 1]), statistic, first)
-
-
-def _best_index(values, first_index, window) -> int:
+def _best_index(values, detection: Detection, window: int) -> int:
     """The oracle-free checkpoint: the last evaluation before the window that first deviated,
     or, when nothing fired, the lowest proxy."""
-    if first_index is None:
+    if not detection.fired:
         return int(np.argmin(values))
-    return max(first_index - window, 0)
+    return max(detection.first_index - window, 0)
 
 
-def best_step_oracle_free(steps, proxy, proxy_stderr=None, **detector_kwargs) -> int:
+def best_step_oracle_free(steps, proxy, proxy_stderr=None, config=DetectorConfig()) -> int:
     """Step of the checkpoint to keep without an oracle (see `_best_index`)."""
-    detection = detect_deviation(steps, proxy, proxy_stderr, **detector_kwargs)
-    window = detector_kwargs.get("window", DEFAULT_WINDOW)
-    return int(np.asarray(steps)[_best_index(np.asarray(proxy), detection.first_index, window)])
+    detection = detect_deviation(steps, proxy, proxy_stderr, config)
+    return int(np.asarray(steps)[_best_index(np.asarray(proxy), detection, config.window)])
 
 
 def _noise_sd(values) -> float:
@@ -222,10 +251,13 @@ def _noise_sd(values) -> float:
     return float(1.4826 * np.median(np.abs(d2 - np.median(d2))) / np.sqrt(6.0)) if d2.size else 0.0
 
 
-def proxy_rise(values, stderrs=None, window=DEFAULT_WINDOW) -> float:
-    """z-score of the last `window`-mean of log proxy above its lowest `window`-mean."""
+def _proxy_rise(values, stderrs=None, window=3) -> float:
+    """z-score of the last `window`-mean of log proxy [n] above its lowest `window`-mean
+    (overfitting: the proxy itself rises). Without stderrs, the noise comes from the curve."""
     logv = np.log(np.asarray(values, dtype=np.float64))
-    sig = _log_sigma(values, stderrs) if stderrs is not None else np.full_like(logv, _noise_sd(logv))
+    sig = (
+        _log_sigma(values, stderrs) if stderrs is not None else np.full_like(logv, _noise_sd(logv))
+    )
     if len(logv) < window:
         return float("nan")
     kernel = np.ones(window) / window
@@ -256,36 +288,33 @@ def detect_u_shape(steps, proxy, golden, golden_stderr=None) -> UShape:
 
 
 def verdict(
-    steps, proxy, proxy_stderr=None, golden=None, golden_stderr=None, *,
-    threshold=DEFAULT_THRESHOLD, patience=DEFAULT_PATIENCE, min_points=DEFAULT_MIN_POINTS,
-    fit_fraction=DEFAULT_FIT_FRACTION, window=DEFAULT_WINDOW,
+    steps, proxy, proxy_stderr=None, golden=None, golden_stderr=None, config=DetectorConfig()
 ) -> Verdict:
     """Labels a run from its proxy curve; precedence: not_converged (too few points) >
     overfitting > teacher_hacking > not_converged (proxy not decreasing) > healthy. The golden
     curve, when given, only adds details (U shape, lag = flag step - golden minimum step)."""
     steps, proxy, proxy_stderr = _check_curve(steps, proxy, proxy_stderr, name="proxy")
-    details = {"n_points": len(steps), "threshold": threshold, "flag_step": None}
+    details = {"n_points": len(steps), "threshold": config.threshold, "flag_step": None}
     if golden is not None:
         u = detect_u_shape(steps, proxy, golden, golden_stderr)
-        details.update(u_shape=u.is_u, golden_min_step=u.min_step, golden_rise=u.rise,
-                       golden_rise_stderr=u.rise_stderr)
-    if len(steps) < max(min_points, MIN_FIT_POINTS):
-        details["reason"] = f"{len(steps)} evaluations, need at least {min_points}"
+        details.update(u_shape=u.is_u, golden_min_step=u.min_step, golden_rise=u.rise)
+        details["golden_rise_stderr"] = u.rise_stderr
+    if len(steps) < config.min_points:
+        details["reason"] = f"{len(steps)} evaluations, need at least {config.min_points}"
         return Verdict("not_converged", details)
-    detection = detect_deviation(steps, proxy, proxy_stderr, threshold, patience=patience,
-                                 min_points=min_points, fit_fraction=fit_fraction, window=window)
-    first = detection.first_index
-    # The law drawn and reported is the one the detector extrapolated when it first fired.
-    n_law = len(steps) if first is None else int(fit_fraction * (first + 1))
-    law = fit_power_law(steps[:n_law], proxy[:n_law],
-                        None if proxy_stderr is None else proxy_stderr[:n_law])
+    detection = detect_deviation(steps, proxy, proxy_stderr, config)
+    # The law reported (and drawn) is the one the detector extrapolated when it first fired.
+    n_law = int(config.fit_fraction * (detection.first_index + 1)) if detection.fired else None
+    law = fit_power_law(
+        steps[:n_law], proxy[:n_law], None if proxy_stderr is None else proxy_stderr[:n_law]
+    )
+    fit = {"log_a": law.log_a, "b": law.b, "b_stderr": law.b_stderr, "n": law.n}
     details.update(
-        fit=dict(log_a=law.log_a, b=law.b, b_stderr=law.b_stderr,
-                 residual_scale=law.residual_scale, n=law.n),
+        fit=dict(fit, residual_scale=law.residual_scale),
         flag_step=detection.step,
         max_statistic=float(np.nanmax(detection.statistic, initial=-np.inf)),
-        best_step=int(steps[_best_index(proxy, first, window)]),
-        proxy_rise_z=proxy_rise(proxy, proxy_stderr, window),
+        best_step=int(steps[_best_index(proxy, detection, config.window)]),
+        proxy_rise_z=_proxy_rise(proxy, proxy_stderr, config.window),
     )
     if golden is not None and detection.fired:
         details["lag"] = detection.step - details["golden_min_step"]
@@ -304,66 +333,68 @@ class HackingGuard:
     """Online form of `detect_deviation` for the training loop: `update` once per evaluation.
 
     mode 'log' only reports, 'warn' also logs a warning when it fires, 'stop' sets
-    `should_stop` from then on. The state is the raw curve (a dict of lists, JSON-ready).
+    `should_stop` from then on. The state is the raw curve (a dict of lists, JSON-ready); the
+    detection is recomputed from it at each update (cheap next to an evaluation).
     """
 
-    def __init__(self, mode="log", threshold=DEFAULT_THRESHOLD, min_points=DEFAULT_MIN_POINTS,
-                 patience=DEFAULT_PATIENCE, *, fit_fraction=DEFAULT_FIT_FRACTION, window=DEFAULT_WINDOW):
+    def __init__(
+        self,
+        mode="log",
+        threshold=DetectorConfig.threshold,
+        min_points=DetectorConfig.min_points,
+        patience=DetectorConfig.patience,
+    ):
         if mode not in MODES:
             raise ValueError(f"HackingGuard mode={mode!r}; expected one of {MODES}")
-        if patience < 1:
-            raise ValueError(f"patience must be >= 1, got {patience}")
-        self.mode, self.threshold, self.patience = mode, threshold, patience
-        self.min_points, self.fit_fraction, self.window = min_points, fit_fraction, window
+        self.mode = mode
+        self.config = DetectorConfig(threshold, patience, min_points)
         self.load_state_dict({"steps": [], "proxy": [], "proxy_stderr": []})
-
-    def _stat(self, n):
-        if n < self.min_points:
-            return float("nan")
-        x, y = np.log(self.steps[:n]), np.log(self.proxy[:n])
-        stderrs = np.asarray(self.proxy_stderr[:n]) if self.proxy_stderr else None
-        sig = _log_sigma(np.asarray(self.proxy[:n]), stderrs)
-        return _statistic_at(x, y, sig, stderrs is not None, n, self.fit_fraction, self.window)
-
-    def _result(self) -> GuardResult:
-        first = _first_fire(self.statistic, self.threshold, self.patience)
-        best = self.steps[_best_index(np.asarray(self.proxy), first, self.window)]
-        fired = first is not None
-        return GuardResult(self.statistic[-1], fired, fired and self.mode == "stop", int(best))
 
     def update(self, step, proxy, proxy_stderr=None) -> GuardResult:
         if self.steps and (proxy_stderr is None) != (not self.proxy_stderr):
             raise ValueError("HackingGuard.update: give proxy_stderr at every update or at none")
-        steps = self.steps + [step]
-        stderrs = self.proxy_stderr + [proxy_stderr] if proxy_stderr is not None else None
-        _check_curve(steps, self.proxy + [proxy], stderrs, name="proxy")
-        was_fired = _first_fire(self.statistic, self.threshold, self.patience) is not None
-        self.steps, self.proxy = steps, self.proxy + [float(proxy)]
-        self.proxy_stderr = [] if stderrs is None else [float(s) for s in stderrs]
-        self.statistic.append(self._stat(len(self.steps)))
-        result = self._result()
-        if result.fired and not was_fired and self.mode == "warn":
-            logging.warning("HackingGuard: proxy deviates from its power law at step %d "
-                            "(statistic %.2f > %.2f); best step %d", step, result.statistic,
-                            self.threshold, result.best_step)
+        was_fired = self.detection is not None and self.detection.fired
+        self.load_state_dict(
+            {
+                "steps": self.steps + [step],
+                "proxy": self.proxy + [proxy],
+                "proxy_stderr": self.proxy_stderr
+                + ([] if proxy_stderr is None else [proxy_stderr]),
+            }
+        )
+        fired = self.detection.fired
+        best = self.steps[_best_index(np.asarray(self.proxy), self.detection, self.config.window)]
+        result = GuardResult(
+            float(self.detection.statistic[-1]), fired, fired and self.mode == "stop", int(best)
+        )
+        if fired and not was_fired and self.mode == "warn":
+            _LOG.warning(
+                "HackingGuard: the proxy deviates from its power law (flagged at step %d); "
+                "best step %d",
+                self.detection.step,
+                result.best_step,
+            )
         return result
 
     def state_dict(self) -> dict:
-        return {"steps": list(self.steps), "proxy": list(self.proxy),
-                "proxy_stderr": list(self.proxy_stderr)}
+        return {
+            "steps": list(self.steps),
+            "proxy": list(self.proxy),
+            "proxy_stderr": list(self.proxy_stderr),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         missing = {"steps", "proxy", "proxy_stderr"} - set(state)
         if missing:
-            raise ValueError(f"HackingGuard state lacks keys {sorted(missing)}; has {sorted(state)}")
-        stderrs = state["proxy_stderr"] or None
-        if state["steps"]:
-            _check_curve(state["steps"], state["proxy"], stderrs, name="proxy")
+            raise ValueError(f"HackingGuard state lacks {sorted(missing)}; has {sorted(state)}")
+        detection = None
+        if state["steps"]:  # also validates the curve, before anything is replaced
+            stderrs = state["proxy_stderr"] or None
+            detection = detect_deviation(state["steps"], state["proxy"], stderrs, self.config)
+        self.detection = detection
         self.steps = [int(s) for s in state["steps"]]
         self.proxy = [float(v) for v in state["proxy"]]
         self.proxy_stderr = [float(s) for s in state["proxy_stderr"]]
-        # The statistic is derived state: recomputed, so a changed config applies to the past.
-        self.statistic = [self._stat(n) for n in range(1, len(self.steps) + 1)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,8 +403,17 @@ class HackingGuard:
 CURVE_KINDS = ("power_law", "flatten", "rise")
 
 
-def simulate_curve(rng, kind="power_law", *, n_points=40, noise=0.03, b=0.5, break_fraction=0.4,
-                   slow_factor=0.2, eval_every=100):
+def simulate_curve(
+    rng,
+    kind="power_law",
+    *,
+    n_points=40,
+    noise=0.03,
+    b=0.5,
+    break_fraction=0.4,
+    slow_factor=0.2,
+    eval_every=100,
+):
     """One synthetic proxy curve: (steps [n], values [n], stderrs [n]).
 
     Log-normal noise of std `noise` on log value (stderr = noise * value). 'power_law':
@@ -392,62 +432,130 @@ def simulate_curve(rng, kind="power_law", *, n_points=40, noise=0.03, b=0.5, bre
     return steps, values, noise * values
 
 
-def _null_maxima(rng, n_curves, n_points, noise, patience, use_stderr):
-    """Per curve, the largest level the statistic stays above for `patience` evaluations."""
-    out = np.empty(n_curves)
+def calibrate_threshold(
+    fpr=0.05, *, n_curves=400, n_points=40, noise=0.03, patience=2, use_stderr=True, seed=0
+) -> float:
+    """Threshold whose false-alarm rate over a whole pure-power-law curve is `fpr`: the
+    (1 - fpr) quantile, over simulated curves, of the highest level the statistic stays above
+    for `patience` consecutive evaluations."""
+    rng = np.random.default_rng(seed)
+    maxima = np.empty(n_curves)
     for i in range(n_curves):
         steps, values, stderrs = simulate_curve(rng, "power_law", n_points=n_points, noise=noise)
         s = deviation_statistic(steps, values, stderrs if use_stderr else None)
-        s = np.nan_to_num(s, nan=-np.inf)
-        runs = np.lib.stride_tricks.sliding_window_view(s, patience).min(axis=1)
-        out[i] = runs.max()
-    return out
-
-
-def calibrate_threshold(fpr=0.05, *, n_curves=400, n_points=40, noise=0.03,
-                        patience=DEFAULT_PATIENCE, use_stderr=True, seed=0) -> float:
-    """Threshold whose false-alarm rate over a whole pure-power-law curve is `fpr`."""
-    rng = np.random.default_rng(seed)
-    maxima = _null_maxima(rng, n_curves, n_points, noise, patience, use_stderr)
+        runs = np.lib.stride_tricks.sliding_window_view(np.nan_to_num(s, nan=-np.inf), patience)
+        maxima[i] = runs.min(axis=1).max()
     return float(np.quantile(maxima, 1.0 - fpr))
 
 
-def simulate_rates(noise_levels=(0.01, 0.03, 0.1), *, n_curves=200, n_points=40, seed=0,
-                   threshold=DEFAULT_THRESHOLD, use_stderr=True) -> list[dict]:
-    """Rates of the verdicts on synthetic curves, one row per noise level: false-positive rate
-    (power law flagged as anything but healthy), detection rate (flatten labelled
-    teacher_hacking), median detection delay in evaluations after the break, and the rate of
-    'rise' curves labelled overfitting."""
+def simulate_rates(
+    noise_levels=(0.01, 0.03, 0.1),
+    *,
+    n_curves=200,
+    n_points=40,
+    seed=0,
+    config=DetectorConfig(),
+    use_stderr=True,
+) -> list[dict]:
+    """Verdict rates on synthetic curves (`simulate_curve`), one row per noise level:
+    false-positive rate (power law labelled anything but healthy), detection rate (flatten
+    labelled teacher_hacking), median delays from the break to the flag and to the oracle-free
+    best step (in evaluations, flagged flatten curves), and the rate of 'rise' curves labelled
+    overfitting."""
     rows = []
     for noise in noise_levels:
         rng = np.random.default_rng(seed)
-        counts = {kind: [] for kind in CURVE_KINDS}
-        delays = []
+        labels, delays = {}, []  # delays: (flag, best step) - break, in evaluations
         for kind in CURVE_KINDS:
+            labels[kind] = []
             for _ in range(n_curves):
                 steps, values, stderrs = simulate_curve(rng, kind, n_points=n_points, noise=noise)
-                v = verdict(steps, values, stderrs if use_stderr else None, threshold=threshold)
-                counts[kind].append(v.label)
+                v = verdict(steps, values, stderrs if use_stderr else None, config=config)
+                labels[kind].append(v.label)
                 if kind == "flatten" and v.details["flag_step"] is not None:
-                    delays.append((v.details["flag_step"] - 0.4 * steps[-1]) / (steps[1] - steps[0]))
-        rows.append({
-            "noise": noise,
-            "false_positive_rate": float(np.mean([c != "healthy" for c in counts["power_law"]])),
-            "detection_rate": float(np.mean([c == "teacher_hacking" for c in counts["flatten"]])),
-            "median_delay_evals": float(np.median(delays)) if delays else float("nan"),
-            "overfitting_rate": float(np.mean([c == "overfitting" for c in counts["rise"]])),
-        })
+                    break_step = 0.4 * steps[-1]  # simulate_curve's default break_fraction
+                    flag_best = np.array([v.details["flag_step"], v.details["best_step"]])
+                    delays.append((flag_best - break_step) / (steps[1] - steps[0]))
+        delays = np.median(delays, axis=0) if delays else np.full(2, np.nan)
+        rows.append(
+            {
+                "n_points": n_points,
+                "noise": noise,
+                "stderr_given": use_stderr,
+                "false_positive_rate": float(np.mean(np.array(labels["power_law"]) != "healthy")),
+                "detection_rate": float(np.mean(np.array(labels["flatten"]) == "teacher_hacking")),
+                "median_flag_delay": float(delays[0]),
+                "median_best_delay": float(delays[1]),
+                "overfitting_rate": float(np.mean(np.array(labels["rise"]) == "overfitting")),
+            }
+        )
     return rows
 
 
-def format_rates_table(rows, n_curves, n_points) -> str:
+def format_rates_table(rows) -> str:
     """Markdown table of `simulate_rates` rows."""
     lines = [
-        f"| noise (std of log proxy) | false positives (power law, {n_curves} curves) "
-        f"| detection (flatten) | median delay (evals) | overfitting on rise |",
-        "|---|---|---|---|---|",
+        "| evals | noise (std of log proxy) | stderr given | false positives (power law) "
+        "| detected (flatten) | flag - break (evals) | best step - break (evals) "
+        "| overfitting (rise) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['noise']:.3g} | {r['false_positive_rate']:.1%} | {r['detection_rate']:.1%} "
-                     f"| {r['median_delay_evals']:.1f} | {r['overfitting_rate']:.1%} |")
-    return "\n".join(lines) + f"\n\n({n_points} evaluations per curve, break at 40% of the run.)"
+        lines.append(
+            f"| {r['n_points']} | {r['noise']:.3g} | {'yes' if r['stderr_given'] else 'no'} "
+            f"| {r['false_positive_rate']:.1%} | {r['detection_rate']:.1%} "
+            f"| {r['median_flag_delay']:.1f} | {r['median_best_delay']:.1f} "
+            f"| {r['overfitting_rate']:.1%} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_curves(path_png, runs: dict, fits: dict | None = None) -> None:
+    """Writes a PNG: proxy vs step (log-log) with the fitted law and the flag step; and, when
+    any run has `golden`, the proxy-golden curve (golden on y, proxy on x).
+
+    Args:
+      runs: name -> dict(steps [n], proxy [n], optional proxy_stderr [n], golden [n]).
+      fits: name -> dict(log_a, b, n = evaluations fitted, flag_step) to draw, e.g.
+        `verdict(...).details["fit"]` plus its "flag_step"; runs absent from it are analysed
+        here with `verdict`.
+    """
+    # A bare Figure renders with Agg and leaves pyplot's global backend alone.
+    from matplotlib.figure import Figure
+
+    fits = dict(fits or {})
+    with_golden = any(run.get("golden") is not None for run in runs.values())
+    fig = Figure(figsize=(12 if with_golden else 6, 4.5))
+    axes = fig.subplots(1, 2 if with_golden else 1, squeeze=False)
+    ax = axes[0, 0]
+    for i, (name, run) in enumerate(runs.items()):
+        color = f"C{i % 10}"
+        steps, proxy = np.asarray(run["steps"], float), np.asarray(run["proxy"], float)
+        if name not in fits:
+            details = verdict(steps, proxy, run.get("proxy_stderr")).details
+            fits[name] = dict(details.get("fit", {}), flag_step=details["flag_step"])
+        fit = fits[name]
+        ax.errorbar(
+            steps, proxy, yerr=run.get("proxy_stderr"), fmt="o", ms=3, color=color, label=name
+        )
+        if "log_a" in fit:  # solid where fitted, dashed where extrapolated
+            law = np.exp(fit["log_a"] - fit["b"] * np.log(steps))
+            n_fit = fit.get("n", len(steps))
+            ax.plot(
+                steps[:n_fit], law[:n_fit], "-", color=color, label=f"{name}: step^-{fit['b']:.3g}"
+            )
+            ax.plot(steps[n_fit - 1 :], law[n_fit - 1 :], "--", color=color)
+        if fit.get("flag_step") is not None:
+            ax.axvline(fit["flag_step"], color=color, ls=":", label=f"{name}: flagged")
+        if run.get("golden") is not None:
+            axes[0, 1].plot(proxy, run["golden"], "o-", ms=3, color=color, label=name)
+            i_min = int(np.argmin(run["golden"]))
+            axes[0, 1].plot(proxy[i_min], run["golden"][i_min], "*", ms=12, color=color)
+    ax.set(xscale="log", yscale="log", xlabel="step", ylabel="proxy", title="proxy vs step")
+    ax.legend(fontsize=7)
+    if with_golden:
+        axes[0, 1].set(xlabel="proxy", ylabel="golden", title="proxy-golden curve (* = golden min)")
+        axes[0, 1].invert_xaxis()  # training runs left to right, as the proxy falls
+        axes[0, 1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path_png, dpi=120)

@@ -1,0 +1,211 @@
+"""Tests of thack_jax.diagnostics on synthetic curves (numpy only, seconds)."""
+
+import json
+import logging
+
+import numpy as np
+import pytest
+
+from thack_jax import diagnostics as d
+
+
+def _curve(kind="power_law", noise=0.03, seed=0, **kwargs):
+    return d.simulate_curve(np.random.default_rng(seed), kind, noise=noise, **kwargs)
+
+
+def _u_golden(steps, break_step, noise, rng):
+    """Golden [n] falling until `break_step`, then rising; stderr = noise."""
+    x = np.log(steps / break_step)
+    clean = 0.5 + 0.2 * np.where(x < 0, x**2, 0.0) + 0.15 * np.maximum(x, 0.0)
+    return clean + noise * rng.standard_normal(len(steps)), np.full(len(steps), noise)
+
+
+def test_fit_recovers_power_law():
+    steps = np.arange(1, 31) * 50.0
+    values = 7.0 * steps**-0.4
+    fit = d.fit_power_law(steps, values)
+    assert fit.log_a == pytest.approx(np.log(7.0), abs=1e-9)
+    assert fit.b == pytest.approx(0.4, abs=1e-9)
+    assert fit.n == 30
+    np.testing.assert_allclose(fit.predict(steps), values, rtol=1e-9)
+
+    steps, values, stderrs = _curve(noise=0.05, n_points=60)
+    fit = d.fit_power_law(steps, values, stderrs)
+    assert fit.b == pytest.approx(0.5, abs=3 * fit.b_stderr)
+    assert 0.0 < fit.b_stderr < 0.05
+    assert fit.residual_scale == pytest.approx(1.0, abs=0.3)  # stderrs are right
+
+
+def test_fit_weights_follow_stderrs():
+    steps = np.arange(1, 11) * 10.0
+    values = 3.0 * steps**-0.5
+    values[-1] *= 2.0  # a gross deviation with a huge reported stderr barely moves the fit
+    stderrs = 0.01 * values
+    stderrs[-1] = 10.0 * values[-1]
+    assert d.fit_power_law(steps, values, stderrs).b == pytest.approx(0.5, abs=0.01)
+    assert abs(d.fit_power_law(steps, values).b - 0.5) > 0.05
+
+
+def test_fit_rejects_bad_input():
+    with pytest.raises(ValueError, match=r"index 2, step 3, value 0"):
+        d.fit_power_law([1, 2, 3, 4], [1.0, 0.5, 0.0, 0.2])
+    with pytest.raises(ValueError, match=r"index 0, step 0,"):
+        d.fit_power_law([0, 1, 2, 3], [1.0, 0.5, 0.4, 0.3])
+    with pytest.raises(ValueError, match="need at least 3 points.*got 2"):
+        d.fit_power_law([1, 2], [1.0, 0.5])
+    with pytest.raises(ValueError, match="strictly increasing.*index 2"):
+        d.fit_power_law([1, 2, 2, 3], [1.0, 0.5, 0.4, 0.3])
+    with pytest.raises(ValueError, match="stderrs must be finite"):
+        d.fit_power_law([1, 2, 3], [1.0, 0.5, 0.4], [0.1, -0.1, 0.1])
+    with pytest.raises(ValueError, match="same length"):
+        d.fit_power_law([1, 2, 3], [1.0, 0.5])
+    with pytest.raises(ValueError, match="min_points"):
+        d.DetectorConfig(min_points=5)
+
+
+def test_statistic_is_standardized_on_power_law():
+    stats = []
+    for seed in range(30):
+        steps, values, stderrs = _curve(seed=seed)
+        s = d.deviation_statistic(steps, values, stderrs)
+        assert np.isnan(s[: d.DetectorConfig.min_points - 1]).all()
+        stats.append(s[~np.isnan(s)])
+    stats = np.concatenate(stats)
+    assert abs(stats.mean()) < 0.3
+    assert 0.7 < stats.std() < 1.3
+
+
+def test_rates_on_synthetic_curves():
+    """The calibration claims of docs/diagnostics.md at fixed seeds (200 curves per kind)."""
+    (row,) = d.simulate_rates((0.03,), n_curves=200, seed=1)
+    assert row["false_positive_rate"] <= 0.05
+    assert row["detection_rate"] >= 0.9
+    assert row["overfitting_rate"] >= 0.9
+    # Longer curves test more often; with and without reported stderrs.
+    for use_stderr in (True, False):
+        (row,) = d.simulate_rates(
+            (0.05,), n_curves=200, n_points=100, seed=2, use_stderr=use_stderr
+        )
+        assert row["false_positive_rate"] <= 0.05
+        assert row["detection_rate"] >= 0.9
+    assert "| 100 | 0.05 | no |" in d.format_rates_table([row])
+
+
+def test_verdict_labels():
+    assert d.verdict(*_curve("power_law")).label == "healthy"
+    assert d.verdict(*_curve("flatten")).label == "teacher_hacking"
+    plateau = d.verdict(*_curve("flatten", slow_factor=0.0))
+    assert plateau.label == "teacher_hacking"  # a plateau is not a rise
+    assert d.verdict(*_curve("rise")).label == "overfitting"
+    flat = d.verdict(*_curve("power_law", b=0.0))
+    assert (flat.label, flat.details["reason"]) == ("not_converged", "proxy is not decreasing")
+    steps, values, stderrs = _curve()
+    few = d.verdict(steps[:5], values[:5], stderrs[:5])
+    assert few.label == "not_converged" and "need at least 8" in few.details["reason"]
+
+
+def test_single_outlier_does_not_fire():
+    steps, values, stderrs = _curve(noise=0.02, seed=3)
+    assert not d.detect_deviation(steps, values, stderrs).fired
+    values = values.copy()
+    values[25] *= 2.0  # 35 standard errors high
+    detection = d.detect_deviation(steps, values, stderrs)
+    assert not detection.fired
+    assert np.nanmax(detection.statistic) < d.DetectorConfig.threshold
+
+
+def test_detection_step_and_best_step():
+    steps, values, stderrs = _curve("flatten", noise=0.02, seed=4)
+    break_step = 0.4 * steps[-1]
+    detection = d.detect_deviation(steps, values, stderrs)
+    assert detection.fired and break_step < detection.step < 0.8 * steps[-1]
+    s = detection.statistic
+    i = detection.first_index
+    assert (s[i : i + 2] > d.DetectorConfig.threshold).all()
+    assert not np.any(np.convolve(s[:i] > d.DetectorConfig.threshold, [1, 1]) == 2)
+    best = d.best_step_oracle_free(steps, values, stderrs)
+    assert best == steps[i - d.DetectorConfig.window]
+    assert abs(best - break_step) <= 8 * (steps[1] - steps[0])
+    healthy = _curve(seed=5)
+    assert d.best_step_oracle_free(*healthy) == healthy[0][np.argmin(healthy[1])]
+    # A looser patience fires no later.
+    loose = d.detect_deviation(steps, values, stderrs, d.DetectorConfig(patience=1))
+    assert loose.step <= detection.step
+
+
+def test_u_shape_and_verdict_details():
+    rng = np.random.default_rng(6)
+    steps, proxy, proxy_se = _curve("flatten", noise=0.02, seed=6)
+    break_step = 0.4 * steps[-1]
+    golden, golden_se = _u_golden(steps, break_step, 0.005, rng)
+    u = d.detect_u_shape(steps, proxy, golden, golden_se)
+    assert u.is_u and abs(u.min_step - break_step) <= 300
+    assert u.rise > 2 * u.rise_stderr
+    assert d.golden_minimum(steps, golden, golden_se) == (u.min_step, float(golden.min()))
+    v = d.verdict(steps, proxy, proxy_se, golden, golden_se)
+    assert v.label == "teacher_hacking" and v.details["u_shape"]
+    assert v.details["lag"] == v.details["flag_step"] - u.min_step
+    # Monotone golden: no U. Golden rising while the proxy rises too: no U (overfitting).
+    down = 1.0 / np.sqrt(steps)
+    assert not d.detect_u_shape(steps, proxy, down, np.full(40, 1e-3)).is_u
+    _, rising_proxy, _ = _curve("rise", seed=6)
+    assert not d.detect_u_shape(steps, rising_proxy, golden, golden_se).is_u
+    # Without stderrs the golden noise is estimated from the curve itself.
+    assert d.detect_u_shape(steps, proxy, golden).is_u
+
+
+def test_guard_matches_offline_detector_and_round_trips(caplog):
+    steps, values, stderrs = _curve("flatten", seed=7)
+    offline = d.detect_deviation(steps, values, stderrs)
+    guard = d.HackingGuard(mode="warn")
+    results = []
+    with caplog.at_level(logging.WARNING, logger="thack_jax.diagnostics"):
+        for step, value, se in zip(steps, values, stderrs, strict=True):
+            results.append(guard.update(step, value, se))
+            if step == steps[19]:  # checkpoint the guard mid-run, JSON like the trainer would
+                saved = json.dumps(guard.state_dict())
+    np.testing.assert_allclose([r.statistic for r in results], offline.statistic)
+    fired = [r.fired for r in results]
+    assert fired.index(True) == list(steps).index(offline.step)
+    assert not any(r.should_stop for r in results)  # 'warn' never stops
+    assert len([r for r in caplog.records if "deviates" in r.getMessage()]) == 1
+    assert results[-1].best_step == d.best_step_oracle_free(steps, values, stderrs)
+
+    restored = d.HackingGuard(mode="stop")
+    restored.load_state_dict(json.loads(saved))
+    resumed = [
+        restored.update(*row) for row in zip(steps[20:], values[20:], stderrs[20:], strict=True)
+    ]
+    np.testing.assert_allclose([r.statistic for r in resumed], offline.statistic[20:])
+    assert [r.should_stop for r in resumed] == fired[20:]
+
+
+def test_guard_rejects_bad_updates():
+    with pytest.raises(ValueError, match="mode='halt'"):
+        d.HackingGuard(mode="halt")
+    guard = d.HackingGuard()
+    guard.update(100, 1.0, 0.01)
+    with pytest.raises(ValueError, match="every update or at none"):
+        guard.update(200, 0.9)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        guard.update(100, 0.9, 0.01)
+    with pytest.raises(ValueError, match="index 1, step 200, value -0.5"):
+        guard.update(200, -0.5, 0.01)
+    assert guard.state_dict() == {"steps": [100], "proxy": [1.0], "proxy_stderr": [0.01]}
+    assert guard.update(200, 0.9, 0.01).best_step == 200  # still usable after the errors
+    with pytest.raises(ValueError, match="lacks"):
+        guard.load_state_dict({"steps": []})
+
+
+def test_plot_curves(tmp_path):
+    rng = np.random.default_rng(8)
+    steps, proxy, proxy_se = _curve("flatten", seed=8)
+    golden, _ = _u_golden(steps, 0.4 * steps[-1], 0.005, rng)
+    runs = {
+        "offline": {"steps": steps, "proxy": proxy, "proxy_stderr": proxy_se, "golden": golden},
+        "online": dict(zip(("steps", "proxy"), _curve(seed=9)[:2], strict=True)),
+    }
+    d.plot_curves(tmp_path / "both.png", runs)
+    d.plot_curves(tmp_path / "one.png", {"online": runs["online"]}, {"online": {"flag_step": None}})
+    for name in ("both.png", "one.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
