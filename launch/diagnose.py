@@ -23,7 +23,7 @@ from absl import app, flags
 # Launch scripts run from a checkout without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from thack_jax import diagnostics  # noqa: E402
+from thack_jax import diagnostics, diagnostics_sim, plots  # noqa: E402
 
 AUTO = "auto"
 FLAGS = flags.FLAGS
@@ -144,7 +144,7 @@ def run_simulation() -> None:
     rows = []
     for n_points in FLAGS.sim_points:
         for use_stderr in (True, False):
-            rows += diagnostics.simulate_rates(
+            rows += diagnostics_sim.simulate_rates(
                 [float(x) for x in FLAGS.sim_noise],
                 n_curves=FLAGS.sim_curves,
                 n_points=int(n_points),
@@ -152,7 +152,7 @@ def run_simulation() -> None:
                 config=detector_config(),
                 use_stderr=use_stderr,
             )
-    print(diagnostics.format_rates_table(rows))
+    print(diagnostics_sim.format_rates_table(rows))
     print(
         f"\n({FLAGS.sim_curves} curves per kind and row, seed {FLAGS.seed}, threshold "
         f"{FLAGS.threshold}, patience {FLAGS.patience}; break at 40% of the run.)"
@@ -213,9 +213,7 @@ def diagnose(path: str) -> None:
     if FLAGS.plot:
         run = {k: curves[k] for k in ("steps", "proxy", "proxy_stderr", "golden") if k in curves}
         name = Path(path).stem
-        diagnostics.plot_curves(
-            FLAGS.plot, {name: run}, {name: dict(fit, flag_step=d["flag_step"])}
-        )
+        plots.plot_curves(FLAGS.plot, {name: run}, {name: dict(fit, flag_step=d["flag_step"])})
         print(f"plot: {FLAGS.plot}")
 
 

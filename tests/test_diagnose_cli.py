@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from thack_jax import diagnostics as d
+from thack_jax.diagnostics_sim import simulate_curve
 
 SCRIPT = Path(__file__).resolve().parents[1] / "launch" / "diagnose.py"
 
@@ -57,7 +58,7 @@ def _write_jsonl(path, steps, proxy, proxy_se, golden=None):
 
 
 def test_jsonl_teacher_hacking_with_golden_and_plot(tmp_path):
-    steps, proxy, proxy_se = d.simulate_curve(np.random.default_rng(0), "flatten", noise=0.02)
+    steps, proxy, proxy_se = simulate_curve(np.random.default_rng(0), "flatten", noise=0.02)
     x = np.log(steps / (0.4 * steps[-1]))
     golden = 0.5 + 0.2 * np.where(x < 0, x**2, 0.0) + 0.15 * np.maximum(x, 0.0)
     metrics = tmp_path / "metrics.jsonl"
@@ -77,7 +78,7 @@ def test_jsonl_teacher_hacking_with_golden_and_plot(tmp_path):
 
 
 def test_csv_healthy(tmp_path):
-    steps, proxy, proxy_se = d.simulate_curve(np.random.default_rng(1), "power_law", noise=0.03)
+    steps, proxy, proxy_se = simulate_curve(np.random.default_rng(1), "power_law", noise=0.03)
     path = tmp_path / "curve.csv"
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
@@ -109,7 +110,7 @@ def test_csv_healthy(tmp_path):
     ],
 )
 def test_errors(tmp_path, args, message):
-    steps, proxy, proxy_se = d.simulate_curve(np.random.default_rng(2), n_points=10)
+    steps, proxy, proxy_se = simulate_curve(np.random.default_rng(2), n_points=10)
     _write_jsonl(tmp_path / "m.jsonl", steps, proxy, proxy_se)
     (tmp_path / "bad.jsonl").write_text('{"step": 1}\n{"step": \n')
     result = _run(*[a.format(dir=tmp_path) for a in args])

@@ -1,9 +1,10 @@
 """Teacher-hacking diagnostics: power-law fit of the proxy curve, deviation detector, verdicts.
 
-numpy / scipy / matplotlib only (no jax), so `launch/diagnose.py` starts fast. A curve is three
-1-D arrays over evaluations: `steps [n]` (strictly increasing, > 0), `values [n]` (> 0) and
-`stderrs [n]` (>= 0, the standard error of each value) or None. The method, its defaults and
-their calibration are described in docs/diagnostics.md.
+numpy / scipy only (no jax), so `launch/diagnose.py` starts fast. A curve is three 1-D arrays
+over evaluations: `steps [n]` (strictly increasing, > 0), `values [n]` (> 0) and `stderrs [n]`
+(>= 0, the standard error of each value) or None. The method, its defaults and their
+calibration are described in docs/diagnostics.md; the synthetic curves that calibrate it are
+in `diagnostics_sim.py`, the plots in `plots.py`.
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ _LOG = logging.getLogger(__name__)
 class DetectorConfig:
     """Settings of the oracle-free deviation detector.
 
-    threshold: calibrated with `calibrate_threshold` (docs/diagnostics.md): on pure power law
-      + noise the whole-curve false-alarm rate is <= 5% up to about 100 evaluations (about 1%
-      at 40); longer curves test more often and need a higher threshold.
+    threshold: calibrated with `diagnostics_sim.calibrate_threshold` (docs/diagnostics.md):
+      on pure power law + noise the whole-curve false-alarm rate is <= 5% up to about 100
+      evaluations (about 1% at 40); longer curves test more often and need a higher threshold.
     patience: consecutive evaluations above threshold needed to fire.
     min_points: evaluations seen before the statistic is computed.
     fit_fraction: the law is fitted on this first fraction of the evaluations seen.
@@ -395,167 +396,3 @@ class HackingGuard:
         self.steps = [int(s) for s in state["steps"]]
         self.proxy = [float(v) for v in state["proxy"]]
         self.proxy_stderr = [float(s) for s in state["proxy_stderr"]]
-
-
-# ---------------------------------------------------------------------------------------------
-# Synthetic curves: calibration of the threshold and the rates table of docs/diagnostics.md.
-
-CURVE_KINDS = ("power_law", "flatten", "rise")
-
-
-def simulate_curve(
-    rng,
-    kind="power_law",
-    *,
-    n_points=40,
-    noise=0.03,
-    b=0.5,
-    break_fraction=0.4,
-    slow_factor=0.2,
-    eval_every=100,
-):
-    """One synthetic proxy curve: (steps [n], values [n], stderrs [n]).
-
-    Log-normal noise of std `noise` on log value (stderr = noise * value). 'power_law':
-    `10 * step**-b`; 'flatten': the exponent drops to `slow_factor * b` after
-    `break_fraction` of the run (teacher hacking); 'rise': the proxy grows as step**(b/2)
-    after the break (overfitting).
-    """
-    if kind not in CURVE_KINDS:
-        raise ValueError(f"kind={kind!r}; expected one of {CURVE_KINDS}")
-    steps = eval_every * np.arange(1, n_points + 1, dtype=np.float64)
-    x, x_break = np.log(steps), np.log(break_fraction * steps[-1])
-    after = np.maximum(x - x_break, 0.0)
-    slope_after = {"power_law": b, "flatten": slow_factor * b, "rise": -0.5 * b}[kind]
-    clean = np.log(10.0) - b * np.minimum(x, x_break) - slope_after * after
-    values = np.exp(clean + noise * rng.standard_normal(n_points))
-    return steps, values, noise * values
-
-
-def calibrate_threshold(
-    fpr=0.05, *, n_curves=400, n_points=40, noise=0.03, patience=2, use_stderr=True, seed=0
-) -> float:
-    """Threshold whose false-alarm rate over a whole pure-power-law curve is `fpr`: the
-    (1 - fpr) quantile, over simulated curves, of the highest level the statistic stays above
-    for `patience` consecutive evaluations."""
-    rng = np.random.default_rng(seed)
-    maxima = np.empty(n_curves)
-    for i in range(n_curves):
-        steps, values, stderrs = simulate_curve(rng, "power_law", n_points=n_points, noise=noise)
-        s = deviation_statistic(steps, values, stderrs if use_stderr else None)
-        runs = np.lib.stride_tricks.sliding_window_view(np.nan_to_num(s, nan=-np.inf), patience)
-        maxima[i] = runs.min(axis=1).max()
-    return float(np.quantile(maxima, 1.0 - fpr))
-
-
-def simulate_rates(
-    noise_levels=(0.01, 0.03, 0.1),
-    *,
-    n_curves=200,
-    n_points=40,
-    seed=0,
-    config=DetectorConfig(),
-    use_stderr=True,
-) -> list[dict]:
-    """Verdict rates on synthetic curves (`simulate_curve`), one row per noise level:
-    false-positive rate (power law labelled anything but healthy), detection rate (flatten
-    labelled teacher_hacking), median delays from the break to the flag and to the oracle-free
-    best step (in evaluations, flagged flatten curves), and the rate of 'rise' curves labelled
-    overfitting."""
-    rows = []
-    for noise in noise_levels:
-        rng = np.random.default_rng(seed)
-        labels, delays = {}, []  # delays: (flag, best step) - break, in evaluations
-        for kind in CURVE_KINDS:
-            labels[kind] = []
-            for _ in range(n_curves):
-                steps, values, stderrs = simulate_curve(rng, kind, n_points=n_points, noise=noise)
-                v = verdict(steps, values, stderrs if use_stderr else None, config=config)
-                labels[kind].append(v.label)
-                if kind == "flatten" and v.details["flag_step"] is not None:
-                    break_step = 0.4 * steps[-1]  # simulate_curve's default break_fraction
-                    flag_best = np.array([v.details["flag_step"], v.details["best_step"]])
-                    delays.append((flag_best - break_step) / (steps[1] - steps[0]))
-        delays = np.median(delays, axis=0) if delays else np.full(2, np.nan)
-        rows.append(
-            {
-                "n_points": n_points,
-                "noise": noise,
-                "stderr_given": use_stderr,
-                "false_positive_rate": float(np.mean(np.array(labels["power_law"]) != "healthy")),
-                "detection_rate": float(np.mean(np.array(labels["flatten"]) == "teacher_hacking")),
-                "median_flag_delay": float(delays[0]),
-                "median_best_delay": float(delays[1]),
-                "overfitting_rate": float(np.mean(np.array(labels["rise"]) == "overfitting")),
-            }
-        )
-    return rows
-
-
-def format_rates_table(rows) -> str:
-    """Markdown table of `simulate_rates` rows."""
-    lines = [
-        "| evals | noise (std of log proxy) | stderr given | false positives (power law) "
-        "| detected (flatten) | flag - break (evals) | best step - break (evals) "
-        "| overfitting (rise) |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['n_points']} | {r['noise']:.3g} | {'yes' if r['stderr_given'] else 'no'} "
-            f"| {r['false_positive_rate']:.1%} | {r['detection_rate']:.1%} "
-            f"| {r['median_flag_delay']:.1f} | {r['median_best_delay']:.1f} "
-            f"| {r['overfitting_rate']:.1%} |"
-        )
-    return "\n".join(lines)
-
-
-def plot_curves(path_png, runs: dict, fits: dict | None = None) -> None:
-    """Writes a PNG: proxy vs step (log-log) with the fitted law and the flag step; and, when
-    any run has `golden`, the proxy-golden curve (golden on y, proxy on x).
-
-    Args:
-      runs: name -> dict(steps [n], proxy [n], optional proxy_stderr [n], golden [n]).
-      fits: name -> dict(log_a, b, n = evaluations fitted, flag_step) to draw, e.g.
-        `verdict(...).details["fit"]` plus its "flag_step"; runs absent from it are analysed
-        here with `verdict`.
-    """
-    # A bare Figure renders with Agg and leaves pyplot's global backend alone.
-    from matplotlib.figure import Figure
-
-    fits = dict(fits or {})
-    with_golden = any(run.get("golden") is not None for run in runs.values())
-    fig = Figure(figsize=(12 if with_golden else 6, 4.5))
-    axes = fig.subplots(1, 2 if with_golden else 1, squeeze=False)
-    ax = axes[0, 0]
-    for i, (name, run) in enumerate(runs.items()):
-        color = f"C{i % 10}"
-        steps, proxy = np.asarray(run["steps"], float), np.asarray(run["proxy"], float)
-        if name not in fits:
-            details = verdict(steps, proxy, run.get("proxy_stderr")).details
-            fits[name] = dict(details.get("fit", {}), flag_step=details["flag_step"])
-        fit = fits[name]
-        ax.errorbar(
-            steps, proxy, yerr=run.get("proxy_stderr"), fmt="o", ms=3, color=color, label=name
-        )
-        if "log_a" in fit:  # solid where fitted, dashed where extrapolated
-            law = np.exp(fit["log_a"] - fit["b"] * np.log(steps))
-            n_fit = fit.get("n", len(steps))
-            ax.plot(
-                steps[:n_fit], law[:n_fit], "-", color=color, label=f"{name}: step^-{fit['b']:.3g}"
-            )
-            ax.plot(steps[n_fit - 1 :], law[n_fit - 1 :], "--", color=color)
-        if fit.get("flag_step") is not None:
-            ax.axvline(fit["flag_step"], color=color, ls=":", label=f"{name}: flagged")
-        if run.get("golden") is not None:
-            axes[0, 1].plot(proxy, run["golden"], "o-", ms=3, color=color, label=name)
-            i_min = int(np.argmin(run["golden"]))
-            axes[0, 1].plot(proxy[i_min], run["golden"][i_min], "*", ms=12, color=color)
-    ax.set(xscale="log", yscale="log", xlabel="step", ylabel="proxy", title="proxy vs step")
-    ax.legend(fontsize=7)
-    if with_golden:
-        axes[0, 1].set(xlabel="proxy", ylabel="golden", title="proxy-golden curve (* = golden min)")
-        axes[0, 1].invert_xaxis()  # training runs left to right, as the proxy falls
-        axes[0, 1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path_png, dpi=120)
