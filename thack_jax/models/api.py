@@ -30,8 +30,12 @@ def _boxed_init(config: T5Config, rng: jax.Array):
     return module(config).init(rng, *_dummy_inputs())["params"]
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def init_params(config: T5Config, rng: jax.Array) -> dict:
-    """Randomly initialised parameters (T5 / Mesh-TF init scales), a plain nested dict."""
+    """Randomly initialised parameters (T5 / Mesh-TF init scales), a plain nested dict.
+
+    Jitted: op-by-op initialisation is slow (seconds even for `tiny`).
+    """
     return nn.unbox(_boxed_init(config, rng))
 
 

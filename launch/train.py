@@ -1,0 +1,48 @@
+"""Runs the teacher-hacking experiment (all stages, or some) from gin files.
+
+    python launch/train.py --gin_file=experiments/default.gin --workdir=/tmp/thack_default
+    python launch/train.py --gin_file=experiments/default.gin --workdir=... \
+        --stages=distill --runs=offline --gin_bindings="ExperimentConfig.seed = 1"
+
+Gin files are looked up in --gin_search_paths, then in the repository's gin_configs/.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags, logging
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+FLAGS = flags.FLAGS
+flags.DEFINE_multi_string("gin_file", [], "Gin files (relative to the search paths).")
+flags.DEFINE_multi_string("gin_bindings", [], "Extra gin bindings, e.g. 'TrainConfig.seed = 1'.")
+flags.DEFINE_multi_string("gin_search_paths", [], "Directories to search for gin files.")
+flags.DEFINE_string("workdir", None, "Experiment directory (local path or gs://).")
+flags.DEFINE_list("stages", ["all"], "Stages to run: all, or some of oracle, oracle_data, "
+                  "teacher, student_init, distill, report.")
+flags.DEFINE_list("runs", None, "Distillation runs to do (default: all configured).")
+
+
+def main(argv):
+    del argv
+    from thack_jax import distributed
+
+    distributed.initialize()  # Multi-host (Cloud TPU, GPU clusters); no-op otherwise.
+    from thack_jax import experiment, gin_registry
+
+    if not FLAGS.gin_file:
+        raise app.UsageError("--gin_file is required, e.g. experiments/default.gin")
+    if not FLAGS.workdir:
+        raise app.UsageError("--workdir is required")
+    gin_registry.parse(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths)
+    cfg = gin_registry.experiment_config()
+    stages = experiment.STAGES if FLAGS.stages == ["all"] else tuple(FLAGS.stages)
+    logging.info("experiment %s -> %s, stages %s", cfg.name, FLAGS.workdir, stages)
+    experiment.Experiment(cfg, FLAGS.workdir).run(stages, runs=FLAGS.runs)
+
+
+if __name__ == "__main__":
+    app.run(main)
