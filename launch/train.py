@@ -21,8 +21,11 @@ flags.DEFINE_multi_string("gin_file", [], "Gin files (relative to the search pat
 flags.DEFINE_multi_string("gin_bindings", [], "Extra gin bindings, e.g. 'TrainConfig.seed = 1'.")
 flags.DEFINE_multi_string("gin_search_paths", [], "Directories to search for gin files.")
 flags.DEFINE_string("workdir", None, "Experiment directory (local path or gs://).")
-flags.DEFINE_list("stages", ["all"], "Stages to run: all, or some of oracle, oracle_data, "
-                  "teacher, student_init, distill, report.")
+flags.DEFINE_list(
+    "stages",
+    ["all"],
+    "Stages to run: all, or some of oracle, oracle_data, teacher, student_init, distill, report.",
+)
 flags.DEFINE_list("runs", None, "Distillation runs to do (default: all configured).")
 
 

@@ -29,7 +29,7 @@ def test_every_param_has_logical_axes():
     flat_axes = jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple))
     flat_shapes = jax.tree.leaves(shapes)
     assert len(flat_axes) == len(flat_shapes)
-    for names, shape in zip(flat_axes, flat_shapes):
+    for names, shape in zip(flat_axes, flat_shapes, strict=True):
         assert len(names) == len(shape.shape)
         assert all(isinstance(n, str) for n in names)
     assert axes["decoder"]["logits_dense"]["kernel"] == ("embed", "vocab")
