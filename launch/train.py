@@ -31,6 +31,8 @@ flags.DEFINE_list("runs", None, "Distillation runs to do (default: all configure
 
 def main(argv):
     del argv
+    if not FLAGS["verbosity"].present:  # orbax/absl INFO lines drown the progress lines.
+        logging.set_verbosity(logging.WARNING)
     from thack_jax import distributed
 
     distributed.initialize()  # Multi-host (Cloud TPU, GPU clusters); no-op otherwise.
@@ -43,7 +45,7 @@ def main(argv):
     gin_registry.parse(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths)
     cfg = gin_registry.experiment_config()
     stages = experiment.STAGES if FLAGS.stages == ["all"] else tuple(FLAGS.stages)
-    logging.info("experiment %s -> %s, stages %s", cfg.name, FLAGS.workdir, stages)
+    print(f"[thack_jax] experiment {cfg.name} -> {FLAGS.workdir}, stages {stages}", flush=True)
     experiment.Experiment(cfg, FLAGS.workdir).run(stages, runs=FLAGS.runs)
 
 
