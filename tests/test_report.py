@@ -199,7 +199,7 @@ def test_report_tables_plots_and_findings(built):
     assert "| offline N=64x1 | offline, offline_s1 |" in text
     for k in range(1, 7):
         assert re.search(rf"^{k}\. \*\*.*\*\*: \*\*reproduced\*\*\.", text, re.M), k
-    assert "4 of 4 offline runs show a U shape" in text
+    assert "2 of 2 offline runs with one completion per prompt show a U shape (2 of 2 runs" in text
     assert "Flagged: 4 of 4 offline runs, 0 of 2 online runs." in text
     links = re.findall(r"!\[[^]]*\]\((plots/[^)]+\.png)\)", text)
     assert len(links) == 4

@@ -56,7 +56,7 @@ def test_all_reproduced_and_not_run():
         (_run("on", "online_student"), _a()),
     )
     assert [s for s, _ in f] == [True, True, None, None, None, True]
-    assert f[0][1].startswith("2 of 2 offline runs show a U shape.")
+    assert f[0][1].startswith("2 of 2 offline runs with one completion per prompt show a U shape.")
     assert "off: step 1500 (lag 500); off_s1: step 1600 (lag 600)" in f[5][1]
     assert f[2][1] == "Needs a mixed run and an offline run of the same experiment."
 
@@ -64,13 +64,18 @@ def test_all_reproduced_and_not_run():
 def test_not_reproduced():
     f = _findings(
         (_run("off"), HACKED),
+        (_run("off_no_u", num_prompts=32), _a(rise=0.01)),
         (_run("off_flat", num_prompts=16, completions_per_prompt=4), _a(rise=0.05)),
         (_run("off_more", completions_per_prompt=4), _a(rise=0.1, final_golden=0.6)),
         (_run("mix", "mixed", online_fraction=0.1), _a(rise=0.2)),
         (_run("on", "online_teacher"), _a(rise=0.05, flag=2000)),
     )
     assert [s for s, _ in f] == [False, False, False, False, False, False]
-    assert "1 of 3 offline runs show a U shape" in f[0][1]
+    # Finding 1 is decided by the one-completion runs; the others are only reported.
+    assert (
+        "1 of 2 offline runs with one completion per prompt show a U shape "
+        "(0 of 2 runs with more completions per prompt do)" in f[0][1]
+    )
     assert "on: golden 3 -> 0.5, rise after its minimum 5.0 se" in f[1][1]
     # The mixed run is compared with the offline run of its own offline data (64x1).
     assert (
@@ -78,7 +83,7 @@ def test_not_reproduced():
     )
     assert "offline N=64x1: rise 0.1, offline N=16x4: rise 0.05" in f[3][1]
     assert "offline N=64x1: final proxy 0.2, golden 0.5, offline N=64x4: final proxy 0.2" in f[4][1]
-    assert "Flagged: 1 of 3 offline runs, 1 of 1 online runs." in f[5][1]
+    assert "Flagged: 1 of 4 offline runs, 1 of 1 online runs." in f[5][1]
 
 
 def test_mixed_reference_falls_back_to_all_offline():

@@ -193,6 +193,7 @@ class Experiment:
             seed=cfg.seed,
             vocab_fingerprint=self._vocab_fingerprint(),
             progress=self.progress,
+            mesh=self.mesh,
         )
         _mark_complete(out, fp)
 
@@ -296,6 +297,7 @@ class Experiment:
                 seed=cfg.seed + 2000 + run.seed,
                 vocab_fingerprint=self._vocab_fingerprint(),
                 progress=self.progress,
+                mesh=self.mesh,
             )
         pool = None
         if run.regime != "offline":

@@ -59,9 +59,13 @@ def _of(groups, regime):
 
 
 def _f1_u_shape(runs, labels, analyses, groups, stats):
-    idx = [i for i, r in enumerate(runs) if r.config["regime"] == "offline"]
+    # The finding is about many epochs of one completion per prompt (the paper's offline
+    # set); more completions per prompt are finding 5's generation budget, which is meant
+    # to weaken hacking, so those runs are reported but do not decide this finding.
+    offline = [i for i, r in enumerate(runs) if r.config["regime"] == "offline"]
+    idx = [i for i in offline if runs[i].config.get("completions_per_prompt", 1) == 1]
     if not idx:
-        return None, "No offline run."
+        return None, "No offline run with one completion per prompt."
     u = [i for i in idx if analyses[i]["u_shape"]]
     per_run = "; ".join(
         f"{labels[i]}: golden {_g(a['golden_min'])} at step {a['golden_min_step']} -> "
@@ -69,8 +73,12 @@ def _f1_u_shape(runs, labels, analyses, groups, stats):
         f"{_g(a['proxy_at_golden_min'])} -> {_g(a['final_proxy'])}"
         for i, a in ((i, analyses[i]) for i in idx)
     )
-    text = f"{len(u)} of {len(idx)} offline runs show a U shape. {per_run}."
-    return len(u) == len(idx), text
+    text = f"{len(u)} of {len(idx)} offline runs with one completion per prompt show a U shape"
+    others = len(offline) - len(idx)
+    if others:
+        n_u = sum(bool(analyses[i]["u_shape"]) for i in offline if i not in idx)
+        text += f" ({n_u} of {others} runs with more completions per prompt do)"
+    return len(u) == len(idx), f"{text}. {per_run}."
 
 
 def _f2_online_monotone(runs, labels, analyses, groups, stats):
