@@ -74,12 +74,38 @@ def time_ours(config, params, inputs, new_tokens: int, repeats: int, draw: str) 
 
 
 def time_breakdown(config, params, inputs, new_tokens: int, repeats: int) -> dict[str, float]:
-    """Where the time of one `sample` call goes: prefill (encoder + cross-attention K/V +
-    one decode step, timed as a 1-token sample) and the mean in-loop decode step, from the
-    difference to the full-length sample."""
+    """Where the time of one `sample` call goes.
+
+    prefill_s: a 1-token sample (encoder + cross-attention K/V + one step); step_s: the mean
+    in-loop decode step, (full - prefill) / (new_tokens - 1); draw_s: per step, what T=1
+    sampling costs over greedy (softmax, CDF, random numbers); step_gflops: the decoder's
+    and output projection's matmul FLOPs per step over step_s.
+    """
     one = time_ours(config, params, inputs, 1, repeats, "inverse_cdf")
     full = time_ours(config, params, inputs, new_tokens, repeats, "inverse_cdf")
-    return {"prefill_s": one, "step_s": (full - one) / max(new_tokens - 1, 1), "total_s": full}
+    keys = iter(range(10_000))
+
+    def greedy():
+        rng = jax.random.key(next(keys))
+        return sampling.sample(
+            config, params, inputs, rng, max_decode_len=new_tokens, eos_id=-1, temperature=0.0
+        ).tokens
+
+    argmax = best_time(greedy, repeats)
+    decoder = models.param_shapes(config)["decoder"]
+    matmul_params = sum(
+        int(np.prod(x.shape)) for x in jax.tree.leaves(decoder) if len(x.shape) == 2
+    )
+    if config.tie_word_embeddings:
+        matmul_params += config.vocab_size * config.d_model
+    step = (full - one) / max(new_tokens - 1, 1)
+    return {
+        "prefill_s": one,
+        "step_s": step,
+        "draw_s": (full - argmax) / new_tokens,
+        "total_s": full,
+        "step_gflops": 2 * inputs.shape[0] * matmul_params / step / 1e9,
+    }
 
 
 def time_naive(config, params, inputs, new_tokens: int, steps: int, repeats: int) -> float:
@@ -200,9 +226,10 @@ def main(argv: list[str]) -> int:
             parts = time_breakdown(config, params, x, args.new_tokens, args.repeats)
             print(
                 f"  batch {batch}: 1-token sample (encoder + cross K/V + 1 step) "
-                f"{parts['prefill_s'] * 1e3:.1f} ms, mean decode step in the loop "
-                f"{parts['step_s'] * 1e3:.2f} ms, {args.new_tokens}-token sample "
-                f"{parts['total_s']:.3f} s",
+                f"{parts['prefill_s'] * 1e3:.1f} ms; mean decode step in the loop "
+                f"{parts['step_s'] * 1e3:.2f} ms ({parts['step_gflops']:.1f} GFLOP/s of "
+                f"matmuls), of which the T=1 draw {parts['draw_s'] * 1e3:.2f} ms; "
+                f"{args.new_tokens}-token sample {parts['total_s']:.3f} s",
                 flush=True,
             )
     print("\n".join(rows))
