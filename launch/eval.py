@@ -6,7 +6,7 @@ r"""Separate-process evaluator: watches a training workdir, evaluates each new c
 
 Reads student checkpoints from `<workdir>/<ckpt_subdir>` (orbax, only finalized steps),
 writes `<workdir>/eval_metrics.jsonl` and `<workdir>/eval_state.json`; restartable (see
-`thack_jax.evaluation.watch`). A reference checkpoint (`--oracle_ckpt`, `--teacher_ckpt`) is
+`thack_jax.eval_watch.watch`). A reference checkpoint (`--oracle_ckpt`, `--teacher_ckpt`) is
 either a Hugging Face directory (config.json + model.safetensors) or an orbax checkpoint
 directory (its newest finalized step is read; its config comes from `--oracle_config` /
 `--teacher_config`). A config is a size name (`tiny`, `small`, ...) or a JSON file: a
@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from thack_jax import checkpoints, evaluation, models, partitioning  # noqa: E402
+from thack_jax import checkpoints, eval_watch, evaluation, models, partitioning  # noqa: E402
 from thack_jax.models import hf  # noqa: E402
 from thack_jax.models.config import T5Config  # noqa: E402
 
@@ -146,7 +146,7 @@ def main(argv):
         raise app.UsageError("--workdir is required")
     try:
         evaluator = build_evaluator()
-        steps = evaluation.watch(
+        steps = eval_watch.watch(
             FLAGS.workdir,
             evaluator,
             ckpt_subdir=FLAGS.ckpt_subdir,

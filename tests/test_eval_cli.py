@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from thack_jax import checkpoints, evaluation, models
+from thack_jax import checkpoints, eval_watch, models
 from thack_jax.metrics_io import read_metrics
 from thack_jax.models import hf
 
@@ -94,7 +94,7 @@ def wait_for(predicate, timeout, proc):
 
 
 def evaluated(workdir):
-    path = workdir / evaluation.EVAL_STATE_FILE
+    path = workdir / eval_watch.EVAL_STATE_FILE
     if not path.exists():
         return []
     return json.loads(path.read_text())["evaluated_steps"]
@@ -117,7 +117,7 @@ def test_killed_and_restarted_watcher_evaluates_each_step_exactly_once(setup, tm
     second = run(cmd)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "evaluated steps: [1, 2, 3]" in second.stdout
-    rows = read_metrics(str(workdir / evaluation.EVAL_METRICS_FILE))
+    rows = read_metrics(str(workdir / eval_watch.EVAL_METRICS_FILE))
     assert [row["step"] for row in rows] == [1, 2, 3]
     assert evaluated(workdir) == [1, 2, 3]
     for row in rows:
