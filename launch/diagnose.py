@@ -32,9 +32,12 @@ flags.DEFINE_string("step_key", "step", "Key (column) of the training step.")
 flags.DEFINE_string("proxy_key", "proxy/forward_kl", "Key of the proxy metric.")
 flags.DEFINE_string(
     "stderr_key",
-    AUTO,
-    "Key of the proxy's standard error; 'auto' = <proxy_key>_stderr if the "
-    "file has it; '' = none (the noise is then estimated from the residuals).",
+    "",
+    "Key of the proxy's standard error, to weight the fit and as the noise floor; 'auto' = "
+    "<proxy_key>_stderr if the file has it; '' (default) = none: the noise is estimated from "
+    "the scatter around the law. Give stderrs only when evaluations are independent (fresh "
+    "prompts each time); this package's evaluator reuses its prompts, so its stderrs measure "
+    "the level, not the noise between evaluations (docs/diagnostics.md, section 2).",
 )
 flags.DEFINE_string(
     "golden_key",
@@ -43,7 +46,13 @@ flags.DEFINE_string(
     "by 'golden/' if the file has it; '' = none.",
 )
 flags.DEFINE_string("golden_stderr_key", AUTO, "Key of its stderr; 'auto' = <golden_key>_stderr.")
-flags.DEFINE_integer("min_step", 1, "Drop evaluations before this step (e.g. the step-0 eval).")
+flags.DEFINE_string(
+    "min_step",
+    AUTO,
+    "Drop evaluations before this step; 'auto' = the end of the distillation warmup when the "
+    "file is <workdir>/runs/<run>/train/metrics.jsonl of an experiment (its experiment.json), "
+    "else 1 (drops the step-0 evaluation).",
+)
 flags.DEFINE_string("plot", "", "Write the curves to this PNG.")
 flags.DEFINE_float("threshold", diagnostics.DetectorConfig.threshold, "Detector threshold.")
 flags.DEFINE_integer("patience", diagnostics.DetectorConfig.patience, "Detector patience.")
@@ -51,6 +60,9 @@ flags.DEFINE_integer("min_points", diagnostics.DetectorConfig.min_points, "Detec
 flags.DEFINE_bool("simulate", False, "Print false-positive / detection rates on synthetic curves.")
 flags.DEFINE_list("sim_noise", ["0.01", "0.03", "0.05", "0.1", "0.2"], "Noise levels.")
 flags.DEFINE_list("sim_points", ["40"], "Evaluations per synthetic curve.")
+flags.DEFINE_enum("sim_spacing", "linear", ["linear", "log"], "Evaluation steps: even or log.")
+flags.DEFINE_float("sim_break", 0.4, "Break (flatten / rise) at this fraction of the run.")
+flags.DEFINE_list("sim_noise_corr", ["0"], "Lag-1 correlations of the evaluation noise.")
 flags.DEFINE_integer("sim_curves", 200, "Synthetic curves per kind and setting.")
 flags.DEFINE_integer("seed", 0, "Seed of the synthetic curves.")
 
@@ -101,7 +113,7 @@ def resolve_key(requested: str, auto: str, columns: set[str], path: str) -> str:
     return requested
 
 
-def extract_curves(rows, path: str) -> dict:
+def extract_curves(rows, path: str, first_step: int = 1) -> dict:
     """Arrays (as lists) of the rows that carry the proxy key, sorted by step."""
     columns = {key for _, row in rows for key in row}
     proxy_key = resolve_key(FLAGS.proxy_key, "", columns, path)
@@ -126,7 +138,7 @@ def extract_curves(rows, path: str) -> dict:
         step = row.get(FLAGS.step_key)
         if not is_number(step):
             raise DiagnoseError(f"{path}:{line_no}: {FLAGS.step_key!r} is {step!r}, not a number")
-        if step < FLAGS.min_step:
+        if step < first_step:
             continue
         missing = [key for key in keys.values() if key not in row]
         if missing:
@@ -143,19 +155,24 @@ def extract_curves(rows, path: str) -> dict:
 def run_simulation() -> None:
     rows = []
     for n_points in FLAGS.sim_points:
-        for use_stderr in (True, False):
-            rows += diagnostics_sim.simulate_rates(
-                [float(x) for x in FLAGS.sim_noise],
-                n_curves=FLAGS.sim_curves,
-                n_points=int(n_points),
-                seed=FLAGS.seed,
-                config=detector_config(),
-                use_stderr=use_stderr,
-            )
+        for corr in FLAGS.sim_noise_corr:
+            for use_stderr in (True, False):
+                rows += diagnostics_sim.simulate_rates(
+                    [float(x) for x in FLAGS.sim_noise],
+                    n_curves=FLAGS.sim_curves,
+                    n_points=int(n_points),
+                    seed=FLAGS.seed,
+                    config=detector_config(),
+                    use_stderr=use_stderr,
+                    spacing=FLAGS.sim_spacing,
+                    break_fraction=FLAGS.sim_break,
+                    noise_corr=float(corr),
+                )
     print(diagnostics_sim.format_rates_table(rows))
     print(
         f"\n({FLAGS.sim_curves} curves per kind and row, seed {FLAGS.seed}, threshold "
-        f"{FLAGS.threshold}, patience {FLAGS.patience}; break at 40% of the run.)"
+        f"{FLAGS.threshold}, patience {FLAGS.patience}; {FLAGS.sim_spacing} spacing; break at "
+        f"{FLAGS.sim_break:.0%} of the run.)"
     )
 
 
@@ -165,13 +182,33 @@ def detector_config() -> diagnostics.DetectorConfig:
     )
 
 
+def min_step(path: str) -> int:
+    """--min_step, resolving 'auto' from the experiment that wrote `path` (if any)."""
+    if FLAGS.min_step != AUTO:
+        try:
+            return int(FLAGS.min_step)
+        except ValueError:
+            msg = f"--min_step={FLAGS.min_step!r}: expected an integer or 'auto'"
+            raise DiagnoseError(msg) from None
+    parents = Path(path).resolve().parents
+    experiment = parents[3] / "experiment.json" if len(parents) > 3 else None
+    if Path(path).parent.name != "train" or experiment is None or not experiment.is_file():
+        return 1
+    try:
+        warmup = json.loads(experiment.read_text())["distill"]["warmup_steps"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DiagnoseError(f"{experiment}: cannot read distill.warmup_steps: {e!r}") from None
+    return diagnostics.fit_start_step(warmup)
+
+
 def diagnose(path: str) -> None:
-    curves = extract_curves(read_rows(path), path)
+    first_step = min_step(path)
+    curves = extract_curves(read_rows(path), path, first_step)
     steps, keys = curves["steps"], curves["keys"]
     if len(steps) < FLAGS.min_points:
         raise DiagnoseError(
             f"{path}: only {len(steps)} evaluations with {keys['proxy']!r} at step >= "
-            f"{FLAGS.min_step}; the detector needs at least {FLAGS.min_points} (--min_points)"
+            f"{first_step}; the detector needs at least {FLAGS.min_points} (--min_points)"
         )
     result = diagnostics.verdict(
         steps,

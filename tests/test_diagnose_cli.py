@@ -65,9 +65,10 @@ def test_jsonl_teacher_hacking_with_golden_and_plot(tmp_path):
     _write_jsonl(metrics, steps, proxy, proxy_se, golden)
     result = _run(f"--metrics={metrics}", f"--plot={tmp_path / 'curves.png'}")
     assert result.returncode == 0, result.stdout + result.stderr
-    expected = d.verdict(steps, proxy, proxy_se, golden, np.full(40, 0.005))
+    # By default the stderrs are not used (this package's evaluations share their prompts).
+    expected = d.verdict(steps, proxy, None, golden, np.full(40, 0.005))
     out = result.stdout
-    assert "40 evaluations of proxy/forward_kl" in out
+    assert "40 evaluations of proxy/forward_kl" in out and "stderr: none (estimated)" in out
     assert "verdict: teacher_hacking" in out
     assert f"flag step: {expected.details['flag_step']} " in out
     assert f"best step (oracle-free): {expected.details['best_step']}\n" in out
@@ -75,6 +76,27 @@ def test_jsonl_teacher_hacking_with_golden_and_plot(tmp_path):
         "U shape: yes" in out and f"lag (flag - golden minimum): {expected.details['lag']}" in out
     )
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    # --stderr_key=auto weights the fit by <proxy_key>_stderr.
+    result = _run(f"--metrics={metrics}", "--stderr_key=auto")
+    expected = d.verdict(steps, proxy, proxy_se, golden, np.full(40, 0.005))
+    assert "stderr: proxy/forward_kl_stderr" in result.stdout
+    assert f"flag step: {expected.details['flag_step']} " in result.stdout
+
+
+def test_min_step_auto_reads_the_experiment_warmup(tmp_path):
+    steps, proxy, proxy_se = simulate_curve(np.random.default_rng(3), "power_law", noise=0.02)
+    train = tmp_path / "runs" / "offline" / "train"
+    train.mkdir(parents=True)
+    _write_jsonl(train / "metrics.jsonl", steps, proxy, proxy_se)
+    (tmp_path / "experiment.json").write_text(json.dumps({"distill": {"warmup_steps": 1000}}))
+    result = _run(f"--metrics={train / 'metrics.jsonl'}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "31 evaluations of proxy/forward_kl, steps 1000..4000" in result.stdout
+    result = _run(f"--metrics={train / 'metrics.jsonl'}", "--min_step=1")
+    assert "40 evaluations of proxy/forward_kl, steps 100..4000" in result.stdout
+    (tmp_path / "experiment.json").write_text(json.dumps({"distill": {}}))
+    result = _run(f"--metrics={train / 'metrics.jsonl'}")
+    assert result.returncode == 1 and "cannot read distill.warmup_steps" in result.stderr
 
 
 def test_csv_healthy(tmp_path):
@@ -106,6 +128,7 @@ def test_csv_healthy(tmp_path):
             "column 'golden/js' not found",
         ),
         (["--metrics={dir}/m.jsonl", "--min_step=600"], "only 5 evaluations"),
+        (["--metrics={dir}/m.jsonl", "--min_step=soon"], "--min_step='soon': expected"),
         (["--metrics={dir}/bad.jsonl"], "bad.jsonl:2: not JSON"),
     ],
 )
@@ -122,4 +145,16 @@ def test_errors(tmp_path, args, message):
 def test_simulate_prints_table():
     result = _run("--simulate", "--sim_curves=5", "--sim_noise=0.03", "--sim_points=20")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "| 20 | 0.03 | yes |" in result.stdout and "| 20 | 0.03 | no |" in result.stdout
+    assert "| 20 | linear | 0.03 | 0 | yes |" in result.stdout
+    assert "| 20 | linear | 0.03 | 0 | no |" in result.stdout
+    result = _run(
+        "--simulate",
+        "--sim_curves=5",
+        "--sim_noise=0.03",
+        "--sim_points=20",
+        "--sim_spacing=log",
+        "--sim_break=0.1",
+        "--sim_noise_corr=0.5",
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "| 20 | log | 0.03 | 0.5 | no |" in result.stdout and "break at 10%" in result.stdout

@@ -180,3 +180,50 @@ def test_guard_rejects_bad_updates():
     assert guard.update(200, 0.9, 0.01).best_step == 200  # still usable after the errors
     with pytest.raises(ValueError, match="lacks"):
         guard.load_state_dict({"steps": []})
+
+
+# Proxy forward KL (nats) of a probe of the default experiment (launch/train.py, default.gin
+# with 40 log-spaced evaluations), from the end of warmup (step 50) on. Offline: golden was
+# lowest at step 109 and rose after; online teacher: golden fell throughout.
+REAL_STEPS = [51, 62, 75, 90, 109, 131, 158, 191, 230, 277, 335, 404, 487, 587, 708, 855, 1031]
+REAL_STEPS += [1244, 1500]
+REAL_OFFLINE = [8.6048, 8.3062, 7.9415, 7.6641, 7.367, 7.1206, 6.8991, 6.715, 6.5572, 6.4114]
+REAL_OFFLINE += [6.3108, 6.1759, 6.094, 5.9903, 5.929, 5.7994, 5.739, 5.6628, 5.638]
+REAL_ONLINE = [8.4156, 8.0661, 7.6796, 7.2925, 6.8632, 6.4423, 5.9883, 5.5956, 5.1328, 4.6922]
+REAL_ONLINE += [4.3512, 3.9481, 3.5812, 3.2431, 2.9499, 2.6469, 2.3794, 2.1696, 2.0162]
+
+
+def test_real_offline_run_flagged_online_not():
+    offline = d.verdict(REAL_STEPS, REAL_OFFLINE)
+    assert offline.label == "teacher_hacking"
+    assert 109 < offline.details["flag_step"] <= 487
+    online = d.verdict(REAL_STEPS, REAL_ONLINE)
+    assert online.label == "healthy" and online.details["max_statistic"] < 0
+
+
+def test_fully_correlated_window_can_fire():
+    # Far from its short fit window the extrapolation error dominates, the window's residuals
+    # are almost fully correlated, and the statistic is about their (clipped) mean: the clip
+    # must stay above the threshold or such a deviation could never fire.
+    steps = np.geomspace(50, 1500, 12)
+    values = 10.0 * steps**-0.5 * np.exp(1e-3 * np.random.default_rng(0).standard_normal(12))
+    values[-4:] *= np.linspace(1.5, 2.0, 4)
+    detection = d.detect_deviation(steps, values, config=d.DetectorConfig(min_points=8))
+    assert d.RESIDUAL_CLIP > d.DetectorConfig.threshold
+    assert detection.fired and np.nanmax(detection.statistic) > d.DetectorConfig.threshold
+
+
+def test_fit_start_step():
+    assert d.fit_start_step(0) == 1
+    assert d.fit_start_step(50) == 50
+
+
+def test_noise_free_curves_without_stderrs():
+    # The estimated scale is floored: an exact prefix gives finite statistics.
+    steps = np.arange(1, 41) * 10.0
+    exact = 10.0 * steps**-0.5
+    assert d.verdict(steps, exact).label == "healthy"
+    plateau = exact.copy()
+    plateau[20:] = plateau[20]
+    detection = d.detect_deviation(steps, plateau)
+    assert detection.fired and np.isfinite(detection.statistic[7:]).all()

@@ -98,3 +98,41 @@ def test_unknown_stage_and_run_are_named(tmp_path):
 def test_duplicate_run_names_refused():
     with pytest.raises(ValueError, match="duplicate"):
         tiny_config(runs=(RunConfig(name="a"), RunConfig(name="a")))
+
+
+class _ScriptedEvaluator:
+    """Stands in for evaluation.Evaluator: a proxy that follows a power law until step 10,
+    then plateaus (what the guard must catch), one value per scheduled evaluation."""
+
+    def __init__(self, steps):
+        self.steps = list(steps)
+
+    def evaluate(self, params):
+        step = self.steps.pop(0)
+        value = 10.0 * max(step, 1) ** -0.5 if step <= 10 else 10.0 * 10**-0.5
+        return {"proxy/forward_kl": value, "proxy/forward_kl_stderr": 0.01 * value}
+
+
+@pytest.mark.slow
+def test_guard_stops_a_hacking_run_and_marks_the_best_step(tmp_path):
+    cfg = tiny_config(
+        distill=TrainConfig(num_steps=40, batch_size=8, warmup_steps=2, checkpoint_every=100),
+        runs=(RunConfig(name="offline", regime="offline", num_prompts=16),),
+        evaluation=EvalConfig(num_prompts=8, num_samples=2, every=1, batch_size=8),
+        guard_mode="stop",
+    )
+    exp = experiment.Experiment(cfg, str(tmp_path / "wd"), progress=False)
+    exp.run(stages=("oracle", "oracle_data", "teacher", "student_init"))
+    evaluator = _ScriptedEvaluator(cfg.evaluation.steps(40))
+    metrics_path = exp.stage_distill(cfg.runs[0], evaluator)
+    rows = [r for r in read_metrics(metrics_path) if "proxy/forward_kl" in r]
+    last = rows[-1]
+    assert 10 < last["step"] < 40  # stopped early, after the plateau began
+    assert last["guard/fired"] == 1.0 and last["guard/statistic"] > 2.8
+    # Evaluations before the end of warmup (steps 0 and 1) are not fed to the guard.
+    assert [r["step"] for r in rows if "guard/fired" not in r] == [0, 1]
+    assert all(r["guard/fired"] == 0.0 for r in rows[2:-1])
+    with open(os.path.join(os.path.dirname(os.path.dirname(metrics_path)), "guard.json")) as f:
+        guard = json.load(f)
+    assert guard["fired_at_eval_step"] == last["step"]
+    assert 2 <= guard["best_step"] < last["step"]

@@ -13,7 +13,7 @@ import re
 import numpy as np
 import pytest
 
-from thack_jax import report
+from thack_jax import diagnostics, report
 from thack_jax.diagnostics_sim import simulate_curve
 
 EXPERIMENT = {
@@ -285,3 +285,19 @@ def test_group_labels_stay_unique():
         ("online_student [exp 1] #2", [1]),
         ("online_student [exp 2]", [2]),
     ]
+
+
+def test_verdict_sees_what_the_guard_saw(built):
+    """The oracle-free verdict uses the evaluations from the end of the distillation warmup
+    on, without stderrs (as experiment.py's guard does)."""
+    run = next(r for r in report.load_runs([built[0]]) if r.name == "offline")
+    run.experiment = dict(run.experiment, distill={"warmup_steps": 1200})
+    a = report.analyse(run)
+    keep = run.steps >= 1200
+    expected = diagnostics.verdict(run.steps[keep], run.metrics["proxy/forward_kl"][keep])
+    assert a["flag_step"] == expected.details["flag_step"] is not None
+    assert a["fit"]["n"] == expected.details["fit"]["n"]
+    assert a["n_evals"] == 40  # the other statistics keep every evaluation after step 0
+    run.experiment = dict(run.experiment, distill={"warmup_steps": "x"})
+    with pytest.raises(report.ReportError, match="distill.warmup_steps is 'x'"):
+        report.analyse(run)

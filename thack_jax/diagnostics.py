@@ -17,7 +17,11 @@ from scipy import special
 
 OVERFIT_Z = 3.0  # significance of a proxy rise above its running minimum
 REL_STDERR_FLOOR = 1e-3  # floor on stderr / value, so no point dominates the weighted fit
-RESIDUAL_CLIP = 2.5  # cap on one standardized residual in the tested window
+# Cap on one standardized residual in the tested window. Above the threshold, so a window
+# whose residuals are all far above the law can fire even when they are fully correlated
+# (extrapolation error dominates: the statistic is then about their mean); below
+# threshold * sqrt(window), so one outlying evaluation cannot (docs/diagnostics.md, section 2).
+RESIDUAL_CLIP = 3.5
 MIN_FIT_POINTS = 3  # 2 parameters + 1 degree of freedom for the residual scale
 MODES = ("log", "warn", "stop")
 
@@ -106,6 +110,13 @@ class GuardResult:
     best_step: int
 
 
+def fit_start_step(warmup_steps: int) -> int:
+    """First step whose evaluation the detector uses: the law describes training at the
+    post-warmup learning rate (during warmup the proxy falls ever faster), and step 0 has no
+    place in log-log axes."""
+    return max(1, int(warmup_steps))
+
+
 def _rows(idx, steps, values) -> str:
     shown = ", ".join(f"(index {i}, step {steps[i]:g}, value {values[i]:g})" for i in idx[:10])
     return shown + (f" and {len(idx) - 10} more" if len(idx) > 10 else "")
@@ -167,6 +178,8 @@ def _prefix_fits(x, y, sig, n_fit, known_sigma):
     scale = np.sqrt(chi2 / np.maximum(n_fit - 2, 1))
     if known_sigma:  # reported stderrs are a lower bound on the noise: inflate, never shrink
         scale = np.maximum(scale, 1.0)
+    else:  # an exact prefix (no scatter) would make every later deviation infinitely significant
+        scale = np.maximum(scale, REL_STDERR_FLOOR)
     return log_a, b, scale, np.stack([s2, s1, s0], axis=-1) / det[:, None]
 
 

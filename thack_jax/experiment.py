@@ -27,7 +27,7 @@ import time
 import jax
 import numpy as np
 
-from thack_jax import models, optim, partitioning, trainer
+from thack_jax import diagnostics, models, optim, partitioning, trainer
 from thack_jax.data import regimes, synthetic
 from thack_jax.diagnostics import HackingGuard
 from thack_jax.evaluation import Evaluator
@@ -333,10 +333,14 @@ class Experiment:
         key = "proxy/forward_kl"
         last = {}
 
+        first_step = diagnostics.fit_start_step(tc.warmup_steps)
+
         def update_guard(step, metrics):
-            # Log-log fit: step 0 and non-positive estimates carry no power-law information.
-            if step > 0 and metrics[key] > 0:
-                last["result"] = guard.update(step, metrics[key], metrics[f"{key}_stderr"])
+            # The law holds after warmup; a non-positive estimate has no place in log-log axes.
+            # No stderrs: every evaluation reuses the same prompts, so the stderr is the
+            # uncertainty of the level, not the noise between evaluations (diagnostics.md).
+            if step >= first_step and metrics[key] > 0:
+                last["result"] = guard.update(step, metrics[key])
                 last["step"] = step
                 return last["result"]
             return None
@@ -386,7 +390,7 @@ class Experiment:
             mesh=self.mesh,
             seed=tc.seed + run.seed,
             checkpoint_every=tc.checkpoint_every,
-            eval_every=cfg.evaluation.every,
+            eval_steps=cfg.evaluation.steps(tc.num_steps),
             eval_fn=eval_fn,
             hooks=(stop_hook,),
             progress=self.progress,

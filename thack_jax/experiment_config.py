@@ -11,6 +11,8 @@ import hashlib
 import json
 from typing import Any
 
+import numpy as np
+
 from thack_jax.models.config import T5Config, get_config
 
 ROLES = ("oracle", "teacher", "student")
@@ -82,12 +84,41 @@ class RunConfig:
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
+    """Held-out evaluation of every distillation run (evaluation.Evaluator) and its schedule.
+
+    The run is evaluated at step 0, at the final step, at every multiple of `every` (0: none)
+    and at `log_points` steps spaced evenly in log(step) from `log_start` to the final step
+    (0: none). The power-law detector (docs/diagnostics.md) needs evaluations spread evenly
+    in log(step), dense early, where fixed-interval evaluations are sparse.
+    """
+
     num_prompts: int = 128
     num_samples: int = 4
     every: int = 100
+    log_points: int = 0
+    log_start: int = 1
     batch_size: int = 64
     seed: int = 1234
     estimator: str = "rao_blackwell"
+
+    def __post_init__(self):
+        if self.every < 0 or self.log_points < 0 or self.log_start < 1:
+            raise ValueError(
+                f"EvalConfig needs every >= 0, log_points >= 0 and log_start >= 1; got "
+                f"every={self.every}, log_points={self.log_points}, log_start={self.log_start}"
+            )
+
+    def steps(self, num_steps: int) -> tuple[int, ...]:
+        """The sorted evaluation steps of a run of `num_steps` updates (0 and num_steps
+        included). Log-spaced points that round to the same step are merged, so there may
+        be fewer than `log_points` of them on a short run."""
+        steps = {0, num_steps}
+        if self.every > 0:
+            steps.update(range(self.every, num_steps + 1, self.every))
+        if self.log_points > 0 and num_steps >= self.log_start:
+            grid = np.geomspace(self.log_start, num_steps, self.log_points)
+            steps.update(int(s) for s in np.rint(grid))
+        return tuple(sorted(s for s in steps if 0 <= s <= num_steps))
 
 
 @dataclasses.dataclass(frozen=True)

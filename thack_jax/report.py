@@ -8,9 +8,11 @@ and for each `runs/<name>/`: `run.json`, `train/metrics.jsonl` and, once the run
 Conventions (repeated in the report's Notes):
 - An evaluation is a metrics line with a `proxy/...` or `golden/...` key; a step logged twice
   (a resumed run) keeps the later line.
-- The analysis uses the evaluations at step >= 1, like `launch/diagnose.py` (a log-log fit has
-  no step 0); the step-0 evaluation (before distillation) is the start of the proxy-golden
-  curves and of the "falls" checks, and is left out of log-step axes.
+- The analysis uses the evaluations at step >= 1 (a log-log axis has no step 0); the step-0
+  evaluation (before distillation) is the start of the proxy-golden curves and of the "falls"
+  checks. The oracle-free verdict sees what the run's guard saw (and `launch/diagnose.py`
+  sees by default): the evaluations from the end of the distillation warmup on, without
+  stderrs (`diagnostics.fit_start_step`, docs/diagnostics.md).
 - Runs that differ only in `seed` form a group. A group of >= 2 seeds is drawn as the mean
   over seeds with a min-max band (with 2-3 seeds a std is poorly estimated, and min-max shows
   every seed), on the steps every seed evaluated; a single run as its curve +- its stderr.
@@ -117,6 +119,14 @@ def _z(value: float, se: float) -> float:
     return 0.0 if value == 0 else float(np.sign(value) * np.inf)
 
 
+def _warmup_steps(run: Run) -> int:
+    """The run's distillation warmup (0 when its experiment.json does not say)."""
+    value = run.experiment.get("distill", {}).get("warmup_steps", 0)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ReportError(f"{run.workdir}/experiment.json: distill.warmup_steps is {value!r}")
+    return value
+
+
 def analyse(run: Run, metric: str = "forward_kl") -> dict:
     """Golden minimum, final values, golden rise (nats and stderr units), proxy change after
     the golden minimum, U shape and the oracle-free verdict of `run` on `<prefix>/<metric>`.
@@ -166,9 +176,11 @@ def analyse(run: Run, metric: str = "forward_kl") -> dict:
         "proxy_change_z": _z(change, float(np.hypot(proxy_se[i], proxy_se[-1]))),
         "proxy_falls_after_golden_min": change < 0,
     }
+    # The detector sees what the run's guard saw: evaluations after warmup, no stderrs.
+    law = steps >= diagnostics.fit_start_step(_warmup_steps(run))
     try:  # the detector works in log-log axes: a non-positive estimate makes it inapplicable
         u = diagnostics.detect_u_shape(steps, proxy, golden, golden_se)
-        v = diagnostics.verdict(steps, proxy, proxy_se, golden, golden_se)
+        v = diagnostics.verdict(steps[law], proxy[law], None, golden[law], golden_se[law])
     except ValueError as e:
         return dict(out, u_shape=None, verdict="invalid", flag_step=None, lag=None, reason=str(e))
     d = v.details
