@@ -49,9 +49,9 @@ flags.DEFINE_string("golden_stderr_key", AUTO, "Key of its stderr; 'auto' = <gol
 flags.DEFINE_string(
     "min_step",
     AUTO,
-    "Drop evaluations before this step; 'auto' = the end of the distillation warmup when the "
-    "file is <workdir>/runs/<run>/train/metrics.jsonl of an experiment (its experiment.json), "
-    "else 1 (drops the step-0 evaluation).",
+    "Drop evaluations before this step; 'auto' = the first step the run's guard was fed (the "
+    "end of the distillation warmup) when the file is <run>/train/metrics.jsonl of an "
+    "experiment (from <run>/guard_settings.json), else 1 (drops the step-0 evaluation).",
 )
 flags.DEFINE_string("plot", "", "Write the curves to this PNG.")
 flags.DEFINE_float("threshold", diagnostics.DetectorConfig.threshold, "Detector threshold.")
@@ -190,15 +190,12 @@ def min_step(path: str) -> int:
         except ValueError:
             msg = f"--min_step={FLAGS.min_step!r}: expected an integer or 'auto'"
             raise DiagnoseError(msg) from None
+    # An experiment's run: <run>/train/metrics.jsonl next to <run>/guard_settings.json.
     parents = Path(path).resolve().parents
-    experiment = parents[3] / "experiment.json" if len(parents) > 3 else None
-    if Path(path).parent.name != "train" or experiment is None or not experiment.is_file():
+    if len(parents) < 2:
         return 1
-    try:
-        warmup = json.loads(experiment.read_text())["distill"]["warmup_steps"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise DiagnoseError(f"{experiment}: cannot read distill.warmup_steps: {e!r}") from None
-    return diagnostics.fit_start_step(warmup)
+    settings = diagnostics.load_guard_settings(str(parents[1] / diagnostics.GUARD_FILE))
+    return 1 if settings is None else settings["min_step"]
 
 
 def diagnose(path: str) -> None:

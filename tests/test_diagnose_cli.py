@@ -83,20 +83,22 @@ def test_jsonl_teacher_hacking_with_golden_and_plot(tmp_path):
     assert f"flag step: {expected.details['flag_step']} " in result.stdout
 
 
-def test_min_step_auto_reads_the_experiment_warmup(tmp_path):
+def test_min_step_auto_reads_the_guard_settings(tmp_path):
     steps, proxy, proxy_se = simulate_curve(np.random.default_rng(3), "power_law", noise=0.02)
-    train = tmp_path / "runs" / "offline" / "train"
-    train.mkdir(parents=True)
-    _write_jsonl(train / "metrics.jsonl", steps, proxy, proxy_se)
-    (tmp_path / "experiment.json").write_text(json.dumps({"distill": {"warmup_steps": 1000}}))
-    result = _run(f"--metrics={train / 'metrics.jsonl'}")
+    run = tmp_path / "runs" / "offline"
+    (run / "train").mkdir(parents=True)
+    _write_jsonl(run / "train" / "metrics.jsonl", steps, proxy, proxy_se)
+    settings = d.guard_settings(1000, "proxy/forward_kl", d.DetectorConfig())
+    (run / d.GUARD_FILE).write_text(json.dumps(settings))
+    result = _run(f"--metrics={run / 'train' / 'metrics.jsonl'}")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "31 evaluations of proxy/forward_kl, steps 1000..4000" in result.stdout
-    result = _run(f"--metrics={train / 'metrics.jsonl'}", "--min_step=1")
+    result = _run(f"--metrics={run / 'train' / 'metrics.jsonl'}", "--min_step=1")
     assert "40 evaluations of proxy/forward_kl, steps 100..4000" in result.stdout
-    (tmp_path / "experiment.json").write_text(json.dumps({"distill": {}}))
-    result = _run(f"--metrics={train / 'metrics.jsonl'}")
-    assert result.returncode == 1 and "cannot read distill.warmup_steps" in result.stderr
+    (run / d.GUARD_FILE).write_text(json.dumps({"min_step": 0}))
+    result = _run(f"--metrics={run / 'train' / 'metrics.jsonl'}")
+    assert result.returncode == 1
+    assert f"{run / d.GUARD_FILE}: 'min_step' is 0, expected an integer >= 1" in result.stderr
 
 
 def test_csv_healthy(tmp_path):

@@ -136,3 +136,7 @@ def test_guard_stops_a_hacking_run_and_marks_the_best_step(tmp_path):
         guard = json.load(f)
     assert guard["fired_at_eval_step"] == last["step"]
     assert 2 <= guard["best_step"] < last["step"]
+    with open(
+        os.path.join(os.path.dirname(os.path.dirname(metrics_path)), "guard_settings.json")
+    ) as f:
+        assert json.load(f)["min_step"] == 2

@@ -291,13 +291,22 @@ def test_verdict_sees_what_the_guard_saw(built):
     """The oracle-free verdict uses the evaluations from the end of the distillation warmup
     on, without stderrs (as experiment.py's guard does)."""
     run = next(r for r in report.load_runs([built[0]]) if r.name == "offline")
-    run.experiment = dict(run.experiment, distill={"warmup_steps": 1200})
+    settings_path = os.path.join(built[0], "runs", "offline", diagnostics.GUARD_FILE)
+    # No settings file: every evaluation after step 0, without stderrs.
+    every = diagnostics.verdict(run.steps[1:], run.metrics["proxy/forward_kl"][1:])
+    assert report.analyse(run)["flag_step"] == every.details["flag_step"] is not None
+    with open(settings_path, "w") as f:
+        json.dump(
+            diagnostics.guard_settings(1200, "proxy/forward_kl", diagnostics.DetectorConfig()), f
+        )
     a = report.analyse(run)
     keep = run.steps >= 1200
     expected = diagnostics.verdict(run.steps[keep], run.metrics["proxy/forward_kl"][keep])
     assert a["flag_step"] == expected.details["flag_step"] is not None
     assert a["fit"]["n"] == expected.details["fit"]["n"]
     assert a["n_evals"] == 40  # the other statistics keep every evaluation after step 0
-    run.experiment = dict(run.experiment, distill={"warmup_steps": "x"})
-    with pytest.raises(report.ReportError, match="distill.warmup_steps is 'x'"):
+    with open(settings_path, "w") as f:
+        f.write("{not json")
+    with pytest.raises(report.ReportError, match="guard_settings.json: cannot read"):
         report.analyse(run)
+    os.remove(settings_path)  # the module's other tests share this workdir

@@ -10,6 +10,7 @@ in `diagnostics_sim.py`, the plots in `plots.py`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 
 import numpy as np
@@ -108,6 +109,36 @@ class GuardResult:
     fired: bool
     should_stop: bool
     best_step: int
+
+
+GUARD_FILE = "guard_settings.json"  # in a run's directory: what its guard saw
+
+
+def guard_settings(min_step: int, proxy_key: str, config: DetectorConfig) -> dict:
+    """JSON record of what a run's guard is fed: the proxy key, evaluations at step >=
+    `min_step`, no stderrs (docs/diagnostics.md, section 7), and the detector settings."""
+    return {
+        "proxy_key": proxy_key,
+        "min_step": int(min_step),
+        "use_stderr": False,
+        "detector": dataclasses.asdict(config),
+    }
+
+
+def load_guard_settings(path: str) -> dict | None:
+    """The `guard_settings` record at `path`, or None when there is no such file; a file
+    that is not such a record raises ValueError naming the file and the problem."""
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot read guard settings: {e}") from None
+    min_step = record.get("min_step") if isinstance(record, dict) else None
+    if not isinstance(min_step, int) or isinstance(min_step, bool) or min_step < 1:
+        raise ValueError(f"{path}: 'min_step' is {min_step!r}, expected an integer >= 1")
+    return record
 
 
 def fit_start_step(warmup_steps: int) -> int:

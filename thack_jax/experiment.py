@@ -322,18 +322,20 @@ class Experiment:
         out = self.path("runs", run.name)
         fp = config_fingerprint([run, tc, cfg.evaluation, cfg.guard_mode])
         metrics_path = os.path.join(out, "train", "metrics.jsonl")
+        guard = HackingGuard(mode=cfg.guard_mode)
+        key = "proxy/forward_kl"
+        first_step = diagnostics.fit_start_step(tc.warmup_steps)
+        # Written even for a finished run: the report and launch/diagnose.py read it.
+        os.makedirs(out, exist_ok=True)
+        settings = diagnostics.guard_settings(first_step, key, guard.config)
+        _write_json(os.path.join(out, diagnostics.GUARD_FILE), settings)
         if _is_complete(out, fp):
             return metrics_path
-        os.makedirs(out, exist_ok=True)
         _write_json(os.path.join(out, "run.json"), to_json(run))
         teacher = self.load_model("teacher")
         student_config, student_params = self.load_model("student_init")
         evaluator = evaluator or self.evaluator()
-        guard = HackingGuard(mode=cfg.guard_mode)
-        key = "proxy/forward_kl"
         last = {}
-
-        first_step = diagnostics.fit_start_step(tc.warmup_steps)
 
         def update_guard(step, metrics):
             # The law holds after warmup; a non-positive estimate has no place in log-log axes.

@@ -11,8 +11,8 @@ Conventions (repeated in the report's Notes):
 - The analysis uses the evaluations at step >= 1 (a log-log axis has no step 0); the step-0
   evaluation (before distillation) is the start of the proxy-golden curves and of the "falls"
   checks. The oracle-free verdict sees what the run's guard saw (and `launch/diagnose.py`
-  sees by default): the evaluations from the end of the distillation warmup on, without
-  stderrs (`diagnostics.fit_start_step`, docs/diagnostics.md).
+  sees by default): the evaluations from the end of the distillation warmup on
+  (`runs/<name>/guard_settings.json`), without stderrs (docs/diagnostics.md).
 - Runs that differ only in `seed` form a group. A group of >= 2 seeds is drawn as the mean
   over seeds with a min-max band (with 2-3 seeds a std is poorly estimated, and min-max shows
   every seed), on the steps every seed evaluated; a single run as its curve +- its stderr.
@@ -119,12 +119,14 @@ def _z(value: float, se: float) -> float:
     return 0.0 if value == 0 else float(np.sign(value) * np.inf)
 
 
-def _warmup_steps(run: Run) -> int:
-    """The run's distillation warmup (0 when its experiment.json does not say)."""
-    value = run.experiment.get("distill", {}).get("warmup_steps", 0)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ReportError(f"{run.workdir}/experiment.json: distill.warmup_steps is {value!r}")
-    return value
+def _guard_min_step(run: Run) -> int:
+    """First step the run's guard was fed (its guard_settings.json; 1 when absent)."""
+    path = os.path.join(os.path.dirname(os.path.dirname(run.metrics_path)), diagnostics.GUARD_FILE)
+    try:
+        settings = diagnostics.load_guard_settings(path)
+    except ValueError as e:
+        raise ReportError(str(e)) from None
+    return 1 if settings is None else settings["min_step"]
 
 
 def analyse(run: Run, metric: str = "forward_kl") -> dict:
@@ -177,7 +179,7 @@ def analyse(run: Run, metric: str = "forward_kl") -> dict:
         "proxy_falls_after_golden_min": change < 0,
     }
     # The detector sees what the run's guard saw: evaluations after warmup, no stderrs.
-    law = steps >= diagnostics.fit_start_step(_warmup_steps(run))
+    law = steps >= _guard_min_step(run)
     try:  # the detector works in log-log axes: a non-positive estimate makes it inapplicable
         u = diagnostics.detect_u_shape(steps, proxy, golden, golden_se)
         v = diagnostics.verdict(steps[law], proxy[law], None, golden[law], golden_se[law])
