@@ -1,6 +1,7 @@
 """Every gin file parses into an ExperimentConfig; bad gin input names the file."""
 
 import glob
+import logging
 import os
 
 import gin
@@ -60,3 +61,12 @@ def test_parse_error_names_file_and_line(tmp_path):
     unknown.write_text("ExperimentConfig.seed = 1\nExperimentConfig.no_such_field = 3\n")
     with pytest.raises(gin_registry.GinConfigError, match="no_such_field"):
         gin_registry.parse([str(unknown)])
+
+
+def test_search_path_probes_are_not_logged_as_errors(caplog):
+    # gin logs "Path not found" for each search path that lacks an included file.
+    with caplog.at_level(logging.INFO):
+        gin.clear_config()
+        gin_registry.parse(["experiments/default.gin"])
+    assert not [r for r in caplog.records if "Path not found" in r.getMessage()]
+    assert not logging.getLogger().filters  # the filter is removed after parsing

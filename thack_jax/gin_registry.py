@@ -5,6 +5,8 @@ Library code never imports gin; gin files bind the dataclasses of experiment_con
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import tokenize
 
@@ -34,6 +36,33 @@ def parse(gin_files, gin_bindings=(), search_paths=()) -> None:
             raise GinConfigError(
                 f"gin file {name!r} not found (looked in ., {', '.join([*search_paths, GIN_DIR])})"
             )
+    with _quiet_path_probes():
+        _parse(gin_files, gin_bindings)
+
+
+class _DropPathProbes(logging.Filter):
+    """gin tries each search path in turn and logs every miss at ERROR ("Path not found"),
+    even when a later path has the file: noise that reads like a failure. A file missing
+    from every path is still an error (GinConfigError above, or gin's own for includes)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (
+            record.getMessage().startswith("Path not found")
+            and record.pathname.endswith(os.path.join("gin", "resource_reader.py"))
+        )
+
+
+@contextlib.contextmanager
+def _quiet_path_probes():
+    root, drop = logging.getLogger(), _DropPathProbes()
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
+
+
+def _parse(gin_files, gin_bindings) -> None:
     for name in gin_files:
         try:
             gin.parse_config_file(name)
