@@ -110,7 +110,7 @@ def jax_runner(cfg, args, profile: bool):
     import jax
     import jax.numpy as jnp
 
-    from thack_jax import losses, models, optim, train_state, trainer
+    from thack_jax import losses, models, optim, train_state, train_step
 
     student = jax.jit(models.init_params, static_argnums=0)(cfg, jax.random.key(0))
     teacher = jax.jit(models.init_params, static_argnums=0)(cfg, jax.random.key(1))
@@ -118,7 +118,7 @@ def jax_runner(cfg, args, profile: bool):
     state = jax.jit(lambda p: train_state.create_train_state(p, opt, jax.random.key(0)))(student)
     inputs, targets = _batch(cfg, args.batch, args.input_len, args.target_len)
     batch = {"inputs": jnp.asarray(inputs), "targets": jnp.asarray(targets)}
-    step = trainer.make_train_step(cfg, opt, trainer.StepConfig("distill", "forward_kl"), cfg)
+    step = train_step.make_train_step(cfg, opt, train_step.StepConfig("distill", "forward_kl"), cfg)
     start = time.perf_counter()
     compiled = step.lower(state, batch, teacher).compile()
     compile_s = time.perf_counter() - start

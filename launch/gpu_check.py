@@ -4,14 +4,14 @@
     python launch/gpu_check.py --smoke --platform=cpu  # tiny sizes on CPU (tests/test_gpu_check.py)
 
 Needs only jax, flax, optax, orbax-checkpoint and numpy: it imports thack_jax.models,
-sampling, trainer, optim and memory, never thack_jax.data, gin, seqio or TensorFlow.
+sampling, train_step, optim and memory, never thack_jax.data, gin, seqio or TensorFlow.
 
 (a) Correctness (float32, matmul precision 'highest', T5 v1.1-small widths; `tiny` with
     --smoke): the same parameters and the same key on the CPU and on the accelerator.
     * greedy tokens of `sampling.sample` must be equal on every row;
     * temperature-1 samples (same key) are reported as the fraction of equal rows (a CDF
       boundary may flip a token; not a failure);
-    * one distillation train step (`trainer.make_train_step`, forward KL, frozen teacher,
+    * one distillation train step (`train_step.make_train_step`, forward KL, frozen teacher,
       plain SGD with learning rate 1 so the parameter change IS the gradient): the losses
       must agree to a relative 1e-5 and the parameters to max|diff| <= 1e-4 * max|update|.
 (b) Speed (bfloat16 activations, float32 parameters, batch 32, 64 input + 64 target tokens):
@@ -55,7 +55,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from thack_jax import memory, models, optim, sampling, trainer  # noqa: E402
+from thack_jax import memory, models, optim, sampling, train_step  # noqa: E402
 from thack_jax.train_state import create_train_state  # noqa: E402
 
 LOSS_RTOL = 1e-5
@@ -117,8 +117,8 @@ def correctness(size: str, accel, cpu, batch: int, lx: int, ly: int) -> dict:
                     tokens.append(np.asarray(s.tokens))
             out[f"{name}_rows_equal"] = float(np.mean(np.all(tokens[0] == tokens[1], axis=1)))
         opt = optax.sgd(1.0)
-        step_config = trainer.StepConfig("distill", "forward_kl")
-        step = trainer.make_train_step(config, opt, step_config, config)
+        step_config = train_step.StepConfig("distill", "forward_kl")
+        step = train_step.make_train_step(config, opt, step_config, config)
         results = []
         for dev in (cpu, accel):
             with jax.default_device(dev):
@@ -153,7 +153,7 @@ def train_speed(student_size, teacher_size, batch, lx, ly, repeats, peak) -> dic
     student = models.get_config(student_size, dtype="bfloat16")
     teacher = models.get_config(teacher_size, dtype="bfloat16")
     opt = optim.make_optimizer("adamw", 3e-4, clip_norm=1.0)
-    step = trainer.make_train_step(student, opt, trainer.StepConfig("distill"), teacher)
+    step = train_step.make_train_step(student, opt, train_step.StepConfig("distill"), teacher)
     state = create_train_state(models.init_params(student, jax.random.key(0)), opt, 0)
     t_params = models.init_params(teacher, jax.random.key(1))
     data = {k: jnp.asarray(v) for k, v in _toy_batch(student, batch, lx, ly).items()}

@@ -27,7 +27,7 @@ import time
 import jax
 import numpy as np
 
-from thack_jax import models, optim, partitioning, trainer
+from thack_jax import models, optim, partitioning, train_step, trainer
 
 
 def fast_init_params(config, seed: int) -> dict:
@@ -102,7 +102,7 @@ def main(argv=None) -> int:
         student_config=config,
         init_params=fast_init_params(config, 0),
         optimizer=optim.make_optimizer("adafactor", schedule, multiply_by_parameter_scale=False),
-        step_config=trainer.StepConfig("distill", "forward_kl"),
+        step_config=train_step.StepConfig("distill", "forward_kl"),
         source=SlowSource(inputs, targets, batch_size=8, seed=1, sleep=args.step_sleep),
         num_steps=args.num_steps,
         teacher_config=config,

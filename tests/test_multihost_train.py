@@ -6,7 +6,7 @@ global batch (`ArraySource` share -> `partitioning.shard_batch` ->
 `jax.make_array_from_process_local_data`). The 1-process x 8-device run of the same script
 is the reference: same initial parameters, same global batches, same meshes.
 
-Checked: (a) the step-level path (`trainer.make_train_step`) on a `{'data': -1}` mesh and a
+Checked: (a) the step-level path (`train_step.make_train_step`) on a `{'data': -1}` mesh and a
 `{'data': 4, 'model': 2}` mesh (parameters sharded across the two processes), with two
 microbatches; (b) the full loop `trainer.train` (orbax multi-host save, metrics written by
 process 0 only), then a second `train` call that resumes from the multi-host checkpoint.
@@ -40,7 +40,7 @@ _WORKER = textwrap.dedent(
     sys.path.insert(0, "tests")  # cwd is the repository root
     from _train_worker import fast_init_params, toy_data
     from jax.experimental import multihost_utils
-    from thack_jax import metrics_io, models, optim, partitioning, trainer
+    from thack_jax import metrics_io, models, optim, partitioning, train_step, trainer
     from thack_jax.train_state import create_train_state, state_shardings
 
     import logging
@@ -60,7 +60,7 @@ _WORKER = textwrap.dedent(
     student, teacher = fast_init_params(config, 0), fast_init_params(config, 1)
     schedule = optim.make_schedule(3e-3, warmup_steps=2)
     opt = optim.make_optimizer("adamw", schedule, clip_norm=1.0)
-    step_config = trainer.StepConfig("distill", "forward_kl", num_microbatches=2)
+    step_config = train_step.StepConfig("distill", "forward_kl", num_microbatches=2)
     meshes = {"data": {"data": -1}, "data_model": {"data": 4, "model": 2}}
     result = {"rank": rank, "process_count": nproc, "device_count": jax.device_count()}
 
@@ -78,7 +78,7 @@ _WORKER = textwrap.dedent(
             t_sh = partitioning.param_shardings(
                 mesh, models.param_axes(config), models.param_shapes(config))
             teacher_dev = jax.device_put(teacher, t_sh)
-            step_fn = trainer.make_train_step(config, opt, step_config, config, mesh, schedule)
+            step_fn = train_step.make_train_step(config, opt, step_config, config, mesh, schedule)
             source = trainer.ArraySource(inputs, targets, batch_size=16, seed=1)
             losses, batches = [], []
             for i in range(4):
