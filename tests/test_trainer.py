@@ -256,3 +256,18 @@ def test_sigterm_checkpoints_exits_cleanly_and_resumes(tmp_path, reference):
     assert _finish(_start_worker(tmp_path, cache)) == {"step": 12, "stopped_early": False}
     _assert_bitwise(_final_params(str(tmp_path)), ref_leaves)
     assert [r["step"] for r in read_metrics(str(tmp_path))] == list(range(1, 13))
+
+
+def test_eval_steps_schedule(tmp_path):
+    evals = []
+
+    def eval_fn(step, params):
+        evals.append(step)
+        return {"eval/step": float(step)}
+
+    # Listed steps and multiples of eval_every, plus step 0 and the final step; steps past
+    # the end are ignored.
+    _train(
+        tmp_path, 7, checkpoint_every=10, eval_every=4, eval_steps=(1, 2, 5, 99), eval_fn=eval_fn
+    )
+    assert evals == [0, 1, 2, 4, 5, 7]

@@ -13,7 +13,7 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, Protocol
 
 import jax
@@ -209,6 +209,7 @@ def train(
     keep_checkpoints: int = 3,
     log_every: int = 1,
     eval_every: int = 0,
+    eval_steps: Collection[int] = (),
     eval_fn: Callable[[int, Any], Mapping[str, float]] | None = None,
     hooks: Sequence[Callable[[int, Mapping[str, float]], bool]] = (),
     progress: bool = True,
@@ -218,11 +219,12 @@ def train(
 
     Metric lines (`workdir/metrics.jsonl`) are keyed by the number of updates done: step k
     holds the train metrics of update k, plus eval metrics when `eval_fn(k, params)` ran at
-    k (every `eval_every` steps, at the final step, and at step 0 before training, which
-    gets its own line). `hooks(step, metrics) -> True` (called after each eval) stops the
-    run early; so does SIGTERM. Either way a checkpoint of the current step is saved and
-    the result has `stopped_early=True`. Checkpoints: every `checkpoint_every` steps and at
-    the end, newest `keep_checkpoints` kept. Raises NonFiniteLossError on a NaN/Inf loss.
+    k (every `eval_every` steps, at each step in `eval_steps`, at the final step, and at
+    step 0 before training, which gets its own line). `hooks(step, metrics) -> True`
+    (called after each eval) stops the run early; so does SIGTERM. Either way a checkpoint
+    of the current step is saved and the result has `stopped_early=True`. Checkpoints:
+    every `checkpoint_every` steps and at the end, newest `keep_checkpoints` kept. Raises
+    NonFiniteLossError on a NaN/Inf loss.
     """
     if num_steps < 0 or checkpoint_every < 1 or log_every < 0 or eval_every < 0:
         raise ValueError(
@@ -232,6 +234,7 @@ def train(
         )
     if step_config.objective == "distill" and (teacher_config is None) != (teacher_params is None):
         raise ValueError("pass both teacher_config and teacher_params, or neither")
+    eval_steps = frozenset(int(s) for s in eval_steps)
     os.makedirs(workdir, exist_ok=True)
     shardings = state_shardings(mesh, student_config, optimizer)
     ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), keep_checkpoints)
@@ -286,7 +289,7 @@ def train(
                     raise NonFiniteLossError(done, metrics, ckpt.latest_step())
                 final = done == num_steps
                 evaluate = eval_fn is not None and (
-                    final or (eval_every > 0 and done % eval_every == 0)
+                    final or done in eval_steps or (eval_every > 0 and done % eval_every == 0)
                 )
                 if evaluate:
                     metrics.update(eval_fn(done, state.params))
