@@ -18,12 +18,13 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 from absl import app, flags
 
 # Launch scripts run from a checkout without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from thack_jax import diagnostics, diagnostics_sim, plots  # noqa: E402
+from thack_jax import diagnostics, diagnostics_sim, noise, plots  # noqa: E402
 
 AUTO = "auto"
 FLAGS = flags.FLAGS
@@ -57,6 +58,13 @@ flags.DEFINE_string("plot", "", "Write the curves to this PNG.")
 flags.DEFINE_float("threshold", diagnostics.DetectorConfig.threshold, "Detector threshold.")
 flags.DEFINE_integer("patience", diagnostics.DetectorConfig.patience, "Detector patience.")
 flags.DEFINE_integer("min_points", diagnostics.DetectorConfig.min_points, "Detector min_points.")
+flags.DEFINE_bool(
+    "noise",
+    False,
+    "Also measure the evaluation noise from the per-prompt values next to the metrics file "
+    "(<run>/train/per_prompt/, written by the experiment) by a bootstrap over prompts, and "
+    "the detector's false-alarm rate on pure power laws with that noise (thack_jax/noise.py).",
+)
 flags.DEFINE_bool("simulate", False, "Print false-positive / detection rates on synthetic curves.")
 flags.DEFINE_list("sim_noise", ["0.01", "0.03", "0.05", "0.1", "0.2"], "Noise levels.")
 flags.DEFINE_list("sim_points", ["40"], "Evaluations per synthetic curve.")
@@ -244,11 +252,27 @@ def diagnose(path: str) -> None:
             f"{d['golden_rise_stderr']:.2g})"
             + (f"; lag (flag - golden minimum): {d['lag']:g} steps" if "lag" in d else "")
         )
+    if FLAGS.noise:
+        report_noise(path, keys["proxy"], first_step)
     if FLAGS.plot:
         run = {k: curves[k] for k in ("steps", "proxy", "proxy_stderr", "golden") if k in curves}
         name = Path(path).stem
         plots.plot_curves(FLAGS.plot, {name: run}, {name: dict(fit, flag_step=d["flag_step"])})
         print(f"plot: {FLAGS.plot}")
+
+
+def report_noise(path: str, key: str, first_step: int) -> None:
+    directory = Path(path).parent / noise.PER_PROMPT_DIR
+    summary = noise.summarize(str(directory), key, first_step, config=detector_config())
+    print(
+        f"evaluation noise ({len(summary.steps)} evaluations, bootstrap over prompts): sd of "
+        f"log {key} {np.median(summary.sd):.3g} (median; {summary.sd.min():.3g} to "
+        f"{summary.sd.max():.3g}), lag-1 correlation {summary.lag1_corr:.3f}"
+    )
+    print(
+        f"false-alarm rate on pure power laws with this noise: {summary.false_alarm_rate:.1%} "
+        "(1000 curves, no stderrs)"
+    )
 
 
 def main(argv):

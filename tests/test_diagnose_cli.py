@@ -160,3 +160,27 @@ def test_simulate_prints_table():
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "| 20 | log | 0.03 | 0.5 | no |" in result.stdout and "break at 10%" in result.stdout
+
+
+def test_noise_from_per_prompt_values(tmp_path):
+    from thack_jax import noise
+
+    steps, proxy, proxy_se = simulate_curve(np.random.default_rng(4), "power_law", noise=0.02)
+    train = tmp_path / "train"
+    train.mkdir()
+    _write_jsonl(train / "metrics.jsonl", steps, proxy, proxy_se)
+    rng = np.random.default_rng(5)
+    prompt_effect = rng.normal(0, 0.3, 64)  # shared by every evaluation
+    for step, value in zip(steps, proxy, strict=True):
+        row = value * np.exp(prompt_effect + 0.01 * rng.standard_normal(64))
+        noise.save_per_prompt(str(train / "per_prompt"), int(step), {"proxy/forward_kl": row})
+    result = _run(f"--metrics={train / 'metrics.jsonl'}", "--noise")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "evaluation noise (40 evaluations, bootstrap over prompts)" in result.stdout
+    corr = float(result.stdout.split("lag-1 correlation ")[1].split()[0])
+    assert corr > 0.9
+    assert "false-alarm rate on pure power laws with this noise:" in result.stdout
+    (tmp_path / "bare").mkdir()
+    _write_jsonl(tmp_path / "bare" / "metrics.jsonl", steps, proxy, proxy_se)
+    result = _run(f"--metrics={tmp_path / 'bare' / 'metrics.jsonl'}", "--noise")
+    assert result.returncode == 1 and "no per-prompt evaluations" in result.stderr

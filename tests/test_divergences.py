@@ -67,6 +67,7 @@ def test_stderr_is_over_prompt_means_and_per_token_is_a_ratio_of_sums():
     assert est.per_token_stderr == pytest.approx(want)
     assert est.num_prompts == 3
     np.testing.assert_array_equal(est.per_sequence, values)
+    np.testing.assert_allclose(est.per_prompt, a)  # the values the mean and stderr are over
     single = dv.plain_kl([1.0, 2.0], [0.0, 0.0], [1, 1], [7, 7])
     assert single.value == 1.5 and math.isnan(single.stderr)
 

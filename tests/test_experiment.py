@@ -3,9 +3,10 @@
 import json
 import os
 
+import numpy as np
 import pytest
 
-from thack_jax import experiment
+from thack_jax import divergences, experiment, noise
 from thack_jax.experiment_config import (
     EvalConfig,
     ExperimentConfig,
@@ -107,10 +108,12 @@ class _ScriptedEvaluator:
     def __init__(self, steps):
         self.steps = list(steps)
 
-    def evaluate(self, params):
+    def estimates(self, params):
         step = self.steps.pop(0)
         value = 10.0 * max(step, 1) ** -0.5 if step <= 10 else 10.0 * 10**-0.5
-        return {"proxy/forward_kl": value, "proxy/forward_kl_stderr": 0.01 * value}
+        per_prompt = value * np.array([0.5, 1.5])
+        est = divergences.Estimate(value, 0.01 * value, value, 0.0, per_prompt, 2, per_prompt)
+        return {"proxy/forward_kl": est}
 
 
 @pytest.mark.slow
@@ -140,3 +143,9 @@ def test_guard_stops_a_hacking_run_and_marks_the_best_step(tmp_path):
         os.path.join(os.path.dirname(os.path.dirname(metrics_path)), "guard_settings.json")
     ) as f:
         assert json.load(f)["min_step"] == 2
+    # Per-prompt values of every evaluation, for noise.py.
+    steps, values = noise.load_per_prompt(
+        os.path.join(os.path.dirname(metrics_path), "per_prompt"), "proxy/forward_kl", 0
+    )
+    assert steps.tolist() == [r["step"] for r in rows]
+    np.testing.assert_allclose(values.mean(axis=1), [r["proxy/forward_kl"] for r in rows])

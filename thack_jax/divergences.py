@@ -51,7 +51,9 @@ class Estimate(NamedTuple):
     value: mean over prompts of the per-prompt mean of `per_sequence` (nats per sequence);
     stderr: its standard error over prompts; per_token / per_token_stderr: nats per response
     token (ratio of sums, see the module docstring); per_sequence [N]: the estimator's term of
-    each sequence (JS: the p-sample terms then the q-sample terms); num_prompts: P.
+    each sequence (JS: the p-sample terms then the q-sample terms); num_prompts: P;
+    per_prompt [P]: the per-prompt values whose mean is `value` (sorted prompt ids), what a
+    bootstrap over prompts resamples.
     """
 
     value: float
@@ -60,6 +62,7 @@ class Estimate(NamedTuple):
     per_token_stderr: float
     per_sequence: np.ndarray
     num_prompts: int
+    per_prompt: np.ndarray
 
 
 # ----------------------------------------------------------------------------- token level (jnp)
@@ -157,7 +160,7 @@ def _combine(parts, per_sequence: np.ndarray) -> Estimate:
         stderr = float(a.std(ddof=1) / math.sqrt(p))
         resid = a - per_token * b
         per_token_stderr = float(math.sqrt((resid**2).sum() / (p * (p - 1))) / total_len)
-    return Estimate(value, stderr, per_token, per_token_stderr, per_sequence, p)
+    return Estimate(value, stderr, per_token, per_token_stderr, per_sequence, p, a)
 
 
 def _token_sums(name: str, token_values, mask) -> tuple[np.ndarray, np.ndarray]:

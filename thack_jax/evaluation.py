@@ -130,6 +130,17 @@ def check_no_overlap(prompts: np.ndarray, train_prompts: np.ndarray) -> None:
         )
 
 
+def metrics_of(estimates: dict[str, divergences.Estimate]) -> dict[str, float]:
+    """The metric lines of `Evaluator.evaluate` from `Evaluator.estimates`."""
+    metrics = {}
+    for key, est in estimates.items():
+        metrics[key] = est.value
+        metrics[f"{key}_stderr"] = est.stderr
+        metrics[f"{key}_per_token"] = est.per_token
+        metrics[f"{key}_per_token_stderr"] = est.per_token_stderr
+    return metrics
+
+
 class Evaluator:
     """Sequence-level proxy and golden divergences of a student on held-out prompts.
 
@@ -295,21 +306,22 @@ class Evaluator:
         '<prefix>/<div>_per_token_stderr'} for prefix in (proxy, golden) and div in
         (forward_kl, reverse_kl, js): nats per response (per token for `_per_token`).
         """
+        return metrics_of(self.estimates(student_params))
+
+    def estimates(self, student_params: dict) -> dict[str, divergences.Estimate]:
+        """'<prefix>/<div>' -> the full `divergences.Estimate` (with its per-prompt values
+        [num_prompts], which a bootstrap over prompts resamples; see `noise.py`)."""
         student = (self.student_config, self.place_params(self.student_config, student_params))
         # Common random numbers: the same key at every call (stream 2).
         student_samples = self._sample(*student, stream=2)
         sides = self._score(student, student_samples)
         ids = np.repeat(np.arange(self.num_prompts), self.num_samples)
-        metrics = {}
+        out = {}
         for prefix, role in REFERENCES.items():
             p_side, q_side = sides[role]  # y ~ reference, y ~ student
             for div, est in self._estimates(p_side, q_side, ids).items():
-                key = f"{prefix}/{div}"
-                metrics[key] = est.value
-                metrics[f"{key}_stderr"] = est.stderr
-                metrics[f"{key}_per_token"] = est.per_token
-                metrics[f"{key}_per_token_stderr"] = est.per_token_stderr
-        return metrics
+                out[f"{prefix}/{div}"] = est
+        return out
 
     def _estimates(self, p: _Side, q: _Side, ids) -> dict[str, divergences.Estimate]:
         """p: reference samples (a = reference, b = student); q: student samples (a = student)."""

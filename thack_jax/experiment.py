@@ -27,7 +27,16 @@ import time
 import jax
 import numpy as np
 
-from thack_jax import diagnostics, models, optim, partitioning, trainer
+from thack_jax import (
+    diagnostics,
+    evaluation,
+    models,
+    noise,
+    optim,
+    partitioning,
+    train_step,
+    trainer,
+)
 from thack_jax.data import regimes, synthetic
 from thack_jax.diagnostics import HackingGuard
 from thack_jax.evaluation import Evaluator
@@ -236,7 +245,7 @@ class Experiment:
             student_config=config,
             init_params=params,
             optimizer=opt,
-            step_config=trainer.StepConfig(objective="sft"),
+            step_config=train_step.StepConfig(objective="sft"),
             source=source,
             num_steps=tc.num_steps,
             mesh=self.mesh,
@@ -353,7 +362,13 @@ class Experiment:
                     update_guard(row["step"], row)
 
         def eval_fn(step, params):
-            metrics = evaluator.evaluate(params)
+            estimates = evaluator.estimates(params)
+            metrics = evaluation.metrics_of(estimates)
+            if jax.process_index() == 0:  # for a bootstrap of the evaluation noise (noise.py)
+                per_prompt = {key: est.per_prompt for key, est in estimates.items()}
+                noise.save_per_prompt(
+                    os.path.join(out, "train", noise.PER_PROMPT_DIR), step, per_prompt
+                )
             result = update_guard(step, metrics)
             if result is not None:
                 statistic = float(result.statistic)
@@ -379,7 +394,7 @@ class Experiment:
             student_config=student_config,
             init_params=student_params,
             optimizer=opt,
-            step_config=trainer.StepConfig(
+            step_config=train_step.StepConfig(
                 objective="distill",
                 loss=tc.loss,
                 temperature=tc.temperature,

@@ -1,0 +1,141 @@
+"""Evaluation noise of a run, measured by a bootstrap over prompts; its false-alarm rate.
+
+Every evaluation of a run scores the same held-out prompts with the same random numbers
+(common random numbers), so the evaluation error of one checkpoint is correlated with the
+next one's. The detector's false-alarm rates of docs/diagnostics.md assume independent
+noise. This module measures the real noise: the experiment saves, at each evaluation, the
+per-prompt values behind every metric (`save_per_prompt`); resampling the prompts (the same
+resample at every evaluation, as a new draw of the evaluation set would be) gives the
+joint distribution of the evaluation errors across evaluations (`bootstrap_log_cov`), and
+simulated pure power laws with that noise give the false-alarm rate the detector has on
+this run (`false_alarm_rate`).
+
+numpy only (no jax), like diagnostics.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+import re
+
+import numpy as np
+
+from thack_jax.diagnostics import DetectorConfig, verdict
+
+PER_PROMPT_DIR = "per_prompt"  # under a run's train/ directory
+_FILE = re.compile(r"step_(\d+)\.npz$")
+
+
+@dataclasses.dataclass(frozen=True)
+class NoiseSummary:
+    """sd [K]: std of log(metric) of each evaluation under a redraw of the prompts;
+    lag1_corr: mean correlation of consecutive evaluations' errors; false_alarm_rate: of the
+    detector on pure power laws with this noise (None when not simulated)."""
+
+    steps: np.ndarray
+    sd: np.ndarray
+    lag1_corr: float
+    false_alarm_rate: float | None
+
+
+def save_per_prompt(directory: str, step: int, per_prompt: dict[str, np.ndarray]) -> str:
+    """Writes `directory/step_<step>.npz` ({metric key: per-prompt values [P]}) atomically."""
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, f"step_{step:08d}.npz")
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, **{k: np.asarray(v, np.float64) for k, v in per_prompt.items()})
+    os.replace(tmp, path)
+    return path
+
+
+def load_per_prompt(directory: str, key: str, min_step: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(steps [K], values [K, P]) of `key` from the files of `save_per_prompt` at step >=
+    min_step. Raises ValueError naming the directory, the key or the file that is wrong."""
+    files = sorted(glob.glob(os.path.join(directory, "step_*.npz")))
+    if not files:
+        raise ValueError(f"no per-prompt evaluations (step_*.npz) in {directory}")
+    steps, rows = [], []
+    for path in files:
+        match = _FILE.search(path)
+        if match is None or int(match.group(1)) < min_step:
+            continue
+        with np.load(path, allow_pickle=False) as data:
+            if key not in data.files:
+                raise ValueError(f"{path} lacks {key!r}; it has {sorted(data.files)}")
+            rows.append(np.asarray(data[key], np.float64))
+        steps.append(int(match.group(1)))
+    if len(rows) < 2:
+        raise ValueError(f"{directory}: {len(rows)} evaluations at step >= {min_step}; need 2")
+    shapes = {r.shape for r in rows}
+    if len(shapes) != 1 or rows[0].ndim != 1:
+        raise ValueError(f"{directory}: per-prompt arrays of {key!r} differ in shape: {shapes}")
+    return np.array(steps), np.stack(rows)
+
+
+def bootstrap_log_cov(values: np.ndarray, n_boot: int = 2000, seed: int = 0) -> np.ndarray:
+    """Covariance [K, K] of log(mean over prompts) across evaluations under a redraw of the
+    prompts. values [K, P] > 0 in the mean: per-prompt values of K evaluations of P prompts."""
+    values = np.asarray(values, np.float64)
+    if values.ndim != 2 or values.shape[1] < 2:
+        raise ValueError(f"values has shape {values.shape}; want [evaluations, prompts >= 2]")
+    means = values.mean(axis=1)
+    if np.any(means <= 0):
+        bad = np.flatnonzero(means <= 0).tolist()
+        raise ValueError(f"evaluations {bad} have a non-positive mean; log-log needs > 0")
+    rng = np.random.default_rng(seed)
+    p = values.shape[1]
+    # One multinomial weight vector per replicate: the same prompts at every evaluation.
+    weights = rng.multinomial(p, np.full(p, 1.0 / p), size=n_boot) / p  # [B, P]
+    boot = weights @ values.T  # [B, K]
+    if np.any(boot <= 0):
+        raise ValueError("a bootstrap replicate has a non-positive mean; cannot take logs")
+    return np.cov(np.log(boot) - np.log(means), rowvar=False)
+
+
+def lag1_correlation(cov: np.ndarray) -> float:
+    """Mean correlation of consecutive evaluations' errors from a covariance [K, K]."""
+    sd = np.sqrt(np.diag(cov))
+    return float(np.mean(np.diag(cov, 1) / (sd[:-1] * sd[1:])))
+
+
+def false_alarm_rate(
+    steps,
+    cov: np.ndarray,
+    *,
+    n_curves: int = 1000,
+    b: float = 0.5,
+    config: DetectorConfig | None = None,
+    seed: int = 0,
+) -> float:
+    """Fraction of pure power laws `10 * steps**-b` with noise N(0, cov) on the log values
+    that the detector (without stderrs, as the experiment's guard) labels anything but
+    healthy. steps [K], cov [K, K]."""
+    steps = np.asarray(steps, np.float64)
+    config = config or DetectorConfig()
+    rng = np.random.default_rng(seed)
+    noise = rng.multivariate_normal(np.zeros(len(steps)), cov, size=n_curves, method="eigh")
+    clean = np.log(10.0) - b * np.log(steps)
+    labels = [verdict(steps, np.exp(clean + e), config=config).label for e in noise]
+    return float(np.mean(np.array(labels) != "healthy"))
+
+
+def summarize(
+    directory: str,
+    key: str = "proxy/forward_kl",
+    min_step: int = 1,
+    *,
+    n_boot: int = 2000,
+    n_curves: int = 1000,
+    seed: int = 0,
+    config: DetectorConfig | None = None,
+) -> NoiseSummary:
+    """The evaluation noise of `key` in a run's per-prompt directory and the detector's
+    false-alarm rate under it (n_curves=0: not simulated)."""
+    steps, values = load_per_prompt(directory, key, min_step)
+    cov = bootstrap_log_cov(values, n_boot, seed)
+    rate = None
+    if n_curves > 0:
+        rate = false_alarm_rate(steps, cov, n_curves=n_curves, config=config, seed=seed)
+    return NoiseSummary(steps, np.sqrt(np.diag(cov)), lag1_correlation(cov), rate)
