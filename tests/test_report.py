@@ -193,9 +193,12 @@ def test_report_tables_plots_and_findings(built):
     assert row[1:4] == ["offline N=64x1", "offline", "64 prompts x 1"]
     assert row[6] == f"{a['golden_min_step']}: {a['golden_min']:.4g} ± {GOLDEN_SE:.2g}"
     assert row[10:14] == ["yes", "teacher_hacking", str(a["flag_step"]), str(a["lag"])]
-    assert row[14:] == ["2.1 min", "`runs/offline/train/metrics.jsonl`"]
+    # The oracle-free rule keeps a checkpoint before the flag, near the golden minimum.
+    assert row[14] == f"{a['best_step']} ({a['best_golden_excess']:+.3g})"
+    assert a["best_step"] < a["flag_step"] and 0 <= a["best_golden_excess"] < a["golden_rise"]
+    assert row[15:] == ["2.1 min", "`runs/offline/train/metrics.jsonl`"]
     online = _row(text, "online_student")
-    assert online[10:15] == ["no", "healthy", "–", "–", "incomplete"]
+    assert online[10:14] == ["no", "healthy", "–", "–"] and online[15] == "incomplete"
     assert "| offline N=64x1 | offline, offline_s1 |" in text
     for k in range(1, 7):
         assert re.search(rf"^{k}\. \*\*.*\*\*: \*\*reproduced\*\*\.", text, re.M), k

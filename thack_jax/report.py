@@ -186,13 +186,17 @@ def analyse(run: Run, metric: str = "forward_kl") -> dict:
     except ValueError as e:
         return dict(out, u_shape=None, verdict="invalid", flag_step=None, lag=None, reason=str(e))
     d = v.details
+    flag, best = d["flag_step"], d.get("best_step")
+    # What the oracle-free rule would keep, judged by the oracle: golden there - its minimum.
+    excess = None if best is None else float(golden[np.flatnonzero(steps == best)[0]] - golden[i])
     return dict(
         out,
         u_shape=u.is_u,
         verdict=v.label,
-        flag_step=d["flag_step"],
-        lag=d.get("lag"),
-        best_step=d.get("best_step"),
+        flag_step=flag,
+        lag=None if flag is None else flag - out["golden_min_step"],
+        best_step=best,
+        best_golden_excess=excess,
         fit=d.get("fit"),
         reason=d.get("reason"),
     )

@@ -194,6 +194,12 @@ def _f5_completions(runs, labels, analyses, groups, stats):
     return ok == len(sets), text
 
 
+def _keep(a) -> str:
+    if a.get("best_step") is None:
+        return "n/a"
+    return f"{a['best_step']} ({a['best_golden_excess']:+.3g})"
+
+
 def _f6_detector(runs, labels, analyses, groups, stats):
     def flagged(regimes):
         idx = [i for i, r in enumerate(runs) if r.config["regime"] in regimes]
@@ -208,9 +214,13 @@ def _f6_detector(runs, labels, analyses, groups, stats):
         f"{labels[i]}: step {analyses[i]['flag_step']} (lag {_g(analyses[i]['lag'])})"
         for i in off_hit + on_hit
     )
+    lags = [analyses[i]["lag"] for i in off_hit]
+    median_lag = (
+        f" Median lag after the golden minimum: {_g(float(np.median(lags)))} steps." if lags else ""
+    )
     text = (
         f"Flagged: {len(off_hit)} of {len(off)} offline runs, {len(on_hit)} of {len(on)} "
-        f"online runs. {flags or 'No flags'}."
+        f"online runs.{median_lag} {flags or 'No flags'}."
     )
     return len(off_hit) == len(off) and not on_hit, text
 
@@ -288,8 +298,9 @@ def render(workdirs, out_dir, metric, runs, labels, analyses, groups, experiment
     lines += [
         "| run | group | regime | data | seed | evals (last step) | golden min: step, value "
         "| final golden | golden rise (se) | proxy at golden min -> final (se) | U shape "
-        "| verdict | flag step | lag | wall | metrics file |",
-        "|" + "---|" * 16,
+        "| verdict | flag step | lag | oracle-free keep: step (golden - min) | wall "
+        "| metrics file |",
+        "|" + "---|" * 17,
     ]
     group_of = {i: g.label for g in groups for i in g.members}
     for i, (run, label, a) in enumerate(zip(runs, labels, analyses, strict=True)):
@@ -302,7 +313,7 @@ def render(workdirs, out_dir, metric, runs, labels, analyses, groups, experiment
             f"| {_pm(a['final_golden'], a['final_golden_stderr'])} | {a['golden_rise_z']:.1f} "
             f"| {_g(a['proxy_at_golden_min'])} -> {_g(a['final_proxy'])} "
             f"({a['proxy_change_z']:+.1f}) | {u} | {verdict} | {_g(a['flag_step'])} "
-            f"| {_g(a['lag'])} | {_wall(run.wall_seconds)} "
+            f"| {_g(a['lag'])} | {_keep(a)} | {_wall(run.wall_seconds)} "
             f"| `{os.path.relpath(run.metrics_path, out_dir)}` |"
         )
     lines += ["", "## Groups (runs that differ only in seed)", ""]
@@ -341,7 +352,10 @@ NOTES = [
     "ends below its value at the golden minimum (`diagnostics.detect_u_shape`). Proxy change "
     "(se) = (final - at golden min) / its combined stderr.",
     "- Verdict, flag step and lag (flag step - golden minimum step) come from "
-    "`diagnostics.verdict` on the proxy alone with the default detector (docs/diagnostics.md).",
+    "`diagnostics.verdict` on the proxy alone with the default detector, fed what the run's "
+    "guard was fed (from the end of warmup, no stderrs; docs/diagnostics.md). Oracle-free "
+    "keep = the checkpoint the oracle-free rule keeps (section 6 there) and how much worse "
+    "its golden is than the golden minimum (nats).",
     "- Plots: a group of >= 2 seeds is the mean over seeds with a min-max band (on the steps "
     "every seed evaluated), faint lines are single seeds; a single run has a +- stderr band.",
     "- Findings compare group means over seeds; 'not run' means these runs cannot decide it.",
