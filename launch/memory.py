@@ -11,7 +11,7 @@ an estimate, not a measurement. Which devices fit: the total within 90% of the n
 memory (`memory.DEVICES`).
 
 Stages of an experiment (as `thack_jax.experiment` runs them):
-  * oracle data / offline data: `regimes.build_offline_store` samples chunks of 256 prompts
+  * oracle data / offline data: `generation.build_offline_store` samples chunks of 256 prompts
     on ONE device (it is called without a mesh), so these rows use `--sampling_mesh`
     (default data=1) whatever the training mesh.
   * teacher / student SFT: train steps on the mesh.

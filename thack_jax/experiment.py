@@ -37,7 +37,8 @@ from thack_jax import (
     train_step,
     trainer,
 )
-from thack_jax.data import regimes, synthetic
+from thack_jax.data import generation, regimes, synthetic
+from thack_jax.data.offline_store import OfflineStore
 from thack_jax.diagnostics import HackingGuard
 from thack_jax.evaluation import Evaluator
 from thack_jax.experiment_config import ExperimentConfig, RunConfig, TrainConfig, diff, to_json
@@ -191,7 +192,7 @@ class Experiment:
             return
         config, params = self.load_model("oracle")
         prompts = self.prompts("train", cfg.oracle_data_prompts, cfg.seed)
-        regimes.build_offline_store(
+        generation.build_offline_store(
             out,
             generating_model="oracle",
             config=config,
@@ -234,7 +235,7 @@ class Experiment:
             params = self._load_checkpoint(spec, config)
         else:
             params = models.init_params(config, jax.random.key(spec.init_seed))
-        store = regimes.OfflineStore.open(self.path("oracle_data"))
+        store = OfflineStore.open(self.path("oracle_data"))
         n = limit or store.inputs.shape[0]
         source = trainer.ArraySource(
             np.asarray(store.inputs[:n]), np.asarray(store.targets[:n]), tc.batch_size, tc.seed
@@ -295,7 +296,7 @@ class Experiment:
         store = None
         if run.regime in ("offline", "mixed"):
             prompts = self.prompts("train", run.num_prompts, cfg.seed + 1000 + run.seed)
-            store = regimes.build_offline_store(
+            store = generation.build_offline_store(
                 self.path("runs", run.name, "offline_data"),
                 generating_model="teacher",
                 config=teacher[0],

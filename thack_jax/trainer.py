@@ -3,7 +3,7 @@
 `train` resumes from the newest good checkpoint, writes one metrics line per step,
 evaluates, runs stop hooks, saves periodically and on SIGTERM, and refuses to go on (or
 save) after a non-finite loss. Batches come from a `BatchSource` (`ArraySource` here, the
-distillation regimes in data/regimes.py).
+distillation regimes of data/, built by `regimes.make_source`).
 """
 
 from __future__ import annotations

@@ -1,0 +1,262 @@
+"""Model completions for the data regimes: sampled per step by `OnlineSource` (the online
+regimes) or once into an offline store by `build_offline_store` (numpy + jax, no TensorFlow).
+
+Both call the jitted sampler the same way: under the logical axis rules of `partitioning`
+when given a mesh, with the rows padded by copies of the first prompt to a multiple of the
+data-parallel size (a row's sampling key depends only on its index, so padding never
+changes the kept rows), and with a key folded from the step (online) or the chunk index
+(offline), so that resumed data equals uninterrupted data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from thack_jax import partitioning, sampling
+from thack_jax.data.offline_store import OfflineSpec, OfflineStore, prompts_checksum
+from thack_jax.data.row_streams import PromptPool, check_batch_size, to_host
+
+ROLES = ("teacher", "student")
+
+
+# ----------------------------------------------------------------------------- sampler calls
+
+
+def _sampling_context(mesh):
+    if mesh is None:
+        return contextlib.nullcontext()
+    return nn.logical_axis_rules(partitioning.flax_axis_rules(mesh))
+
+
+def _pad_rows(prompts: np.ndarray, multiple: int, at_least: int = 0) -> np.ndarray:
+    """Pads prompts [n, Lx] with copies of row 0 to at least `at_least` rows, rounded up to
+    a multiple of `multiple`. The sampler's key of a row depends only on the row's index, so
+    the first n rows' samples are the same with or without padding."""
+    extra = max(at_least, len(prompts))
+    extra = extra + (-extra % multiple) - len(prompts)
+    return np.concatenate([prompts, np.repeat(prompts[:1], extra, axis=0)]) if extra else prompts
+
+
+# ----------------------------------------------------------------------------- online
+
+
+class OnlineSource:
+    """Fresh samples every step: {'inputs' [B, Lx] numpy, 'targets' [B, Ly] jax int32,
+    and with `provide_teacher_logprobs` 'teacher_logprobs' [B, Ly, V] jax float32}.
+
+    role='teacher' samples from `params` (the teacher's); role='student' needs params=None
+    and samples with the `student_params` given to `next_batch` (the student's current
+    params; the trainer calls `next_batch` before the step, with that step's params).
+    Step t samples with key `fold_in(key(seed), t)`; the only state is the prompt pool's.
+    `provide_teacher_logprobs` (teacher role, temperature 1 only) returns the sampler's
+    log_softmax over the vocabulary, which equals `scoring.score` of the samples on the
+    response positions (after EOS they are 0; the trainer masks pads).
+    With a mesh, the logical axis rules of `partitioning` are activated around the sampler
+    and the rows are padded to a multiple of the data-parallel size.
+    """
+
+    def __init__(
+        self,
+        role,
+        prompts: PromptPool,
+        config,
+        params,
+        max_decode_len: int,
+        seed: int,
+        temperature: float = 1.0,
+        provide_teacher_logprobs: bool = False,
+        mesh=None,
+    ):
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        if role == "teacher" and params is None:
+            raise ValueError("role='teacher' needs the teacher's params")
+        if role == "student" and params is not None:
+            raise ValueError(
+                "role='student' takes params=None: it samples with the "
+                "student_params passed to next_batch (the current ones)"
+            )
+        if provide_teacher_logprobs and (role != "teacher" or temperature != 1):
+            raise ValueError(
+                "provide_teacher_logprobs needs role='teacher' and temperature 1 (the sampler's "
+                f"log-probs are then the teacher's own); got role={role!r}, "
+                f"temperature={temperature!r}"
+            )
+        sampling.validate_sample_args(
+            config,
+            (prompts.batch_size, prompts.prompts.shape[1]),
+            num_samples=1,
+            max_decode_len=max_decode_len,
+            temperature=temperature,
+            top_k=0,
+            top_p=1.0,
+        )
+        self.role, self.prompts, self.config, self.params = role, prompts, config, params
+        self.max_decode_len, self.seed, self.temperature = (
+            int(max_decode_len),
+            int(seed),
+            temperature,
+        )
+        self.provide_teacher_logprobs, self.mesh = bool(provide_teacher_logprobs), mesh
+        if mesh is None and jax.process_count() > 1:
+            raise ValueError("online sampling with several processes needs a mesh")
+        self._multiple = 1 if mesh is None else partitioning.data_parallel_size(mesh)
+
+    def _global(self, rows: np.ndarray):
+        """Host rows [n, ...] (the same on every process) -> a batch-sharded global array."""
+        if self.mesh is None:
+            return rows
+        sharding = partitioning.batch_sharding(self.mesh, rows.ndim)
+        return jax.make_array_from_callback(rows.shape, sharding, lambda index: rows[index])
+
+    @property
+    def batch_size(self) -> int:
+        return self.prompts.batch_size
+
+    def sample_rows(self, step: int, student_params, num_rows: int, pad_to: int = 0) -> dict:
+        """Samples one response for each of the next `num_rows` prompts, with step's key.
+
+        pad_to: sample at least this many rows (extra ones discarded), so that varying
+        num_rows <= pad_to reuse one compiled sampler.
+        Returns {'inputs' [n, Lx] numpy (the same on every process), 'targets' [n, Ly] and
+        maybe 'teacher_logprobs' [n, Ly, V] as (global) jax arrays}.
+        """
+        params = self.params if self.role == "teacher" else student_params
+        if params is None:
+            raise ValueError(
+                "the online student source samples with the student's current "
+                "params: pass them as next_batch(step, student_params)"
+            )
+        prompts = self.prompts.next_rows(num_rows)
+        rng = jax.random.fold_in(jax.random.key(self.seed), int(step))
+        with _sampling_context(self.mesh):
+            out = sampling.sample(
+                self.config,
+                params,
+                self._global(_pad_rows(prompts, self._multiple, pad_to)),
+                rng,
+                num_samples=1,
+                max_decode_len=self.max_decode_len,
+                temperature=self.temperature,
+                return_full_logprobs=self.provide_teacher_logprobs,
+                mesh=self.mesh,
+            )
+        cut = (lambda x: x) if len(out.tokens) == num_rows else (lambda x: x[:num_rows])
+        batch = {"inputs": prompts, "targets": cut(out.tokens)}
+        if self.provide_teacher_logprobs:
+            batch["teacher_logprobs"] = cut(out.full_logprobs)
+        return batch
+
+    def next_batch(self, step: int, student_params=None) -> dict:
+        """Under a mesh all arrays are global jax arrays (rows over the data axes)."""
+        batch = self.sample_rows(step, student_params, self.batch_size)
+        return {**batch, "inputs": self._global(batch["inputs"])}
+
+    def state_dict(self) -> dict:
+        return {"prompts": self.prompts.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.prompts.load_state_dict(state["prompts"])
+
+
+# ----------------------------------------------------------------------------- offline data
+
+
+def params_fingerprint(params) -> str:
+    """sha256 (hex) over the parameter leaves in tree order: path, shape, dtype and bytes."""
+    h = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        arr = np.ascontiguousarray(to_host(leaf))
+        h.update(f"{jax.tree_util.keystr(path)}|{arr.shape}|{arr.dtype.name}|".encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+def build_offline_store(
+    directory: str,
+    *,
+    generating_model: str,
+    config,
+    params,
+    prompts: np.ndarray,
+    completions_per_prompt: int,
+    max_decode_len: int,
+    seed: int,
+    vocab_fingerprint: str,
+    chunk_size: int = 256,
+    temperature: float = 1.0,
+    progress=True,
+    mesh=None,
+) -> OfflineStore:
+    """Generates (or resumes, or reopens) the offline dataset of `prompts` [N, Lx].
+
+    Completions: c = completions_per_prompt samples per prompt, prompt-major, targets
+    [N*c, max_decode_len]. Chunk k (chunk_size prompts) is sampled with key
+    `fold_in(key(seed), k)`, so a resumed generation gives the same arrays as an
+    uninterrupted one (with the same chunk_size; another one is refused).
+    The spec's `generating_model` is '<generating_model>|params=<params_fingerprint>|T=<t>',
+    so a store made by other parameters or at another temperature is refused
+    (`StoreMismatchError`) instead of being reused.
+    progress: True prints chunks/s and ETA at most every 10 s, False is silent, or a
+    callable receiving {'chunk', 'num_chunks', 'chunks_per_s', 'eta_s'}.
+    Run it in one process: the store's files have a single writer.
+    """
+    prompts = np.asarray(prompts)
+    if prompts.ndim != 2 or not np.issubdtype(prompts.dtype, np.integer):
+        raise ValueError(f"prompts must be integer [N, Lx], got {prompts.dtype} {prompts.shape}")
+    prompts = prompts.astype(np.int32)
+    chunk = min(check_batch_size(chunk_size), len(prompts))
+    sampling.validate_sample_args(
+        config,
+        (chunk, prompts.shape[1]),
+        num_samples=completions_per_prompt,
+        max_decode_len=max_decode_len,
+        temperature=temperature,
+        top_k=0,
+        top_p=1.0,
+    )
+    spec = OfflineSpec(
+        num_prompts=len(prompts),
+        completions_per_prompt=completions_per_prompt,
+        max_input_length=prompts.shape[1],
+        max_target_length=max_decode_len,
+        vocab_fingerprint=vocab_fingerprint,
+        generating_model=f"{generating_model}|params={params_fingerprint(params)}|T={temperature:g}",
+        seed=int(seed),
+        prompts_checksum=prompts_checksum(prompts),
+    )
+    store = OfflineStore.create_or_open(directory, spec, prompts)
+    if store.is_complete:
+        return store
+    multiple = math.lcm(chunk, 1 if mesh is None else partitioning.data_parallel_size(mesh))
+
+    def generate(chunk_prompts: np.ndarray, chunk_index: int) -> np.ndarray:
+        # The short last chunk is padded to the full chunk shape: one compiled sampler.
+        rng = jax.random.fold_in(jax.random.key(int(seed)), chunk_index)
+        with _sampling_context(mesh):
+            out = sampling.sample(
+                config,
+                params,
+                _pad_rows(chunk_prompts, multiple),
+                rng,
+                num_samples=completions_per_prompt,
+                max_decode_len=max_decode_len,
+                temperature=temperature,
+                mesh=mesh,
+            )
+        return to_host(out.tokens)[: len(chunk_prompts) * completions_per_prompt]
+
+    if progress is True:
+        callback = None  # the store's default: a line with chunks/s and ETA every 10 s
+    elif progress is False or progress is None:
+        callback = lambda _: None
+    else:
+        callback = progress
+    store.fill(generate, chunk, progress=callback)
+    return store
