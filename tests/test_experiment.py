@@ -1,49 +1,16 @@
-"""End to end: every stage and every regime for a few steps; caching; mismatch refusal."""
+"""End to end: every stage and every regime for a few steps; caching; mismatch refusal; the
+guard of a distillation run."""
 
 import json
 import os
 
 import numpy as np
 import pytest
+from _experiment_common import tiny_config
 
 from thack_jax import divergences, experiment, noise
-from thack_jax.experiment_config import (
-    EvalConfig,
-    ExperimentConfig,
-    ModelSpec,
-    RunConfig,
-    TrainConfig,
-)
+from thack_jax.experiment_config import EvalConfig, RunConfig, TrainConfig
 from thack_jax.metrics_io import read_metrics
-
-TINY = {"vocab_size": 64, "d_model": 16, "d_kv": 8, "num_heads": 2, "d_ff": 32}
-
-
-def tiny_config(**overrides) -> ExperimentConfig:
-    sft = TrainConfig(num_steps=4, batch_size=8, learning_rate=1e-3, warmup_steps=1)
-    base = dict(
-        name="test",
-        max_input_length=12,
-        max_target_length=6,
-        oracle=ModelSpec(overrides=TINY, init_seed=0),
-        teacher=ModelSpec(overrides=TINY, init_seed=1),
-        student=ModelSpec(overrides=TINY, init_seed=2),
-        oracle_logit_scale=3.0,
-        teacher_logit_scale=1.5,
-        oracle_data_prompts=64,
-        teacher_sft=sft,
-        student_sft=sft,
-        distill=TrainConfig(num_steps=6, batch_size=8, warmup_steps=1, checkpoint_every=3),
-        distill_prompt_pool=64,
-        runs=(
-            RunConfig(name="offline", regime="offline", num_prompts=16),
-            RunConfig(name="online_teacher", regime="online_teacher"),
-            RunConfig(name="online_student", regime="online_student"),
-            RunConfig(name="mixed", regime="mixed", num_prompts=16, online_fraction=0.25),
-        ),
-        evaluation=EvalConfig(num_prompts=8, num_samples=2, every=3, batch_size=8),
-    )
-    return ExperimentConfig(**{**base, **overrides})
 
 
 @pytest.mark.slow
