@@ -12,8 +12,8 @@ memory (`memory.DEVICES`).
 
 Stages of an experiment (as `thack_jax.experiment` runs them):
   * oracle data / offline data: `generation.build_offline_store` samples chunks of 256 prompts
-    on ONE device (it is called without a mesh), so these rows use `--sampling_mesh`
-    (default data=1) whatever the training mesh.
+    split over the mesh's data axis (`stages.py` passes the mesh); these rows use
+    `--sampling_mesh` (default data=1, the worst case: one device holds the whole chunk).
   * teacher / student SFT: train steps on the mesh.
   * distill/<regime>: the student's train step with the frozen teacher, the sampler for
     online regimes, plus the evaluator's oracle and teacher parameters, which stay placed
