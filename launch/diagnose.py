@@ -24,7 +24,7 @@ from absl import app, flags
 # Launch scripts run from a checkout without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from thack_jax import diagnostics, diagnostics_sim, noise, plots  # noqa: E402
+from thack_jax import diagnostics, diagnostics_sim, guard, noise, plots  # noqa: E402
 
 AUTO = "auto"
 FLAGS = flags.FLAGS
@@ -202,7 +202,7 @@ def min_step(path: str) -> int:
     parents = Path(path).resolve().parents
     if len(parents) < 2:
         return 1
-    settings = diagnostics.load_guard_settings(str(parents[1] / diagnostics.GUARD_FILE))
+    settings = guard.load_guard_settings(str(parents[1] / guard.GUARD_FILE))
     return 1 if settings is None else settings["min_step"]
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from thack_jax import diagnostics as d
+from thack_jax import guard as g
 from thack_jax.diagnostics_sim import simulate_curve
 
 SCRIPT = Path(__file__).resolve().parents[1] / "launch" / "diagnose.py"
@@ -88,17 +89,17 @@ def test_min_step_auto_reads_the_guard_settings(tmp_path):
     run = tmp_path / "runs" / "offline"
     (run / "train").mkdir(parents=True)
     _write_jsonl(run / "train" / "metrics.jsonl", steps, proxy, proxy_se)
-    settings = d.guard_settings(1000, "proxy/forward_kl", d.DetectorConfig())
-    (run / d.GUARD_FILE).write_text(json.dumps(settings))
+    settings = g.guard_settings(1000, "proxy/forward_kl", d.DetectorConfig())
+    (run / g.GUARD_FILE).write_text(json.dumps(settings))
     result = _run(f"--metrics={run / 'train' / 'metrics.jsonl'}")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "31 evaluations of proxy/forward_kl, steps 1000..4000" in result.stdout
     result = _run(f"--metrics={run / 'train' / 'metrics.jsonl'}", "--min_step=1")
     assert "40 evaluations of proxy/forward_kl, steps 100..4000" in result.stdout
-    (run / d.GUARD_FILE).write_text(json.dumps({"min_step": 0}))
+    (run / g.GUARD_FILE).write_text(json.dumps({"min_step": 0}))
     result = _run(f"--metrics={run / 'train' / 'metrics.jsonl'}")
     assert result.returncode == 1
-    assert f"{run / d.GUARD_FILE}: 'min_step' is 0, expected an integer >= 1" in result.stderr
+    assert f"{run / g.GUARD_FILE}: 'min_step' is 0, expected an integer >= 1" in result.stderr
 
 
 def test_csv_healthy(tmp_path):

@@ -1,8 +1,5 @@
 """Tests of thack_jax.diagnostics on synthetic curves (numpy only, seconds)."""
 
-import json
-import logging
-
 import numpy as np
 import pytest
 
@@ -139,49 +136,6 @@ def test_u_shape_and_verdict_details():
     assert d.detect_u_shape(steps, proxy, golden).is_u
 
 
-def test_guard_matches_offline_detector_and_round_trips(caplog):
-    steps, values, stderrs = _curve("flatten", seed=7)
-    offline = d.detect_deviation(steps, values, stderrs)
-    guard = d.HackingGuard(mode="warn")
-    results = []
-    with caplog.at_level(logging.WARNING, logger="thack_jax.diagnostics"):
-        for step, value, se in zip(steps, values, stderrs, strict=True):
-            results.append(guard.update(step, value, se))
-            if step == steps[19]:  # checkpoint the guard mid-run, JSON like the trainer would
-                saved = json.dumps(guard.state_dict())
-    np.testing.assert_allclose([r.statistic for r in results], offline.statistic)
-    fired = [r.fired for r in results]
-    assert fired.index(True) == list(steps).index(offline.step)
-    assert not any(r.should_stop for r in results)  # 'warn' never stops
-    assert len([r for r in caplog.records if "deviates" in r.getMessage()]) == 1
-    assert results[-1].best_step == d.best_step_oracle_free(steps, values, stderrs)
-
-    restored = d.HackingGuard(mode="stop")
-    restored.load_state_dict(json.loads(saved))
-    resumed = [
-        restored.update(*row) for row in zip(steps[20:], values[20:], stderrs[20:], strict=True)
-    ]
-    np.testing.assert_allclose([r.statistic for r in resumed], offline.statistic[20:])
-    assert [r.should_stop for r in resumed] == fired[20:]
-
-
-def test_guard_rejects_bad_updates():
-    with pytest.raises(ValueError, match="mode='halt'"):
-        d.HackingGuard(mode="halt")
-    guard = d.HackingGuard()
-    guard.update(100, 1.0, 0.01)
-    with pytest.raises(ValueError, match="every update or at none"):
-        guard.update(200, 0.9)
-    with pytest.raises(ValueError, match="strictly increasing"):
-        guard.update(100, 0.9, 0.01)
-    with pytest.raises(ValueError, match="index 1, step 200, value -0.5"):
-        guard.update(200, -0.5, 0.01)
-    assert guard.state_dict() == {"steps": [100], "proxy": [1.0], "proxy_stderr": [0.01]}
-    assert guard.update(200, 0.9, 0.01).best_step == 200  # still usable after the errors
-    with pytest.raises(ValueError, match="lacks"):
-        guard.load_state_dict({"steps": []})
-
-
 # Proxy forward KL (nats) of a probe of the default experiment (launch/train.py, default.gin
 # with 40 log-spaced evaluations), from the end of warmup (step 50) on. Offline: golden was
 # lowest at step 109 and rose after; online teacher: golden fell throughout.
@@ -211,11 +165,6 @@ def test_fully_correlated_window_can_fire():
     detection = d.detect_deviation(steps, values, config=d.DetectorConfig(min_points=8))
     assert d.RESIDUAL_CLIP > d.DetectorConfig.threshold
     assert detection.fired and np.nanmax(detection.statistic) > d.DetectorConfig.threshold
-
-
-def test_fit_start_step():
-    assert d.fit_start_step(0) == 1
-    assert d.fit_start_step(50) == 50
 
 
 def test_noise_free_curves_without_stderrs():

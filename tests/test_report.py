@@ -13,7 +13,7 @@ import re
 import numpy as np
 import pytest
 
-from thack_jax import diagnostics, report
+from thack_jax import diagnostics, guard, report
 from thack_jax.diagnostics_sim import simulate_curve
 
 EXPERIMENT = {
@@ -294,14 +294,12 @@ def test_verdict_sees_what_the_guard_saw(built):
     """The oracle-free verdict uses the evaluations from the end of the distillation warmup
     on, without stderrs (as experiment.py's guard does)."""
     run = next(r for r in report.load_runs([built[0]]) if r.name == "offline")
-    settings_path = os.path.join(built[0], "runs", "offline", diagnostics.GUARD_FILE)
+    settings_path = os.path.join(built[0], "runs", "offline", guard.GUARD_FILE)
     # No settings file: every evaluation after step 0, without stderrs.
     every = diagnostics.verdict(run.steps[1:], run.metrics["proxy/forward_kl"][1:])
     assert report.analyse(run)["flag_step"] == every.details["flag_step"] is not None
     with open(settings_path, "w") as f:
-        json.dump(
-            diagnostics.guard_settings(1200, "proxy/forward_kl", diagnostics.DetectorConfig()), f
-        )
+        json.dump(guard.guard_settings(1200, "proxy/forward_kl", diagnostics.DetectorConfig()), f)
     a = report.analyse(run)
     keep = run.steps >= 1200
     expected = diagnostics.verdict(run.steps[keep], run.metrics["proxy/forward_kl"][keep])

@@ -31,7 +31,7 @@ import sys
 
 import numpy as np
 
-from thack_jax import diagnostics, plots, report_text
+from thack_jax import diagnostics, guard, plots, report_text
 from thack_jax.metrics_io import METRICS_FILE, read_metrics
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "js")
@@ -121,9 +121,9 @@ def _z(value: float, se: float) -> float:
 
 def _guard_min_step(run: Run) -> int:
     """First step the run's guard was fed (its guard_settings.json; 1 when absent)."""
-    path = os.path.join(os.path.dirname(os.path.dirname(run.metrics_path)), diagnostics.GUARD_FILE)
+    path = os.path.join(os.path.dirname(os.path.dirname(run.metrics_path)), guard.GUARD_FILE)
     try:
-        settings = diagnostics.load_guard_settings(path)
+        settings = guard.load_guard_settings(path)
     except ValueError as e:
         raise ReportError(str(e)) from None
     return 1 if settings is None else settings["min_step"]

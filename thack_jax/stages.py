@@ -19,7 +19,6 @@ import jax
 import numpy as np
 
 from thack_jax import (
-    diagnostics,
     evaluation,
     models,
     noise,
@@ -29,9 +28,9 @@ from thack_jax import (
 )
 from thack_jax.data import generation, regimes, synthetic
 from thack_jax.data.offline_store import OfflineStore
-from thack_jax.diagnostics import HackingGuard
 from thack_jax.evaluation import Evaluator
 from thack_jax.experiment_config import ExperimentConfig, ModelSpec, RunConfig, TrainConfig
+from thack_jax.guard import GUARD_FILE, HackingGuard, fit_start_step, guard_settings
 from thack_jax.metrics_io import read_metrics
 from thack_jax.models import hf
 
@@ -228,10 +227,10 @@ def write_guard_settings(ctx: StageContext, run_dir: str) -> None:
     """<run_dir>/guard_settings.json: what the run's guard is fed (read by the report and
     launch/diagnose.py, so it is written even for a finished run)."""
     guard = HackingGuard(mode=ctx.cfg.guard_mode)
-    first_step = diagnostics.fit_start_step(ctx.cfg.distill.warmup_steps)
+    first_step = fit_start_step(ctx.cfg.distill.warmup_steps)
     os.makedirs(run_dir, exist_ok=True)
-    settings = diagnostics.guard_settings(first_step, GUARD_KEY, guard.config)
-    write_json(os.path.join(run_dir, diagnostics.GUARD_FILE), settings)
+    settings = guard_settings(first_step, GUARD_KEY, guard.config)
+    write_json(os.path.join(run_dir, GUARD_FILE), settings)
 
 
 def distill_source(ctx: StageContext, run: RunConfig, teacher, student_config):
@@ -279,7 +278,7 @@ def distill(ctx: StageContext, run: RunConfig, evaluator: Evaluator) -> float:
     out = ctx.path("runs", run.name)
     metrics_path = os.path.join(out, "train", "metrics.jsonl")
     guard = HackingGuard(mode=cfg.guard_mode)
-    first_step = diagnostics.fit_start_step(tc.warmup_steps)
+    first_step = fit_start_step(tc.warmup_steps)
     teacher = ctx.load_model("teacher")
     student_config, student_params = ctx.load_model("student_init")
     last = {}
