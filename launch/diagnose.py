@@ -58,6 +58,14 @@ flags.DEFINE_string("plot", "", "Write the curves to this PNG.")
 flags.DEFINE_float("threshold", diagnostics.DetectorConfig.threshold, "Detector threshold.")
 flags.DEFINE_integer("patience", diagnostics.DetectorConfig.patience, "Detector patience.")
 flags.DEFINE_integer("min_points", diagnostics.DetectorConfig.min_points, "Detector min_points.")
+flags.DEFINE_string(
+    "per_prompt",
+    AUTO,
+    "Per-prompt values of every evaluation (a directory of step_*.npz, as the experiment "
+    "writes to <run>/train/per_prompt/): the detector then uses the covariance of their "
+    "errors across evaluations as its noise (docs/diagnostics.md, section 2); 'auto' = that "
+    "directory next to the metrics file when present; '' = off.",
+)
 flags.DEFINE_bool(
     "noise",
     False,
@@ -215,19 +223,21 @@ def diagnose(path: str) -> None:
             f"{path}: only {len(steps)} evaluations with {keys['proxy']!r} at step >= "
             f"{first_step}; the detector needs at least {FLAGS.min_points} (--min_points)"
         )
+    cov, noise_source = per_prompt_cov(path, keys["proxy"], steps)
     result = diagnostics.verdict(
         steps,
         curves["proxy"],
-        curves.get("proxy_stderr"),
+        None if cov is not None else curves.get("proxy_stderr"),
         curves.get("golden"),
         curves.get("golden_stderr"),
         detector_config(),
+        noise_cov=cov,
     )
     d = result.details
     fit = d["fit"]
     print(
         f"metrics: {path}: {len(steps)} evaluations of {keys['proxy']}, steps "
-        f"{steps[0]:g}..{steps[-1]:g}, stderr: {keys.get('proxy_stderr', 'none (estimated)')}"
+        f"{steps[0]:g}..{steps[-1]:g}, noise: {noise_source}"
     )
     print(f"verdict: {result.label}" + (f" ({d['reason']})" if "reason" in d else ""))
     flag = "none" if d["flag_step"] is None else f"{d['flag_step']:g}"
@@ -261,6 +271,28 @@ def diagnose(path: str) -> None:
         print(f"plot: {FLAGS.plot}")
 
 
+def per_prompt_cov(path: str, key: str, steps) -> tuple[np.ndarray | None, str]:
+    """(noise covariance or None, where the noise comes from), per --per_prompt."""
+    if FLAGS.per_prompt == "":
+        return None, _scatter_or_stderr()
+    directory = Path(path).parent / noise.PER_PROMPT_DIR
+    if FLAGS.per_prompt != AUTO:
+        directory = Path(FLAGS.per_prompt)
+    elif not directory.is_dir():
+        return None, _scatter_or_stderr()
+    saved, values = noise.load_per_prompt(str(directory), key, int(steps[0]))
+    if saved.tolist() != [int(s) for s in steps]:
+        missing = sorted(set(int(s) for s in steps) - set(saved.tolist()))
+        raise DiagnoseError(f"{directory}: per-prompt values of {key} missing for steps {missing}")
+    return noise.log_mean_cov(values), f"covariance of the per-prompt values in {directory}"
+
+
+def _scatter_or_stderr() -> str:
+    if FLAGS.stderr_key:
+        return f"stderrs ({FLAGS.stderr_key})"
+    return "estimated from the scatter"
+
+
 def report_noise(path: str, key: str, first_step: int) -> None:
     directory = Path(path).parent / noise.PER_PROMPT_DIR
     summary = noise.summarize(str(directory), key, first_step, config=detector_config())
@@ -270,8 +302,9 @@ def report_noise(path: str, key: str, first_step: int) -> None:
         f"{summary.sd.max():.3g}), lag-1 correlation {summary.lag1_corr:.3f}"
     )
     print(
-        f"false-alarm rate on pure power laws with this noise: {summary.false_alarm_rate:.1%} "
-        "(1000 curves, no stderrs)"
+        "false-alarm rate on pure power laws with this noise (1000 curves): "
+        f"{summary.false_alarm_rate:.1%} with its covariance (the default), "
+        f"{summary.false_alarm_rate_scatter:.1%} estimating it from the scatter"
     )
 
 

@@ -69,7 +69,8 @@ def test_jsonl_teacher_hacking_with_golden_and_plot(tmp_path):
     # By default the stderrs are not used (this package's evaluations share their prompts).
     expected = d.verdict(steps, proxy, None, golden, np.full(40, 0.005))
     out = result.stdout
-    assert "40 evaluations of proxy/forward_kl" in out and "stderr: none (estimated)" in out
+    assert "40 evaluations of proxy/forward_kl" in out
+    assert "noise: estimated from the scatter" in out
     assert "verdict: teacher_hacking" in out
     assert f"flag step: {expected.details['flag_step']} " in out
     assert f"best step (oracle-free): {expected.details['best_step']}\n" in out
@@ -80,7 +81,7 @@ def test_jsonl_teacher_hacking_with_golden_and_plot(tmp_path):
     # --stderr_key=auto weights the fit by <proxy_key>_stderr.
     result = _run(f"--metrics={metrics}", "--stderr_key=auto")
     expected = d.verdict(steps, proxy, proxy_se, golden, np.full(40, 0.005))
-    assert "stderr: proxy/forward_kl_stderr" in result.stdout
+    assert "noise: stderrs (auto)" in result.stdout
     assert f"flag step: {expected.details['flag_step']} " in result.stdout
 
 
@@ -115,7 +116,8 @@ def test_csv_healthy(tmp_path):
     assert "step^-0.5" in result.stdout  # the fitted exponent
     # Without the stderr column the noise is estimated from the residuals.
     result = _run(f"--metrics={path}", "--proxy_key=proxy")
-    assert "stderr: none (estimated)" in result.stdout and "verdict: healthy" in result.stdout
+    assert "noise: estimated from the scatter" in result.stdout
+    assert "verdict: healthy" in result.stdout
 
 
 @pytest.mark.parametrize(
@@ -180,7 +182,11 @@ def test_noise_from_per_prompt_values(tmp_path):
     assert "evaluation noise (40 evaluations, bootstrap over prompts)" in result.stdout
     corr = float(result.stdout.split("lag-1 correlation ")[1].split()[0])
     assert corr > 0.9
-    assert "false-alarm rate on pure power laws with this noise:" in result.stdout
+    assert "noise: covariance of the per-prompt values in" in result.stdout
+    assert "false-alarm rate on pure power laws with this noise (1000 curves):" in result.stdout
+    # --per_prompt='' falls back to the scatter.
+    result = _run(f"--metrics={train / 'metrics.jsonl'}", "--per_prompt=")
+    assert "noise: estimated from the scatter" in result.stdout
     (tmp_path / "bare").mkdir()
     _write_jsonl(tmp_path / "bare" / "metrics.jsonl", steps, proxy, proxy_se)
     result = _run(f"--metrics={tmp_path / 'bare' / 'metrics.jsonl'}", "--noise")

@@ -52,7 +52,12 @@ def test_guard_rejects_bad_updates():
         guard.update(100, 0.9, 0.01)
     with pytest.raises(ValueError, match="index 1, step 200, value -0.5"):
         guard.update(200, -0.5, 0.01)
-    assert guard.state_dict() == {"steps": [100], "proxy": [1.0], "proxy_stderr": [0.01]}
+    assert guard.state_dict() == {
+        "steps": [100],
+        "proxy": [1.0],
+        "proxy_stderr": [0.01],
+        "per_prompt": [],
+    }
     assert guard.update(200, 0.9, 0.01).best_step == 200  # still usable after the errors
     with pytest.raises(ValueError, match="lacks"):
         guard.load_state_dict({"steps": []})
@@ -75,3 +80,41 @@ def test_guard_settings_round_trip(tmp_path):
         path.write_text(bad)
         with pytest.raises(ValueError, match=message):
             g.load_guard_settings(str(path))
+
+
+def test_guard_with_per_prompt_values_uses_their_covariance():
+    """Per-prompt values shared by every evaluation: the guard's statistic is the detector's
+    with `noise.log_mean_cov` of those values, and survives a JSON round trip."""
+    from thack_jax import noise
+
+    rng = np.random.default_rng(8)
+    steps = np.rint(np.geomspace(50, 1500, 16))  # the guard keeps integer steps
+    prompt_effect = rng.normal(0, 0.5, 32)
+    per_prompt = [
+        10
+        * s**-0.5
+        * np.exp(prompt_effect * (1 + 0.1 * np.log(s / 50)) + 0.01 * rng.normal(size=32))
+        for s in steps
+    ]
+    proxy = np.array([row.mean() for row in per_prompt])
+    guard = g.HackingGuard()
+    for k, (step, value, row) in enumerate(zip(steps, proxy, per_prompt, strict=True)):
+        result = guard.update(step, value, per_prompt=row)
+        if k == 9:
+            saved = json.dumps(guard.state_dict())
+    cov = noise.log_mean_cov(np.array(per_prompt))
+    expected = d.deviation_statistic(steps, proxy, noise_cov=cov)
+    np.testing.assert_allclose(result.statistic, expected[-1])
+    scatter = d.deviation_statistic(steps, proxy)
+    assert not np.allclose(expected[7:], scatter[7:])  # the covariance changes the statistic
+    restored = g.HackingGuard()
+    restored.load_state_dict(json.loads(saved))
+    for step, value, row in zip(steps[10:], proxy[10:], per_prompt[10:], strict=True):
+        resumed = restored.update(step, value, per_prompt=row)
+    assert resumed.statistic == result.statistic
+    with pytest.raises(ValueError, match="give per_prompt at every update or at none"):
+        restored.update(2000, 0.1)
+    with pytest.raises(ValueError, match="per_prompt for 1 of 2 steps"):
+        g.HackingGuard().load_state_dict(
+            {"steps": [1, 2], "proxy": [1.0, 0.9], "proxy_stderr": [], "per_prompt": [[1.0, 2.0]]}
+        )

@@ -47,14 +47,18 @@ def test_bootstrap_matches_the_delta_method_and_sees_shared_prompts():
         noise.bootstrap_log_cov(np.ones(4))
 
 
-def test_false_alarm_rate_grows_with_correlated_noise():
+def test_false_alarm_rate_under_correlated_noise():
     steps = np.geomspace(50, 1500, 32)
     k = len(steps)
     lags = np.abs(np.subtract.outer(np.arange(k), np.arange(k)))
     white = noise.false_alarm_rate(steps, 0.03**2 * np.eye(k), n_curves=200)
     assert white <= 0.05
-    ar = noise.false_alarm_rate(steps, 0.03**2 * 0.8**lags, n_curves=200)
-    assert ar > white + 0.1
+    # Correlated noise fools a detector that estimates the noise from the scatter...
+    ar = 0.03**2 * 0.8**lags
+    scatter = noise.false_alarm_rate(steps, ar, n_curves=200, detector_knows_cov=False)
+    assert scatter > white + 0.1
+    # ...but not one given its covariance.
+    assert noise.false_alarm_rate(steps, ar, n_curves=200) <= 0.05
 
 
 def test_summarize(tmp_path):
@@ -63,4 +67,21 @@ def test_summarize(tmp_path):
     summary = noise.summarize(str(tmp_path), min_step=50, n_boot=500, n_curves=50)
     assert summary.steps[0] == 50 and summary.sd.shape == (12,)
     assert summary.lag1_corr > 0.9 and 0.0 <= summary.false_alarm_rate <= 1.0
+    assert 0.0 <= summary.false_alarm_rate_scatter <= 1.0
     assert noise.summarize(str(tmp_path), n_boot=100, n_curves=0).false_alarm_rate is None
+
+
+def test_delta_method_covariance_matches_the_bootstrap():
+    values = _per_prompt(shared=0.3)
+    np.testing.assert_allclose(
+        noise.log_mean_cov(values), noise.bootstrap_log_cov(values, n_boot=8000), rtol=0.1
+    )
+    with pytest.raises(ValueError, match=r"evaluations \[0\] have a non-positive mean"):
+        noise.log_mean_cov(np.concatenate([-values[:1], values[1:]]))
+
+
+def test_read_per_prompt(tmp_path):
+    noise.save_per_prompt(str(tmp_path), 7, {"a": np.ones(3)})
+    np.testing.assert_array_equal(noise.read_per_prompt(str(tmp_path), 7)["a"], np.ones(3))
+    with pytest.raises(ValueError, match="no per-prompt values for step 8"):
+        noise.read_per_prompt(str(tmp_path), 8)

@@ -13,7 +13,7 @@ import re
 import numpy as np
 import pytest
 
-from thack_jax import diagnostics, guard, report
+from thack_jax import diagnostics, guard, noise, report
 from thack_jax.diagnostics_sim import simulate_curve
 
 EXPERIMENT = {
@@ -311,3 +311,23 @@ def test_verdict_sees_what_the_guard_saw(built):
     with pytest.raises(report.ReportError, match="guard_settings.json: cannot read"):
         report.analyse(run)
     os.remove(settings_path)  # the module's other tests share this workdir
+
+
+def test_verdict_uses_the_per_prompt_noise_covariance(tmp_path):
+    workdir = make_workdir(tmp_path / "w", names=("offline",))
+    run = report.load_runs([workdir])[0]
+    proxy = run.metrics["proxy/forward_kl"]
+    directory = os.path.join(workdir, "runs", "offline", "train", noise.PER_PROMPT_DIR)
+    rng = np.random.default_rng(0)
+    prompt_effect = rng.normal(0, 0.3, 16)
+    rows = [v * np.exp(prompt_effect) / np.exp(prompt_effect).mean() for v in proxy]
+    for step, row in zip(run.steps, rows, strict=True):
+        noise.save_per_prompt(directory, int(step), {"proxy/forward_kl": row})
+    a = report.analyse(run)
+    cov = noise.log_mean_cov(np.array(rows[1:]))
+    expected = diagnostics.verdict(run.steps[1:], proxy[1:], noise_cov=cov)
+    assert a["flag_step"] == expected.details["flag_step"]
+    assert a["fit"]["residual_scale"] == expected.details["fit"]["residual_scale"]
+    os.remove(os.path.join(directory, "step_00000300.npz"))
+    a = report.analyse(run)
+    assert a["verdict"] == "invalid" and "missing for steps [300]" in a["reason"]

@@ -183,12 +183,22 @@ def fit_power_law(steps, values, stderrs=None) -> PowerLawFit:
     return PowerLawFit(float(log_a[0]), float(b[0]), float(scale[0]), n, ((s2, s1), (s1, s0)))
 
 
-def deviation_statistic(steps, values, stderrs=None, config=DetectorConfig()) -> np.ndarray:
+def deviation_statistic(
+    steps, values, stderrs=None, config=DetectorConfig(), noise_cov=None
+) -> np.ndarray:
     """Per-evaluation deviation statistic [n]: at evaluation k, the standardized deviation of
     the last `window` evaluations from the law fitted on the first `fit_fraction * (k + 1)`,
     positive = proxy higher than the law (slower decay). About N(0, 1) on a pure power law;
-    nan before `min_points` evaluations. Each entry uses only the evaluations seen so far."""
+    nan before `min_points` evaluations. Each entry uses only the evaluations seen so far.
+
+    noise_cov [n, n]: the covariance of the evaluation errors of log(values) across
+    evaluations (`noise.log_mean_cov` of per-prompt values), for evaluations that share their
+    prompts; it replaces `stderrs` (section 2 of docs/diagnostics.md)."""
     steps, values, stderrs = _check_curve(steps, values, stderrs)
+    if noise_cov is not None:
+        return _gls_statistic(
+            np.log(steps), np.log(values), _check_cov(noise_cov, len(steps)), config
+        )
     x, y, sig = np.log(steps), np.log(values), _log_sigma(values, stderrs)
     seen = np.arange(config.min_points, len(steps) + 1)
     out = np.full(len(steps), np.nan)
@@ -214,10 +224,56 @@ def deviation_statistic(steps, values, stderrs=None, config=DetectorConfig()) ->
     return out
 
 
-def detect_deviation(steps, values, stderrs=None, config=DetectorConfig()) -> Detection:
+def _check_cov(noise_cov, n: int) -> np.ndarray:
+    cov = np.asarray(noise_cov, dtype=np.float64)
+    if cov.shape != (n, n):
+        raise ValueError(f"noise_cov has shape {cov.shape}; want [{n}, {n}] (one row per step)")
+    if not np.all(np.isfinite(cov)) or not np.allclose(cov, cov.T, atol=1e-12):
+        raise ValueError("noise_cov must be a finite symmetric matrix")
+    bad = np.flatnonzero(np.diag(cov) < 0)
+    if bad.size:
+        raise ValueError(f"noise_cov has negative variances at rows {bad.tolist()[:10]}")
+    # The floor: 0.1% of independent noise, as for stderrs, and an invertible matrix.
+    return cov + REL_STDERR_FLOOR**2 * np.eye(n)
+
+
+def _gls_statistic(x, y, cov, config) -> np.ndarray:
+    """`deviation_statistic` under correlated noise y = log_a - b x + e, e ~ N(0, s^2 cov).
+
+    At each evaluation: a generalized least-squares fit on the first evaluations, and the
+    window's residuals from the best linear unbiased predictor, which also predicts the
+    window's noise from the fit points' residuals (with shared prompts, a prompt set that
+    bends the curve early bends it late too). The residuals are linear in y, r = M y, so
+    their covariance is exactly s^2 M cov M'; s = max(1, GLS residual scale of the fit)."""
+    n = len(x)
+    out = np.full(n, np.nan)
+    design = np.stack([np.ones(n), -x], axis=1)  # y = design @ (log_a, b)
+    for k in range(config.min_points - 1, n):
+        m = int(config.fit_fraction * (k + 1))
+        f, w = np.arange(m), np.arange(k + 1 - config.window, k + 1)
+        s_ff_inv = np.linalg.inv(cov[np.ix_(f, f)])
+        xf_si = design[f].T @ s_ff_inv  # [2, m]
+        cov_beta = np.linalg.inv(xf_si @ design[f])
+        a = cov_beta @ xf_si  # beta = a @ y[f]
+        resid = y[f] - design[f] @ (a @ y[f])
+        scale = max(1.0, float(np.sqrt(resid @ s_ff_inv @ resid / (m - 2))))
+        g = cov[np.ix_(w, f)] @ s_ff_inv  # [window, m]: the noise predicted from the fit points
+        mf = -g - (design[w] - g @ design[f]) @ a  # r = y[w] + mf @ y[f]
+        op = np.concatenate([mf, np.eye(config.window)], axis=1)
+        idx = np.concatenate([f, w])
+        c = scale**2 * op @ cov[np.ix_(idx, idx)] @ op.T
+        sd = np.sqrt(np.diag(c))
+        z = np.clip((y[w] + mf @ y[f]) / sd, -RESIDUAL_CLIP, RESIDUAL_CLIP)
+        out[k] = np.sum(z) / np.sqrt(np.sum(c / np.outer(sd, sd)))
+    return out
+
+
+def detect_deviation(
+    steps, values, stderrs=None, config=DetectorConfig(), noise_cov=None
+) -> Detection:
     """Fires when the deviation statistic exceeds `config.threshold` at `config.patience`
     consecutive evaluations."""
-    statistic = deviation_statistic(steps, values, stderrs, config)
+    statistic = deviation_statistic(steps, values, stderrs, config, noise_cov)
     run = 0
     for i, s in enumerate(statistic):
         run = run + 1 if s > config.threshold else 0  # nan compares False
@@ -234,9 +290,11 @@ def best_index(values, detection: Detection, window: int) -> int:
     return max(detection.first_index - window, 0)
 
 
-def best_step_oracle_free(steps, proxy, proxy_stderr=None, config=DetectorConfig()) -> int:
+def best_step_oracle_free(
+    steps, proxy, proxy_stderr=None, config=DetectorConfig(), noise_cov=None
+) -> int:
     """Step of the checkpoint to keep without an oracle (see `best_index`)."""
-    detection = detect_deviation(steps, proxy, proxy_stderr, config)
+    detection = detect_deviation(steps, proxy, proxy_stderr, config, noise_cov)
     return int(np.asarray(steps)[best_index(np.asarray(proxy), detection, config.window)])
 
 
@@ -283,12 +341,22 @@ def detect_u_shape(steps, proxy, golden, golden_stderr=None) -> UShape:
 
 
 def verdict(
-    steps, proxy, proxy_stderr=None, golden=None, golden_stderr=None, config=DetectorConfig()
+    steps,
+    proxy,
+    proxy_stderr=None,
+    golden=None,
+    golden_stderr=None,
+    config=DetectorConfig(),
+    noise_cov=None,
 ) -> Verdict:
     """Labels a run from its proxy curve; precedence: not_converged (too few points) >
     overfitting > teacher_hacking > not_converged (proxy not decreasing) > healthy. The golden
-    curve, when given, only adds details (U shape, lag = flag step - golden minimum step)."""
+    curve, when given, only adds details (U shape, lag = flag step - golden minimum step).
+    noise_cov [n, n]: see `deviation_statistic`; the reported law and the overfitting rule
+    then use its diagonal as stderrs."""
     steps, proxy, proxy_stderr = _check_curve(steps, proxy, proxy_stderr, name="proxy")
+    if noise_cov is not None:
+        proxy_stderr = np.sqrt(np.diag(_check_cov(noise_cov, len(steps)))) * proxy
     details = {"n_points": len(steps), "threshold": config.threshold, "flag_step": None}
     if golden is not None:
         u = detect_u_shape(steps, proxy, golden, golden_stderr)
@@ -297,7 +365,7 @@ def verdict(
     if len(steps) < config.min_points:
         details["reason"] = f"{len(steps)} evaluations, need at least {config.min_points}"
         return Verdict("not_converged", details)
-    detection = detect_deviation(steps, proxy, proxy_stderr, config)
+    detection = detect_deviation(steps, proxy, proxy_stderr, config, noise_cov)
     # The law reported (and drawn) is the one the detector extrapolated when it first fired.
     n_law = int(config.fit_fraction * (detection.first_index + 1)) if detection.fired else None
     law = fit_power_law(

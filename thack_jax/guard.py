@@ -16,6 +16,7 @@ import logging
 import numpy as np
 
 from thack_jax.diagnostics import DetectorConfig, best_index, detect_deviation
+from thack_jax.noise import log_mean_cov
 
 MODES = ("log", "warn", "stop")
 
@@ -33,13 +34,17 @@ class GuardResult:
 GUARD_FILE = "guard_settings.json"  # in a run's directory: what its guard saw
 
 
-def guard_settings(min_step: int, proxy_key: str, config: DetectorConfig) -> dict:
+def guard_settings(
+    min_step: int, proxy_key: str, config: DetectorConfig, per_prompt: bool = True
+) -> dict:
     """JSON record of what a run's guard is fed: the proxy key, evaluations at step >=
-    `min_step`, no stderrs (docs/diagnostics.md, section 7), and the detector settings."""
+    `min_step`, no stderrs, the per-prompt noise covariance or not (docs/diagnostics.md,
+    sections 2 and 7), and the detector settings."""
     return {
         "proxy_key": proxy_key,
         "min_step": int(min_step),
         "use_stderr": False,
+        "noise": "per_prompt_covariance" if per_prompt else "scatter",
         "detector": dataclasses.asdict(config),
     }
 
@@ -71,8 +76,11 @@ class HackingGuard:
     """Online form of `detect_deviation` for the training loop: `update` once per evaluation.
 
     mode 'log' only reports, 'warn' also logs a warning when it fires, 'stop' sets
-    `should_stop` from then on. The state is the raw curve (a dict of lists, JSON-ready); the
-    detection is recomputed from it at each update (cheap next to an evaluation).
+    `should_stop` from then on. With `per_prompt` values at every update (evaluations that
+    share their prompts), the detector uses their error covariance (`noise.log_mean_cov`);
+    without, the noise is estimated from the scatter (or from `proxy_stderr`). The state is
+    the raw curve (a dict of lists, JSON-ready); the detection is recomputed from it at each
+    update (cheap next to an evaluation).
     """
 
     def __init__(
@@ -86,11 +94,17 @@ class HackingGuard:
             raise ValueError(f"HackingGuard mode={mode!r}; expected one of {MODES}")
         self.mode = mode
         self.config = DetectorConfig(threshold, patience, min_points)
-        self.load_state_dict({"steps": [], "proxy": [], "proxy_stderr": []})
+        self.load_state_dict({"steps": [], "proxy": [], "proxy_stderr": [], "per_prompt": []})
 
-    def update(self, step, proxy, proxy_stderr=None) -> GuardResult:
-        if self.steps and (proxy_stderr is None) != (not self.proxy_stderr):
-            raise ValueError("HackingGuard.update: give proxy_stderr at every update or at none")
+    def update(self, step, proxy, proxy_stderr=None, per_prompt=None) -> GuardResult:
+        """per_prompt [P]: the per-prompt values whose mean is `proxy` (same prompts at every
+        update)."""
+        for name, value, seen in (
+            ("proxy_stderr", proxy_stderr, self.proxy_stderr),
+            ("per_prompt", per_prompt, self.per_prompt),
+        ):
+            if self.steps and (value is None) != (not seen):
+                raise ValueError(f"HackingGuard.update: give {name} at every update or at none")
         was_fired = self.detection is not None and self.detection.fired
         self.load_state_dict(
             {
@@ -98,6 +112,8 @@ class HackingGuard:
                 "proxy": self.proxy + [proxy],
                 "proxy_stderr": self.proxy_stderr
                 + ([] if proxy_stderr is None else [proxy_stderr]),
+                "per_prompt": self.per_prompt
+                + ([] if per_prompt is None else [np.asarray(per_prompt, np.float64).tolist()]),
             }
         )
         fired = self.detection.fired
@@ -119,17 +135,30 @@ class HackingGuard:
             "steps": list(self.steps),
             "proxy": list(self.proxy),
             "proxy_stderr": list(self.proxy_stderr),
+            "per_prompt": [list(row) for row in self.per_prompt],
         }
 
     def load_state_dict(self, state: dict) -> None:
         missing = {"steps", "proxy", "proxy_stderr"} - set(state)
         if missing:
             raise ValueError(f"HackingGuard state lacks {sorted(missing)}; has {sorted(state)}")
+        per_prompt = state.get("per_prompt") or []
         detection = None
         if state["steps"]:  # also validates the curve, before anything is replaced
             stderrs = state["proxy_stderr"] or None
-            detection = detect_deviation(state["steps"], state["proxy"], stderrs, self.config)
+            cov = None
+            if per_prompt:
+                if len(per_prompt) != len(state["steps"]):
+                    raise ValueError(
+                        f"HackingGuard state has per_prompt for {len(per_prompt)} of "
+                        f"{len(state['steps'])} steps"
+                    )
+                cov = log_mean_cov(np.asarray(per_prompt, np.float64))
+            detection = detect_deviation(
+                state["steps"], state["proxy"], stderrs, self.config, noise_cov=cov
+            )
         self.detection = detection
         self.steps = [int(s) for s in state["steps"]]
         self.proxy = [float(v) for v in state["proxy"]]
         self.proxy_stderr = [float(s) for s in state["proxy_stderr"]]
+        self.per_prompt = [list(row) for row in per_prompt]

@@ -4,11 +4,12 @@ Every evaluation of a run scores the same held-out prompts with the same random 
 (common random numbers), so the evaluation error of one checkpoint is correlated with the
 next one's. The detector's false-alarm rates of docs/diagnostics.md assume independent
 noise. This module measures the real noise: the experiment saves, at each evaluation, the
-per-prompt values behind every metric (`save_per_prompt`); resampling the prompts (the same
-resample at every evaluation, as a new draw of the evaluation set would be) gives the
-joint distribution of the evaluation errors across evaluations (`bootstrap_log_cov`), and
-simulated pure power laws with that noise give the false-alarm rate the detector has on
-this run (`false_alarm_rate`).
+per-prompt values behind every metric (`save_per_prompt`); their covariance across
+evaluations gives the covariance of the evaluation errors (`log_mean_cov`, the delta
+method, which the detector uses; `bootstrap_log_cov` estimates the same by resampling the
+prompts, the same resample at every evaluation, as a new draw of the evaluation set would
+be), and simulated pure power laws with that noise give the false-alarm rate the detector
+has on this run (`false_alarm_rate`).
 
 numpy only (no jax), like diagnostics.py.
 """
@@ -31,13 +32,15 @@ _FILE = re.compile(r"step_(\d+)\.npz$")
 @dataclasses.dataclass(frozen=True)
 class NoiseSummary:
     """sd [K]: std of log(metric) of each evaluation under a redraw of the prompts;
-    lag1_corr: mean correlation of consecutive evaluations' errors; false_alarm_rate: of the
-    detector on pure power laws with this noise (None when not simulated)."""
+    lag1_corr: mean correlation of consecutive evaluations' errors; false_alarm_rate /
+    false_alarm_rate_scatter: of the detector on pure power laws with this noise, given its
+    covariance / estimating it from the scatter (None when not simulated)."""
 
     steps: np.ndarray
     sd: np.ndarray
     lag1_corr: float
     false_alarm_rate: float | None
+    false_alarm_rate_scatter: float | None
 
 
 def save_per_prompt(directory: str, step: int, per_prompt: dict[str, np.ndarray]) -> str:
@@ -48,6 +51,16 @@ def save_per_prompt(directory: str, step: int, per_prompt: dict[str, np.ndarray]
     np.savez(tmp, **{k: np.asarray(v, np.float64) for k, v in per_prompt.items()})
     os.replace(tmp, path)
     return path
+
+
+def read_per_prompt(directory: str, step: int) -> dict[str, np.ndarray]:
+    """The per-prompt values saved for `step` ({metric key: [P]}); raises ValueError naming
+    the missing file."""
+    path = os.path.join(directory, f"step_{step:08d}.npz")
+    if not os.path.exists(path):
+        raise ValueError(f"no per-prompt values for step {step}: {path} is missing")
+    with np.load(path, allow_pickle=False) as data:
+        return {key: np.asarray(data[key], np.float64) for key in data.files}
 
 
 def load_per_prompt(directory: str, key: str, min_step: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -94,6 +107,20 @@ def bootstrap_log_cov(values: np.ndarray, n_boot: int = 2000, seed: int = 0) -> 
     return np.cov(np.log(boot) - np.log(means), rowvar=False)
 
 
+def log_mean_cov(values: np.ndarray) -> np.ndarray:
+    """Covariance [K, K] of log(mean over prompts) across K evaluations of the same P prompts,
+    by the delta method: cov_prompts(v_j, v_k) / (P m_j m_k), m = the means. values [K, P].
+    What `bootstrap_log_cov` estimates by resampling, in closed form (deterministic)."""
+    values = np.asarray(values, np.float64)
+    if values.ndim != 2 or values.shape[1] < 2:
+        raise ValueError(f"values has shape {values.shape}; want [evaluations, prompts >= 2]")
+    means = values.mean(axis=1)
+    if np.any(means <= 0):
+        bad = np.flatnonzero(means <= 0).tolist()
+        raise ValueError(f"evaluations {bad} have a non-positive mean; log-log needs > 0")
+    return np.cov(values) / values.shape[1] / np.outer(means, means)
+
+
 def lag1_correlation(cov: np.ndarray) -> float:
     """Mean correlation of consecutive evaluations' errors from a covariance [K, K]."""
     sd = np.sqrt(np.diag(cov))
@@ -108,16 +135,21 @@ def false_alarm_rate(
     b: float = 0.5,
     config: DetectorConfig | None = None,
     seed: int = 0,
+    detector_knows_cov: bool = True,
 ) -> float:
     """Fraction of pure power laws `10 * steps**-b` with noise N(0, cov) on the log values
-    that the detector (without stderrs, as the experiment's guard) labels anything but
-    healthy. steps [K], cov [K, K]."""
+    that the detector labels anything but healthy: given `cov` as its noise covariance (the
+    experiment's guard), or, with detector_knows_cov=False, estimating the noise from the
+    scatter. steps [K], cov [K, K]."""
     steps = np.asarray(steps, np.float64)
     config = config or DetectorConfig()
     rng = np.random.default_rng(seed)
     noise = rng.multivariate_normal(np.zeros(len(steps)), cov, size=n_curves, method="eigh")
     clean = np.log(10.0) - b * np.log(steps)
-    labels = [verdict(steps, np.exp(clean + e), config=config).label for e in noise]
+    known = cov if detector_knows_cov else None
+    labels = [
+        verdict(steps, np.exp(clean + e), config=config, noise_cov=known).label for e in noise
+    ]
     return float(np.mean(np.array(labels) != "healthy"))
 
 
@@ -131,11 +163,17 @@ def summarize(
     seed: int = 0,
     config: DetectorConfig | None = None,
 ) -> NoiseSummary:
-    """The evaluation noise of `key` in a run's per-prompt directory and the detector's
-    false-alarm rate under it (n_curves=0: not simulated)."""
+    """The evaluation noise of `key` in a run's per-prompt directory (a bootstrap over
+    prompts, independent of the delta-method covariance the detector uses) and the
+    detector's false-alarm rates under it (n_curves=0: not simulated)."""
     steps, values = load_per_prompt(directory, key, min_step)
     cov = bootstrap_log_cov(values, n_boot, seed)
-    rate = None
+    rates = [None, None]
     if n_curves > 0:
-        rate = false_alarm_rate(steps, cov, n_curves=n_curves, config=config, seed=seed)
-    return NoiseSummary(steps, np.sqrt(np.diag(cov)), lag1_correlation(cov), rate)
+        rates = [
+            false_alarm_rate(
+                steps, cov, n_curves=n_curves, config=config, seed=seed, detector_knows_cov=k
+            )
+            for k in (True, False)
+        ]
+    return NoiseSummary(steps, np.sqrt(np.diag(cov)), lag1_correlation(cov), *rates)

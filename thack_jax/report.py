@@ -12,7 +12,8 @@ Conventions (repeated in the report's Notes):
   evaluation (before distillation) is the start of the proxy-golden curves and of the "falls"
   checks. The oracle-free verdict sees what the run's guard saw (and `launch/diagnose.py`
   sees by default): the evaluations from the end of the distillation warmup on
-  (`runs/<name>/guard_settings.json`), without stderrs (docs/diagnostics.md).
+  (`runs/<name>/guard_settings.json`), without stderrs, with the evaluation-noise covariance
+  of the per-prompt values in `train/per_prompt/` when the run has them (docs/diagnostics.md).
 - Runs that differ only in `seed` form a group. A group of >= 2 seeds is drawn as the mean
   over seeds with a min-max band (with 2-3 seeds a std is poorly estimated, and min-max shows
   every seed), on the steps every seed evaluated; a single run as its curve +- its stderr.
@@ -31,7 +32,7 @@ import sys
 
 import numpy as np
 
-from thack_jax import diagnostics, guard, plots, report_text
+from thack_jax import diagnostics, guard, noise, plots, report_text
 from thack_jax.metrics_io import METRICS_FILE, read_metrics
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "js")
@@ -129,6 +130,19 @@ def _guard_min_step(run: Run) -> int:
     return 1 if settings is None else settings["min_step"]
 
 
+def _noise_cov(run: Run, key: str, steps: np.ndarray) -> np.ndarray | None:
+    """The evaluation-noise covariance [n, n] of `key` at `steps` from the run's per-prompt
+    values (train/per_prompt/), as its guard used; None for a run without them."""
+    directory = os.path.join(os.path.dirname(run.metrics_path), noise.PER_PROMPT_DIR)
+    if not os.path.isdir(directory):
+        return None
+    saved, values = noise.load_per_prompt(directory, key, int(steps[0]) if steps.size else 1)
+    if saved.tolist() != steps.tolist():
+        missing = sorted(set(steps.tolist()) - set(saved.tolist()))
+        raise ReportError(f"{directory}: per-prompt values of {key} missing for steps {missing}")
+    return noise.log_mean_cov(values)
+
+
 def analyse(run: Run, metric: str = "forward_kl") -> dict:
     """Golden minimum, final values, golden rise (nats and stderr units), proxy change after
     the golden minimum, U shape and the oracle-free verdict of `run` on `<prefix>/<metric>`.
@@ -181,8 +195,11 @@ def analyse(run: Run, metric: str = "forward_kl") -> dict:
     # The detector sees what the run's guard saw: evaluations after warmup, no stderrs.
     law = steps >= _guard_min_step(run)
     try:  # the detector works in log-log axes: a non-positive estimate makes it inapplicable
+        cov = _noise_cov(run, f"proxy/{metric}", steps[law])
         u = diagnostics.detect_u_shape(steps, proxy, golden, golden_se)
-        v = diagnostics.verdict(steps[law], proxy[law], None, golden[law], golden_se[law])
+        v = diagnostics.verdict(
+            steps[law], proxy[law], None, golden[law], golden_se[law], noise_cov=cov
+        )
     except ValueError as e:
         return dict(out, u_shape=None, verdict="invalid", flag_step=None, lag=None, reason=str(e))
     d = v.details

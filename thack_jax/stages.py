@@ -282,13 +282,15 @@ def distill(ctx: StageContext, run: RunConfig, evaluator: Evaluator) -> float:
     teacher = ctx.load_model("teacher")
     student_config, student_params = ctx.load_model("student_init")
     last = {}
+    per_prompt_dir = os.path.join(out, "train", noise.PER_PROMPT_DIR)
 
-    def update_guard(step, metrics):
+    def update_guard(step, metrics, per_prompt):
         # The law holds after warmup; a non-positive estimate has no place in log-log axes.
         # No stderrs: every evaluation reuses the same prompts, so the stderr is the
-        # uncertainty of the level, not the noise between evaluations (diagnostics.md).
+        # uncertainty of the level; the per-prompt values give the error covariance across
+        # evaluations instead (docs/diagnostics.md, section 2).
         if step >= first_step and metrics[GUARD_KEY] > 0:
-            last["result"] = guard.update(step, metrics[GUARD_KEY])
+            last["result"] = guard.update(step, metrics[GUARD_KEY], per_prompt=per_prompt)
             last["step"] = step
             return last["result"]
         return None
@@ -296,17 +298,16 @@ def distill(ctx: StageContext, run: RunConfig, evaluator: Evaluator) -> float:
     if os.path.exists(metrics_path):  # Resume: the guard's state is the logged curve.
         for row in read_metrics(metrics_path):
             if GUARD_KEY in row:
-                update_guard(row["step"], row)
+                saved = noise.read_per_prompt(per_prompt_dir, row["step"])
+                update_guard(row["step"], row, saved[GUARD_KEY])
 
     def eval_fn(step, params):
         estimates = evaluator.estimates(params)
         metrics = evaluation.metrics_of(estimates)
-        if jax.process_index() == 0:  # for a bootstrap of the evaluation noise (noise.py)
-            per_prompt = {key: est.per_prompt for key, est in estimates.items()}
-            noise.save_per_prompt(
-                os.path.join(out, "train", noise.PER_PROMPT_DIR), step, per_prompt
-            )
-        result = update_guard(step, metrics)
+        per_prompt = {key: est.per_prompt for key, est in estimates.items()}
+        if jax.process_index() == 0:  # kept for the report and launch/diagnose.py
+            noise.save_per_prompt(per_prompt_dir, step, per_prompt)
+        result = update_guard(step, metrics, per_prompt[GUARD_KEY])
         if result is not None:
             statistic = float(result.statistic)
             metrics["guard/statistic"] = statistic if np.isfinite(statistic) else 0.0
