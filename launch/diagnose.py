@@ -79,6 +79,7 @@ flags.DEFINE_list("sim_points", ["40"], "Evaluations per synthetic curve.")
 flags.DEFINE_enum("sim_spacing", "linear", ["linear", "log"], "Evaluation steps: even or log.")
 flags.DEFINE_float("sim_break", 0.4, "Break (flatten / rise) at this fraction of the run.")
 flags.DEFINE_list("sim_noise_corr", ["0"], "Lag-1 correlations of the evaluation noise.")
+flags.DEFINE_bool("sim_give_cov", False, "Add rows where the detector is given the covariance.")
 flags.DEFINE_integer("sim_curves", 200, "Synthetic curves per kind and setting.")
 flags.DEFINE_integer("seed", 0, "Seed of the synthetic curves.")
 
@@ -172,7 +173,9 @@ def run_simulation() -> None:
     rows = []
     for n_points in FLAGS.sim_points:
         for corr in FLAGS.sim_noise_corr:
-            for use_stderr in (True, False):
+            for use_stderr, give_cov in ((True, False), (False, False), (False, True)):
+                if give_cov and not FLAGS.sim_give_cov:
+                    continue
                 rows += diagnostics_sim.simulate_rates(
                     [float(x) for x in FLAGS.sim_noise],
                     n_curves=FLAGS.sim_curves,
@@ -183,6 +186,7 @@ def run_simulation() -> None:
                     spacing=FLAGS.sim_spacing,
                     break_fraction=FLAGS.sim_break,
                     noise_corr=float(corr),
+                    give_cov=give_cov,
                 )
     print(diagnostics_sim.format_rates_table(rows))
     print(

@@ -176,3 +176,30 @@ def test_noise_free_curves_without_stderrs():
     plateau[20:] = plateau[20]
     detection = d.detect_deviation(steps, plateau)
     assert detection.fired and np.isfinite(detection.statistic[7:]).all()
+
+
+def test_statistic_with_noise_covariance_is_standardized():
+    # Strongly correlated noise (AR(1), 0.95) on a pure power law: given the covariance the
+    # statistic is about N(0, 1); estimating the noise from the scatter, it is not.
+    steps = np.geomspace(50, 1500, 24)
+    lags = np.abs(np.subtract.outer(np.arange(24), np.arange(24)))
+    cov = 0.03**2 * 0.95**lags
+    rng = np.random.default_rng(0)
+    noise = rng.multivariate_normal(np.zeros(24), cov, size=200)
+    clean = np.log(10.0) - 0.5 * np.log(steps)
+    with_cov = np.concatenate(
+        [d.deviation_statistic(steps, np.exp(clean + e), noise_cov=cov)[7:] for e in noise]
+    )
+    scatter = np.concatenate([d.deviation_statistic(steps, np.exp(clean + e))[7:] for e in noise])
+    assert abs(with_cov.mean()) < 0.2 and 0.8 < with_cov.std() < 1.2
+    assert scatter.std() > 1.5
+
+
+def test_noise_covariance_is_checked():
+    steps, values, _ = _curve(n_points=10)
+    with pytest.raises(ValueError, match=r"noise_cov has shape \(9, 9\); want \[10, 10\]"):
+        d.deviation_statistic(steps, values, noise_cov=np.eye(9))
+    with pytest.raises(ValueError, match="symmetric"):
+        d.verdict(steps, values, noise_cov=np.triu(np.ones((10, 10))))
+    with pytest.raises(ValueError, match="negative variances at rows \\[3\\]"):
+        d.deviation_statistic(steps, values, noise_cov=np.diag(np.r_[np.ones(3), -1, np.ones(6)]))

@@ -74,3 +74,17 @@ def test_correlated_noise_raises_false_alarms():
         for c in (0.0, 0.8)
     ]
     assert rates[1]["false_positive_rate"] > rates[0]["false_positive_rate"] + 0.1
+
+
+def test_given_the_covariance_correlated_noise_is_calibrated():
+    (row,) = sim.simulate_rates(
+        (0.03,),
+        n_curves=200,
+        n_points=32,
+        spacing="log",
+        break_fraction=0.1,
+        noise_corr=0.9,
+        give_cov=True,
+    )
+    assert row["false_positive_rate"] <= 0.05 and row["detection_rate"] >= 0.9
+    assert "| 32 | log | 0.03 | 0.9 | cov |" in sim.format_rates_table([row])

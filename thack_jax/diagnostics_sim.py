@@ -99,12 +99,14 @@ def simulate_rates(
     spacing="linear",
     break_fraction=0.4,
     noise_corr=0.0,
+    give_cov=False,
 ) -> list[dict]:
     """Verdict rates on synthetic curves (`simulate_curve`), one row per noise level:
     false-positive rate (power law labelled anything but healthy), detection rate (flatten
     labelled teacher_hacking), median delays from the break to the flag and to the oracle-free
     best step (in evaluations, flagged flatten curves), and the rate of 'rise' curves labelled
-    overfitting. `config` defaults to `DetectorConfig()`."""
+    overfitting. `config` defaults to `DetectorConfig()`. give_cov: the detector is given the
+    noise's covariance, noise**2 * noise_corr**|i - j| (then no stderrs)."""
     config = config or DetectorConfig()
     rows = []
     for noise in noise_levels:
@@ -122,7 +124,12 @@ def simulate_rates(
                     break_fraction=break_fraction,
                     noise_corr=noise_corr,
                 )
-                v = verdict(steps, values, stderrs if use_stderr else None, config=config)
+                cov = None
+                if give_cov:
+                    lags = np.abs(np.subtract.outer(np.arange(n_points), np.arange(n_points)))
+                    cov = noise**2 * noise_corr**lags
+                stderr = stderrs if use_stderr and not give_cov else None
+                v = verdict(steps, values, stderr, config=config, noise_cov=cov)
                 labels[kind].append(v.label)
                 if kind == "flatten" and v.details["flag_step"] is not None:
                     # In evaluations: from the first evaluation at or after the break.
@@ -136,7 +143,7 @@ def simulate_rates(
                 "spacing": spacing,
                 "noise_corr": noise_corr,
                 "noise": noise,
-                "stderr_given": use_stderr,
+                "stderr_given": "cov" if give_cov else ("yes" if use_stderr else "no"),
                 "false_positive_rate": float(np.mean(np.array(labels["power_law"]) != "healthy")),
                 "detection_rate": float(np.mean(np.array(labels["flatten"]) == "teacher_hacking")),
                 "median_flag_delay": float(delays[0]),
@@ -150,7 +157,7 @@ def simulate_rates(
 def format_rates_table(rows) -> str:
     """Markdown table of `simulate_rates` rows."""
     lines = [
-        "| evals | spacing | noise (std of log proxy) | noise corr. | stderr given "
+        "| evals | spacing | noise (std of log proxy) | noise corr. | noise given "
         "| false positives (power law) "
         "| detected (flatten) | flag - break (evals) | best step - break (evals) "
         "| overfitting (rise) |",
@@ -159,7 +166,7 @@ def format_rates_table(rows) -> str:
     for r in rows:
         lines.append(
             f"| {r['n_points']} | {r['spacing']} | {r['noise']:.3g} | {r['noise_corr']:.2g} "
-            f"| {'yes' if r['stderr_given'] else 'no'} "
+            f"| {r['stderr_given']} "
             f"| {r['false_positive_rate']:.1%} | {r['detection_rate']:.1%} "
             f"| {r['median_flag_delay']:.1f} | {r['median_best_delay']:.1f} "
             f"| {r['overfitting_rate']:.1%} |"
