@@ -87,9 +87,8 @@ def load_per_prompt(directory: str, key: str, min_step: int = 1) -> tuple[np.nda
     return np.array(steps), np.stack(rows)
 
 
-def bootstrap_log_cov(values: np.ndarray, n_boot: int = 2000, seed: int = 0) -> np.ndarray:
-    """Covariance [K, K] of log(mean over prompts) across evaluations under a redraw of the
-    prompts. values [K, P] > 0 in the mean: per-prompt values of K evaluations of P prompts."""
+def _check_values(values) -> tuple[np.ndarray, np.ndarray]:
+    """(values [K, P] as float64, their means over prompts [K]) or ValueError."""
     values = np.asarray(values, np.float64)
     if values.ndim != 2 or values.shape[1] < 2:
         raise ValueError(f"values has shape {values.shape}; want [evaluations, prompts >= 2]")
@@ -97,6 +96,13 @@ def bootstrap_log_cov(values: np.ndarray, n_boot: int = 2000, seed: int = 0) -> 
     if np.any(means <= 0):
         bad = np.flatnonzero(means <= 0).tolist()
         raise ValueError(f"evaluations {bad} have a non-positive mean; log-log needs > 0")
+    return values, means
+
+
+def bootstrap_log_cov(values: np.ndarray, n_boot: int = 2000, seed: int = 0) -> np.ndarray:
+    """Covariance [K, K] of log(mean over prompts) across evaluations under a redraw of the
+    prompts. values [K, P] > 0 in the mean: per-prompt values of K evaluations of P prompts."""
+    values, means = _check_values(values)
     rng = np.random.default_rng(seed)
     p = values.shape[1]
     # One multinomial weight vector per replicate: the same prompts at every evaluation.
@@ -111,13 +117,7 @@ def log_mean_cov(values: np.ndarray) -> np.ndarray:
     """Covariance [K, K] of log(mean over prompts) across K evaluations of the same P prompts,
     by the delta method: cov_prompts(v_j, v_k) / (P m_j m_k), m = the means. values [K, P].
     What `bootstrap_log_cov` estimates by resampling, in closed form (deterministic)."""
-    values = np.asarray(values, np.float64)
-    if values.ndim != 2 or values.shape[1] < 2:
-        raise ValueError(f"values has shape {values.shape}; want [evaluations, prompts >= 2]")
-    means = values.mean(axis=1)
-    if np.any(means <= 0):
-        bad = np.flatnonzero(means <= 0).tolist()
-        raise ValueError(f"evaluations {bad} have a non-positive mean; log-log needs > 0")
+    values, means = _check_values(values)
     return np.cov(values) / values.shape[1] / np.outer(means, means)
 
 
