@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from thack_jax import checkpoints, eval_watch, evaluation, models, partitioning  # noqa: E402
-from thack_jax.models import hf  # noqa: E402
+from thack_jax.models import hf, hf_config  # noqa: E402
 from thack_jax.models.config import T5Config  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -73,7 +73,7 @@ def load_config(spec: str, flag: str) -> T5Config:
     with open(spec, encoding="utf-8") as f:
         data = json.load(f)
     if "num_layers" in data or "model_type" in data:  # a Hugging Face config.json
-        return hf.config_from_hf(spec)
+        return hf_config.config_from_hf(spec)
     fields = {f.name for f in dataclasses.fields(T5Config)}
     unknown = sorted(set(data) - fields)
     if unknown:

@@ -12,7 +12,7 @@ import transformers
 from safetensors import safe_open
 
 from thack_jax import models
-from thack_jax.models import hf
+from thack_jax.models import hf, hf_config
 from thack_jax.models.mapping import CheckpointMismatchError, flatten
 
 VOCAB = 100
@@ -243,7 +243,7 @@ def test_config_disagrees_with_weights(tmp_path):
     with pytest.raises(CheckpointMismatchError, match="feed_forward_proj='relu' but"):
         hf.load_hf_checkpoint(
             tmp_path / "src",
-            config=hf.config_from_hf(path).replace(
+            config=hf_config.config_from_hf(path).replace(
                 d_ff=128, num_encoder_layers=2, feed_forward="relu"
             ),
         )
@@ -285,28 +285,6 @@ def test_bad_paths(saved, tmp_path):
         hf.load_hf_checkpoint(tmp_path / "a")
     with pytest.raises(FileNotFoundError, match="no config.json"):
         hf.load_hf_checkpoint(tmp_path / "b")
-
-
-def test_config_from_hf_defaults_and_errors():
-    base = dict(d_model=32, d_kv=8, d_ff=64, num_heads=4, num_layers=2, vocab_size=VOCAB)
-    config = hf.config_from_hf(base)
-    assert config.tie_word_embeddings  # transformers' default when absent
-    assert config.feed_forward == "relu" and config.num_decoder_layers == 2
-    assert not hf.config_from_hf({**base, "tie_word_embeddings": False}).tie_word_embeddings
-    # transformers >= 5 files: tie_word_embeddings is always true, scaling decides.
-    v5 = {**base, "tie_word_embeddings": True, "scale_decoder_outputs": False}
-    assert not hf.config_from_hf(v5).tie_word_embeddings
-    assert hf.config_from_hf(base, dtype="bfloat16").dtype == "bfloat16"
-    with pytest.raises(ValueError, match="feed_forward_proj='gated-silu'"):
-        hf.config_from_hf({**base, "feed_forward_proj": "gated-silu"})
-    with pytest.raises(ValueError, match="is_gated_act=True contradicts"):
-        hf.config_from_hf({**base, "feed_forward_proj": "relu", "is_gated_act": True})
-    with pytest.raises(ValueError, match="model_type='umt5'"):
-        hf.config_from_hf({**base, "model_type": "umt5"})
-    with pytest.raises(ValueError, match="d_ff=0"):
-        hf.config_from_hf({**base, "d_ff": 0})
-    round_trip = hf.config_from_hf(hf.config_to_hf(models.get_config("small")))
-    assert round_trip == models.get_config("small").replace(max_input_length=1024)
 
 
 def test_name_mapping_is_a_bijection():
