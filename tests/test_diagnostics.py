@@ -203,3 +203,17 @@ def test_noise_covariance_is_checked():
         d.verdict(steps, values, noise_cov=np.triu(np.ones((10, 10))))
     with pytest.raises(ValueError, match="negative variances at rows \\[3\\]"):
         d.deviation_statistic(steps, values, noise_cov=np.diag(np.r_[np.ones(3), -1, np.ones(6)]))
+
+
+def test_gls_fit_with_noise_covariance():
+    steps = np.geomspace(50, 1500, 12)
+    lags = np.abs(np.subtract.outer(np.arange(12), np.arange(12)))
+    cov = 0.02**2 * 0.9**lags
+    values = 7.0 * steps**-0.3
+    fit = d.fit_power_law(steps, values, noise_cov=cov)
+    assert fit.b == pytest.approx(0.3, abs=1e-9) and fit.residual_scale == 1.0
+    # A fully shared offset (the same prompts at every evaluation) moves only log_a.
+    shifted = d.fit_power_law(steps, values * 1.05, noise_cov=cov)
+    assert shifted.b == pytest.approx(0.3, abs=1e-9)
+    assert shifted.log_a == pytest.approx(np.log(7.0 * 1.05), abs=1e-9)
+    assert 0 < fit.b_stderr < d.fit_power_law(steps, values, 0.02 * values).b_stderr * 10

@@ -164,17 +164,27 @@ def _prefix_fits(x, y, sig, n_fit, known_sigma):
     return log_a, b, scale, np.stack([s2, s1, s0], axis=-1) / det[:, None]
 
 
-def fit_power_law(steps, values, stderrs=None) -> PowerLawFit:
+def fit_power_law(steps, values, stderrs=None, noise_cov=None) -> PowerLawFit:
     """Fits `values ~ a * steps**-b` by weighted least squares in log-log space.
 
     Weights are 1 / (stderr / value)**2 (delta method), with stderr / value floored at
     REL_STDERR_FLOOR. Args: steps [n], values [n], stderrs [n] or None (equal weights, the
-    scale then estimated from the residuals).
+    scale then estimated from the residuals); noise_cov [n, n] (see `deviation_statistic`):
+    generalized least squares instead, `stderrs` ignored.
     """
     steps, values, stderrs = _check_curve(steps, values, stderrs)
     n = len(steps)
     if n < MIN_FIT_POINTS:
         raise ValueError(f"need at least {MIN_FIT_POINTS} points to fit a power law, got {n}")
+    if noise_cov is not None:
+        cov_inv = np.linalg.inv(_check_cov(noise_cov, n))
+        design = np.stack([np.ones(n), -np.log(steps)], axis=1)
+        cov_beta = np.linalg.inv(design.T @ cov_inv @ design)
+        beta = cov_beta @ design.T @ cov_inv @ np.log(values)
+        resid = np.log(values) - design @ beta
+        scale = max(1.0, float(np.sqrt(resid @ cov_inv @ resid / max(n - 2, 1))))
+        cov_beta = scale**2 * cov_beta
+        return PowerLawFit(float(beta[0]), float(beta[1]), scale, n, tuple(map(tuple, cov_beta)))
     sig = _log_sigma(values, stderrs)
     log_a, b, scale, inv = _prefix_fits(
         np.log(steps), np.log(values), sig, np.array([n]), stderrs is not None
@@ -352,8 +362,8 @@ def verdict(
     """Labels a run from its proxy curve; precedence: not_converged (too few points) >
     overfitting > teacher_hacking > not_converged (proxy not decreasing) > healthy. The golden
     curve, when given, only adds details (U shape, lag = flag step - golden minimum step).
-    noise_cov [n, n]: see `deviation_statistic`; the reported law and the overfitting rule
-    then use its diagonal as stderrs."""
+    noise_cov [n, n]: see `deviation_statistic`; the reported law is then its GLS fit, and
+    the overfitting rule uses its diagonal as stderrs."""
     steps, proxy, proxy_stderr = _check_curve(steps, proxy, proxy_stderr, name="proxy")
     if noise_cov is not None:
         proxy_stderr = np.sqrt(np.diag(_check_cov(noise_cov, len(steps)))) * proxy
@@ -369,7 +379,10 @@ def verdict(
     # The law reported (and drawn) is the one the detector extrapolated when it first fired.
     n_law = int(config.fit_fraction * (detection.first_index + 1)) if detection.fired else None
     law = fit_power_law(
-        steps[:n_law], proxy[:n_law], None if proxy_stderr is None else proxy_stderr[:n_law]
+        steps[:n_law],
+        proxy[:n_law],
+        None if proxy_stderr is None else proxy_stderr[:n_law],
+        None if noise_cov is None else np.asarray(noise_cov)[:n_law, :n_law],
     )
     fit = {"log_a": law.log_a, "b": law.b, "b_stderr": law.b_stderr, "n": law.n}
     details.update(
