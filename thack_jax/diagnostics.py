@@ -362,8 +362,8 @@ def verdict(
     """Labels a run from its proxy curve; precedence: not_converged (too few points) >
     overfitting > teacher_hacking > not_converged (proxy not decreasing) > healthy. The golden
     curve, when given, only adds details (U shape, lag = flag step - golden minimum step).
-    noise_cov [n, n]: see `deviation_statistic`; the reported law is then its GLS fit, and
-    the overfitting rule uses its diagonal as stderrs."""
+    noise_cov [n, n]: see `deviation_statistic`; the reported law and the overfitting rule
+    then use its diagonal as stderrs."""
     steps, proxy, proxy_stderr = _check_curve(steps, proxy, proxy_stderr, name="proxy")
     if noise_cov is not None:
         proxy_stderr = np.sqrt(np.diag(_check_cov(noise_cov, len(steps)))) * proxy
@@ -378,11 +378,11 @@ def verdict(
     detection = detect_deviation(steps, proxy, proxy_stderr, config, noise_cov)
     # The law reported (and drawn) is the one the detector extrapolated when it first fired.
     n_law = int(config.fit_fraction * (detection.first_index + 1)) if detection.fired else None
+    # With a noise covariance this is the WLS fit on its diagonal, not the detector's GLS fit:
+    # strongly correlated noise lets a GLS line sit off the data by a shared offset (which the
+    # detector's predictor adds back), a misleading picture of the law.
     law = fit_power_law(
-        steps[:n_law],
-        proxy[:n_law],
-        None if proxy_stderr is None else proxy_stderr[:n_law],
-        None if noise_cov is None else np.asarray(noise_cov)[:n_law, :n_law],
+        steps[:n_law], proxy[:n_law], None if proxy_stderr is None else proxy_stderr[:n_law]
     )
     fit = {"log_a": law.log_a, "b": law.b, "b_stderr": law.b_stderr, "n": law.n}
     details.update(
