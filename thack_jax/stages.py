@@ -34,7 +34,7 @@ from thack_jax.guard import GUARD_FILE, HackingGuard, fit_start_step, guard_sett
 from thack_jax.metrics_io import read_metrics
 from thack_jax.models import hf
 
-# The metric the hacking guard watches (fed from the end of warmup, without stderrs).
+# The metric the hacking guard watches (from the end of warmup, with its per-prompt values).
 GUARD_KEY = "proxy/forward_kl"
 
 
