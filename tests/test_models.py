@@ -4,8 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
-from thack_jax import models
+from thack_jax import models, partitioning
 
 PUBLISHED_MILLIONS = {"small": 77.0, "base": 247.6, "large": 783.2, "xl": 2850.0}
 
@@ -88,6 +89,41 @@ def test_cross_attention_kv_computed_once():
         and any(v.aval.shape[:2] == (3, 7) and len(v.aval.shape) == 3 for v in eqn.invars)
     ]
     assert not contracted_over_encoder
+
+
+def test_decoding_cache_is_heads_first_and_sharded_by_heads():
+    """K/V buffers are [B, H, L, Dk] (the layout decode attention contracts without a
+    transpose), with logical axes (batch, heads, length, kv) under a data x model mesh."""
+    config = models.get_config("tiny")
+    params = models.init_params(config, jax.random.key(0))
+    inputs = jnp.ones((8, 7), jnp.int32)
+    h, dk, n = config.num_heads, config.d_kv, config.num_decoder_layers
+
+    def init(p, x):
+        return models.init_cache(config, p, models.encode(config, p, x), x, 5)
+
+    cache = init(params, inputs)
+    for name, length in (("self_k", 5), ("self_v", 5), ("cross_k", 7), ("cross_v", 7)):
+        assert [a.shape for a in cache[name]] == [(8, h, length, dk)] * n, name
+    assert cache["cross_bias"].shape == (8, 1, 1, 7)
+    # The cross K/V are the projections of the encoder output, transposed once.
+    layer = params["decoder"]["layers_0"]["encoder_decoder_attention"]["key"]["kernel"]
+    encoded = models.encode(config, params, inputs)
+    want = (encoded @ layer).reshape(8, 7, h, dk).transpose(0, 2, 1, 3)
+    np.testing.assert_allclose(cache["cross_k"][0], want, atol=1e-5)
+
+    mesh = partitioning.make_mesh({"data": 4, "model": 2})
+    with nn.logical_axis_rules(partitioning.flax_axis_rules(mesh)), jax.set_mesh(mesh):
+        sharded = jax.jit(init)(params, inputs)
+        logits, stepped = jax.jit(
+            lambda c: models.decode_step(config, params, c, jnp.zeros((8,), jnp.int32), 0)
+        )(sharded)
+    for tree in (sharded, stepped):
+        for name in ("self_k", "self_v", "cross_k", "cross_v"):
+            spec = tuple(tree[name][0].sharding.spec) + (None,) * 4
+            assert spec[:4] == ("data", "model", None, None), (name, spec)
+    want, _ = models.decode_step(config, params, cache, jnp.zeros((8,), jnp.int32), 0)
+    np.testing.assert_allclose(logits, want, atol=1e-5)
 
 
 def test_padding_in_prompt_does_not_change_logits():

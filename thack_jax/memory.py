@@ -13,8 +13,8 @@ Modes (what one jitted call holds at its peak):
     pass of one microbatch + logits.
   * 'forward': params + one layer's activations (transient) + the encoder output + logits
     and log-probs [B, Ly, V] float32 (a frozen teacher's forward, scoring).
-  * 'sample': params + the KV cache of `sampling.sample` (self-attention [N, Ly, H, Dk] and
-    cross-attention [N, Lx, H, Dk] keys and values per decoder layer, N = batch *
+  * 'sample': params + the KV cache of `sampling.sample` (self-attention [N, H, Ly, Dk] and
+    cross-attention [N, H, Lx, Dk] keys and values per decoder layer, N = batch *
     num_samples) + the encoder's transient + optionally full log-probs [N, Ly, V] float32.
 
 Activation formula (training, per device; r = rows per device per microbatch, I = heads *

@@ -6,7 +6,8 @@ Every parameter carries logical axis names; key activations are constrained with
 
 Decoding uses an explicit cache pytree instead of a mutable Flax collection: the
 cross-attention keys/values are computed once per prompt by `Decoder.init_cache`, and
-`Decoder.step` appends one token's self-attention keys/values per call.
+`Decoder.step` appends one token's self-attention keys/values per call. The cached K/V
+are heads-first, [B, H, L, Dk], so that the per-step attention needs no transpose of them.
 """
 
 from __future__ import annotations
@@ -150,6 +151,19 @@ class Attention(nn.Module):
         b, lq = out.shape[:2]
         return self.out(out.reshape(b, lq, self.config.inner_dim))
 
+    def attend_cached(self, x: jax.Array, keys: jax.Array, values: jax.Array, bias: jax.Array):
+        """`attend` on a decoding cache laid out heads-first: keys/values [B, H, Lk, Dk].
+
+        With [B, Lk, H, Dk] XLA transposes every cached K/V at every decode step; with this
+        layout the contractions read the cache as stored (docs/performance.md, Sampling).
+        """
+        q = self._heads(self.query(x))
+        scores = jnp.einsum("bqhd,bhkd->bhqk", q, keys, preferred_element_type=jnp.float32)
+        weights = jax.nn.softmax(scores + bias, axis=-1).astype(values.dtype)
+        out = jnp.einsum("bhqk,bhkd->bqhd", weights, values)
+        b, lq = out.shape[:2]
+        return self.out(out.reshape(b, lq, self.config.inner_dim))
+
     def __call__(self, x: jax.Array, kv_input: jax.Array, bias: jax.Array) -> jax.Array:
         keys, values = self.project_kv(kv_input)
         return self.attend(x, keys, values, bias)
@@ -204,20 +218,40 @@ class DecoderLayer(nn.Module):
     def __call__(self, x, self_bias, cross_kv, cross_bias, cache_kv=None, step=None):
         """One decoder layer.
 
-        x [B, Lq, D]; self_bias [B|1, H, Lq, Lk]; cross_kv: keys/values [B, Lx, H, Dk];
-        cache_kv: optional (keys, values) [B, Lmax, H, Dk] into which this call's keys and
-        values are written at position `step`. Returns (x, (keys, values) attended to).
+        x [B, Lq, D]; self_bias [B|1, H, Lq, Lk]. Teacher forcing (cache_kv None):
+        cross_kv: keys/values [B, Lx, H, Dk]. Cached decoding: cache_kv: (keys, values)
+        [B, H, Lmax, Dk] into which this call's keys and values are written at position
+        `step`, and cross_kv [B, H, Lx, Dk] (the heads-first cache layout of `init_cache`).
+        Returns (x, (keys, values) attended to).
         """
         h = self.pre_self_attention_layer_norm(x)
         keys, values = self.self_attention.project_kv(h)
-        if cache_kv is not None:
-            keys = jax.lax.dynamic_update_slice_in_dim(cache_kv[0], keys, step, axis=1)
-            values = jax.lax.dynamic_update_slice_in_dim(cache_kv[1], values, step, axis=1)
-        x = x + self.self_attention.attend(h, keys, values, self_bias)
-        h = self.pre_cross_attention_layer_norm(x)
-        x = x + self.encoder_decoder_attention.attend(h, *cross_kv, cross_bias)
+        if cache_kv is None:
+            x = x + self.self_attention.attend(h, keys, values, self_bias)
+            h = self.pre_cross_attention_layer_norm(x)
+            x = x + self.encoder_decoder_attention.attend(h, *cross_kv, cross_bias)
+        else:
+            keys = _write_cache(cache_kv[0], keys, step)
+            values = _write_cache(cache_kv[1], values, step)
+            x = x + self.self_attention.attend_cached(h, keys, values, self_bias)
+            h = self.pre_cross_attention_layer_norm(x)
+            x = x + self.encoder_decoder_attention.attend_cached(h, *cross_kv, cross_bias)
         x = x + self.mlp(self.pre_mlp_layer_norm(x))
         return nn.with_logical_constraint(x, ("batch", "length", "embed")), (keys, values)
+
+
+CACHE_AXES = ("batch", "heads", "length", "kv")  # logical axes of every cached K/V buffer
+
+
+def _heads_first(x: jax.Array) -> jax.Array:
+    """[B, L, H, Dk] -> the decoding cache layout [B, H, L, Dk]."""
+    return nn.with_logical_constraint(jnp.swapaxes(x, 1, 2), CACHE_AXES)
+
+
+def _write_cache(buffer: jax.Array, x: jax.Array, step: jax.Array) -> jax.Array:
+    """Writes x [B, Lq, H, Dk] into buffer [B, H, Lmax, Dk] at positions step..step+Lq-1."""
+    out = jax.lax.dynamic_update_slice_in_dim(buffer, _heads_first(x), step, axis=2)
+    return nn.with_logical_constraint(out, CACHE_AXES)
 
 
 def _padding_bias(token_mask: jax.Array) -> jax.Array:
@@ -295,25 +329,30 @@ class Decoder(nn.Module):
         """Computes cross-attention K/V once and allocates the self-attention cache.
 
         encoded [B, Lx, D], input_tokens [B, Lx] -> cache dict:
-          self_k / self_v: per-layer tuples of [B, max_decode_len, H, Dk] (zeros),
-          cross_k / cross_v: per-layer tuples of [B, Lx, H, Dk], cross_bias: [B, 1, 1, Lx].
-        Per-layer tuples (not one stacked array) let XLA update each buffer in place.
+          self_k / self_v: per-layer tuples of [B, H, max_decode_len, Dk] (zeros),
+          cross_k / cross_v: per-layer tuples of [B, H, Lx, Dk], cross_bias: [B, 1, 1, Lx].
+        Per-layer tuples (not one stacked array) let XLA update each buffer in place. The
+        K/V buffers are heads-first (logical axes `CACHE_AXES`), the layout the per-step
+        attention contracts without transposing; the cross K/V are transposed once here.
         """
         c = self.config
         cross = [layer.encoder_decoder_attention.project_kv(encoded) for layer in self.layers]
-        shape = (encoded.shape[0], max_decode_len, c.num_heads, c.d_kv)
-        zeros = tuple(jnp.zeros(shape, _dtype(c.dtype)) for _ in self.layers)
+        shape = (encoded.shape[0], c.num_heads, max_decode_len, c.d_kv)
+        zeros = tuple(
+            nn.with_logical_constraint(jnp.zeros(shape, _dtype(c.dtype)), CACHE_AXES)
+            for _ in self.layers
+        )
         return {
             "self_k": zeros,
             "self_v": zeros,
-            "cross_k": tuple(k for k, _ in cross),
-            "cross_v": tuple(v for _, v in cross),
+            "cross_k": tuple(_heads_first(k) for k, _ in cross),
+            "cross_v": tuple(_heads_first(v) for _, v in cross),
             "cross_bias": _padding_bias(input_tokens != c.pad_id),
         }
 
     def step(self, cache: dict, token: jax.Array, step: jax.Array):
         """Feeds `token` [B] at decoder position `step` -> (logits [B, V] f32, new cache)."""
-        max_len = cache["self_k"][0].shape[1]
+        max_len = cache["self_k"][0].shape[2]
         key_positions = jnp.arange(max_len)
         bias = self.relpos_bias(step[None], key_positions)  # [1, H, 1, Lmax]
         bias = bias + jnp.where(key_positions <= step, 0.0, NEG_INF)[None, None, None, :]
