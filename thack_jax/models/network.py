@@ -144,12 +144,7 @@ class Attention(nn.Module):
 
     def attend(self, x: jax.Array, keys: jax.Array, values: jax.Array, bias: jax.Array):
         """x [B, Lq, D] attends to keys/values [B, Lk, H, Dk]; bias [B|1, H|1, Lq, Lk]."""
-        q = self._heads(self.query(x))
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, keys, preferred_element_type=jnp.float32)
-        weights = jax.nn.softmax(scores + bias, axis=-1).astype(values.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, values)
-        b, lq = out.shape[:2]
-        return self.out(out.reshape(b, lq, self.config.inner_dim))
+        return self._attend(x, keys, values, bias, "bkhd")
 
     def attend_cached(self, x: jax.Array, keys: jax.Array, values: jax.Array, bias: jax.Array):
         """`attend` on a decoding cache laid out heads-first: keys/values [B, H, Lk, Dk].
@@ -157,10 +152,14 @@ class Attention(nn.Module):
         With [B, Lk, H, Dk] XLA transposes every cached K/V at every decode step; with this
         layout the contractions read the cache as stored (docs/performance.md, Sampling).
         """
+        return self._attend(x, keys, values, bias, "bhkd")
+
+    def _attend(self, x, keys, values, bias, kv: str):
+        """kv: the einsum subscripts of the keys/values layout ('bkhd' or 'bhkd')."""
         q = self._heads(self.query(x))
-        scores = jnp.einsum("bqhd,bhkd->bhqk", q, keys, preferred_element_type=jnp.float32)
+        scores = jnp.einsum(f"bqhd,{kv}->bhqk", q, keys, preferred_element_type=jnp.float32)
         weights = jax.nn.softmax(scores + bias, axis=-1).astype(values.dtype)
-        out = jnp.einsum("bhqk,bhkd->bqhd", weights, values)
+        out = jnp.einsum(f"bhqk,{kv}->bqhd", weights, values)
         b, lq = out.shape[:2]
         return self.out(out.reshape(b, lq, self.config.inner_dim))
 
