@@ -1,7 +1,6 @@
 """Tests of thack_jax.evaluation: the Evaluator (exactness, determinism, sharding, bad input).
 The checkpoint watcher is tests/test_eval_watch.py."""
 
-import math
 import os
 import sys
 
@@ -15,9 +14,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 from test_divergences import (  # noqa: E402
     LX,
     V,
-    enumerate_responses,
+    exact_divergences,
     make_model,
-    masked_scores,
 )
 
 L = 3
@@ -45,23 +43,6 @@ def prompts_(n, seed=0):
     return np.random.default_rng(seed).integers(2, V, size=(n, LX)).astype(np.int32)
 
 
-def exact(p, q, prompts):
-    """Exact forward KL(p||q), reverse KL(q||p), JS averaged over `prompts`, by enumeration."""
-    targets, mask = enumerate_responses()
-    k, s = prompts.shape[0], targets.shape[0]
-    inputs = np.repeat(prompts, s, axis=0)
-    t, m = np.tile(targets, (k, 1)), np.tile(mask, (k, 1))
-    lp = masked_scores(p, inputs, t, m)[0].sum(1).reshape(k, s)
-    lq = masked_scores(q, inputs, t, m)[0].sum(1).reshape(k, s)
-    lm = np.logaddexp(lp, lq) - math.log(2)
-    pp, pq = np.exp(lp), np.exp(lq)
-    return {
-        "forward_kl": (pp * (lp - lq)).sum(1).mean(),
-        "reverse_kl": (pq * (lq - lp)).sum(1).mean(),
-        "js": (0.5 * pp * (lp - lm) + 0.5 * pq * (lq - lm)).sum(1).mean(),
-    }
-
-
 def make_evaluator(trio, prompts, **kwargs):
     oracle, teacher, student = trio
     args = dict(num_samples=16, max_decode_len=L, seed=0, batch_size=4)
@@ -82,7 +63,7 @@ def test_evaluate_matches_exact_divergences(trio, estimator):
     }
     assert set(metrics) == expected_keys
     for prefix, ref in (("golden", trio[0]), ("proxy", trio[1])):
-        truth = exact(ref, trio[2], prompts)
+        truth = exact_divergences(ref, trio[2], prompts)
         for div, value in truth.items():
             got, se = metrics[f"{prefix}/{div}"], metrics[f"{prefix}/{div}_stderr"]
             assert 0 < se < 0.5 * value, (prefix, div, got, se)
