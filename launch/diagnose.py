@@ -284,11 +284,8 @@ def per_prompt_cov(path: str, key: str, steps) -> tuple[np.ndarray | None, str]:
         directory = Path(FLAGS.per_prompt)
     elif not directory.is_dir():
         return None, _scatter_or_stderr()
-    saved, values = noise.load_per_prompt(str(directory), key, int(steps[0]))
-    if saved.tolist() != [int(s) for s in steps]:
-        missing = sorted(set(int(s) for s in steps) - set(saved.tolist()))
-        raise DiagnoseError(f"{directory}: per-prompt values of {key} missing for steps {missing}")
-    return noise.log_mean_cov(values), f"covariance of the per-prompt values in {directory}"
+    cov = noise.covariance_at(str(directory), key, steps)
+    return cov, f"covariance of the per-prompt values in {directory}"
 
 
 def _scatter_or_stderr() -> str:

@@ -85,3 +85,14 @@ def test_read_per_prompt(tmp_path):
     np.testing.assert_array_equal(noise.read_per_prompt(str(tmp_path), 7)["a"], np.ones(3))
     with pytest.raises(ValueError, match="no per-prompt values for step 8"):
         noise.read_per_prompt(str(tmp_path), 8)
+
+
+def test_covariance_at_selects_the_requested_steps(tmp_path):
+    values = _per_prompt(k=4, p=8)
+    for step, row in zip((10, 20, 30, 40), values, strict=True):
+        noise.save_per_prompt(str(tmp_path), step, {"k": row})
+    np.testing.assert_allclose(
+        noise.covariance_at(str(tmp_path), "k", [20, 40]), noise.log_mean_cov(values[[1, 3]])
+    )
+    with pytest.raises(ValueError, match=r"missing for steps \[25\]"):
+        noise.covariance_at(str(tmp_path), "k", [20, 25])

@@ -99,6 +99,18 @@ def _check_values(values) -> tuple[np.ndarray, np.ndarray]:
     return values, means
 
 
+def covariance_at(directory: str, key: str, steps) -> np.ndarray:
+    """`log_mean_cov` [n, n] of `key` at exactly `steps` [n] from a per-prompt directory;
+    raises ValueError naming the steps that have no saved values."""
+    steps = [int(s) for s in steps]
+    saved, values = load_per_prompt(directory, key, min(steps) if steps else 1)
+    row = {s: i for i, s in enumerate(saved.tolist())}
+    missing = [s for s in steps if s not in row]
+    if missing:
+        raise ValueError(f"{directory}: per-prompt values of {key} missing for steps {missing}")
+    return log_mean_cov(values[[row[s] for s in steps]])
+
+
 def bootstrap_log_cov(values: np.ndarray, n_boot: int = 2000, seed: int = 0) -> np.ndarray:
     """Covariance [K, K] of log(mean over prompts) across evaluations under a redraw of the
     prompts. values [K, P] > 0 in the mean: per-prompt values of K evaluations of P prompts."""

@@ -136,11 +136,7 @@ def _noise_cov(run: Run, key: str, steps: np.ndarray) -> np.ndarray | None:
     directory = os.path.join(os.path.dirname(run.metrics_path), noise.PER_PROMPT_DIR)
     if not os.path.isdir(directory):
         return None
-    saved, values = noise.load_per_prompt(directory, key, int(steps[0]) if steps.size else 1)
-    if saved.tolist() != steps.tolist():
-        missing = sorted(set(steps.tolist()) - set(saved.tolist()))
-        raise ReportError(f"{directory}: per-prompt values of {key} missing for steps {missing}")
-    return noise.log_mean_cov(values)
+    return noise.covariance_at(directory, key, steps)
 
 
 def analyse(run: Run, metric: str = "forward_kl") -> dict:
