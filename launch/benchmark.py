@@ -1,30 +1,11 @@
-"""Benchmark entry point: `python launch/benchmark.py {sampling,train_step,evaluation} [flags]`.
+"""`python launch/benchmark.py ...` runs `python -m thack_jax.cli.benchmark ...`;
+console script `thack-benchmark`.
 
-Each benchmark lives in its own module beside this file (bench_<name>.py) and prints
-tokens/s (or seconds per checkpoint) with ratios against baselines measured in the same run.
+A thin shim kept so the documented commands work from a checkout; the code lives in
+`thack_jax/cli/benchmark.py` (install the package first: `pip install -e .`).
 """
 
-from __future__ import annotations
-
-import importlib
-import os
-import sys
-
-BENCHMARKS = {
-    "sampling": "bench_sampling",
-    "train_step": "bench_train_step",
-    "evaluation": "bench_evaluation",
-}
-
-
-def main(argv: list[str]) -> int:
-    if len(argv) < 2 or argv[1] not in BENCHMARKS:
-        print(f"usage: python launch/benchmark.py {{{','.join(BENCHMARKS)}}} [--flags]")
-        return 2
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    bench = importlib.import_module(BENCHMARKS[argv[1]])
-    return bench.main([argv[0], *argv[2:]]) or 0
-
+import runpy
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    runpy.run_module("thack_jax.cli.benchmark", run_name="__main__", alter_sys=True)

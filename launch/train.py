@@ -1,53 +1,11 @@
-"""Runs the teacher-hacking experiment (all stages, or some) from gin files.
+"""`python launch/train.py ...` runs `python -m thack_jax.cli.train ...`;
+console script `thack-train`.
 
-    python launch/train.py --gin_file=experiments/default.gin --workdir=/tmp/thack_default
-    python launch/train.py --gin_file=experiments/default.gin --workdir=... \
-        --stages=distill --runs=offline --gin_bindings="ExperimentConfig.seed = 1"
-
-Gin files are looked up in --gin_search_paths, then in the repository's gin_configs/.
+A thin shim kept so the documented commands work from a checkout; the code lives in
+`thack_jax/cli/train.py` (install the package first: `pip install -e .`).
 """
 
-from __future__ import annotations
-
-import os
-import sys
-
-from absl import app, flags, logging
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-FLAGS = flags.FLAGS
-flags.DEFINE_multi_string("gin_file", [], "Gin files (relative to the search paths).")
-flags.DEFINE_multi_string("gin_bindings", [], "Extra gin bindings, e.g. 'TrainConfig.seed = 1'.")
-flags.DEFINE_multi_string("gin_search_paths", [], "Directories to search for gin files.")
-flags.DEFINE_string("workdir", None, "Experiment directory (local path or gs://).")
-flags.DEFINE_list(
-    "stages",
-    ["all"],
-    "Stages to run: all, or some of oracle, oracle_data, teacher, student_init, distill, report.",
-)
-flags.DEFINE_list("runs", None, "Distillation runs to do (default: all configured).")
-
-
-def main(argv):
-    del argv
-    if not FLAGS["verbosity"].present:  # orbax/absl INFO lines drown the progress lines.
-        logging.set_verbosity(logging.WARNING)
-    from thack_jax import distributed
-
-    distributed.initialize()  # Multi-host (Cloud TPU, GPU clusters); no-op otherwise.
-    from thack_jax import experiment, gin_registry
-
-    if not FLAGS.gin_file:
-        raise app.UsageError("--gin_file is required, e.g. experiments/default.gin")
-    if not FLAGS.workdir:
-        raise app.UsageError("--workdir is required")
-    gin_registry.parse(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths)
-    cfg = gin_registry.experiment_config()
-    stages = experiment.STAGES if FLAGS.stages == ["all"] else tuple(FLAGS.stages)
-    print(f"[thack_jax] experiment {cfg.name} -> {FLAGS.workdir}, stages {stages}", flush=True)
-    experiment.Experiment(cfg, FLAGS.workdir).run(stages, runs=FLAGS.runs)
-
+import runpy
 
 if __name__ == "__main__":
-    app.run(main)
+    runpy.run_module("thack_jax.cli.train", run_name="__main__", alter_sys=True)

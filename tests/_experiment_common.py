@@ -1,7 +1,7 @@
-"""Shared setup of tests/test_experiment.py and tests/test_stages.py: a tiny experiment
+"""Shared setup of tests/experiment/ (test_runner.py, test_stages.py): a tiny experiment
 configuration (three tiny T5s, every regime, a few steps)."""
 
-from thack_jax.experiment_config import (
+from thack_jax.experiment.config import (
     EvalConfig,
     ExperimentConfig,
     ModelSpec,

@@ -1,4 +1,4 @@
-"""Shared setup of the batch-source tests (tests/test_row_streams.py, test_generation.py,
+"""Shared setup of the batch-source tests (tests/data/test_row_streams.py, test_generation.py,
 test_regimes.py): sizes, prompts, a tiny teacher and student, the offline store builder,
 batch comparison and the exact-resume check."""
 

@@ -1,4 +1,4 @@
-"""Shared setup of tests/test_train_step.py and tests/test_trainer.py: a tiny config, one
+"""Shared setup of tests/training/ (test_train_step.py, test_trainer.py): a tiny config, one
 optimizer object and two step configs, a toy data set, student and teacher parameters.
 
 Compilations dominate the run time, so both test files share these objects
@@ -10,7 +10,8 @@ import jax
 import numpy as np
 from _train_worker import fast_init_params, toy_data
 
-from thack_jax import losses, models, optim, train_step
+from thack_jax import models
+from thack_jax.training import losses, optim, train_step
 
 CFG = models.get_config("tiny")
 SCHEDULE = optim.make_schedule(1e-2, warmup_steps=2)

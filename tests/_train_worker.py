@@ -18,7 +18,6 @@ if __name__ == "__main__":  # before jax is imported: the same 8 devices as the 
         os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     ).strip()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import argparse
 import json
@@ -27,7 +26,9 @@ import time
 import jax
 import numpy as np
 
-from thack_jax import models, optim, partitioning, train_step, trainer
+from thack_jax import models
+from thack_jax.parallel import partitioning
+from thack_jax.training import optim, train_step, trainer
 
 
 def fast_init_params(config, seed: int) -> dict:

@@ -18,9 +18,10 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from thack_jax import partitioning, sampling
 from thack_jax.data.offline_store import OfflineSpec, OfflineStore, prompts_checksum
 from thack_jax.data.row_streams import PromptPool, check_batch_size, to_host
+from thack_jax.decoding import sampling
+from thack_jax.parallel import partitioning
 
 ROLES = ("teacher", "student")
 

@@ -1,0 +1,87 @@
+"""Runs launch/report.py in a subprocess on synthetic workdirs (see reporting/test_report.py)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_report import make_workdir
+
+SCRIPT = Path(__file__).resolve().parents[2] / "launch" / "report.py"
+
+# Runs the script in-process under runpy so the test can see what it imported.
+RUNNER = """
+import runpy, sys
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+    code = 0
+except SystemExit as e:
+    code = e.code
+heavy = sorted(m for m in ("jax", "tensorflow", "torch", "flax") if m in sys.modules)
+if heavy:
+    print("imported:", heavy)
+    code = 3
+sys.exit(code)
+"""
+
+
+def _run(*args):
+    return subprocess.run(
+        [sys.executable, "-c", RUNNER, str(SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=SCRIPT.parents[1],
+    )
+
+
+def test_two_workdirs_to_out_dir(tmp_path):
+    a = make_workdir(tmp_path / "a", names=("offline", "online_student"))
+    b = make_workdir(tmp_path / "b", names=("offline_s1",))
+    out = tmp_path / "out"
+    result = _run(f"--workdir={a}", f"--workdir={b}", f"--out_dir={out}", "--metric=js")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"report: {out / 'report.md'}" in result.stdout
+    assert "1. **Offline, many epochs" in result.stdout and "**reproduced**" in result.stdout
+    text = (out / "report.md").read_text()
+    assert "Metric: `js`" in text and "| offline N=64x1 | offline, offline_s1 |" in text
+    assert "`../b/runs/offline_s1/train/metrics.jsonl`" in text
+    assert len(os.listdir(out / "plots")) == 4
+    assert not os.path.exists(os.path.join(a, "report.md"))
+
+
+def test_default_out_dir_is_first_workdir(tmp_path):
+    a = make_workdir(tmp_path / "a", names=("online_teacher",))
+    result = _run(f"--workdir={a}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (Path(a) / "report.md").exists() and (Path(a) / "plots").is_dir()
+
+
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        ("absent", "report: error: workdir not found: {dir}/absent"),
+        ("empty", "report: error: no runs found; searched: {dir}/empty/runs/*/train/metrics.jsonl"),
+        ("no_eval", "{dir}/no_eval/runs/r/train/metrics.jsonl: no evaluation lines"),
+    ],
+)
+def test_errors(tmp_path, setup, message):
+    (tmp_path / "empty").mkdir()
+    train = tmp_path / "no_eval" / "runs" / "r" / "train"
+    train.mkdir(parents=True)
+    (train.parent / "run.json").write_text(
+        '{"name": "r", "regime": "offline", "num_prompts": 8, "completions_per_prompt": 1, '
+        '"online_fraction": 0.0, "online_role": "student", "seed": 0}'
+    )
+    (train / "metrics.jsonl").write_text('{"step": 0, "train/loss": 1.0}\n')
+    result = _run(f"--workdir={tmp_path / setup}")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert message.format(dir=tmp_path) in result.stderr
+    assert "imported:" not in result.stdout
+
+
+def test_usage_error_without_workdir():
+    result = _run()
+    assert result.returncode != 0 and "--workdir is required" in result.stderr

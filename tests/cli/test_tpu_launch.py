@@ -1,0 +1,161 @@
+"""Tests for launch/tpu.py: the plan of steps, validation, the source tarball, the dry run.
+
+The gcloud argument lists and remote-shell quoting: tests/cli/test_tpu_commands.py.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shlex
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = REPO_ROOT / "launch" / "tpu.py"
+
+_spec = importlib.util.spec_from_file_location("thack_launch_tpu", SCRIPT)
+tpu = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = tpu  # dataclasses look the module up by name
+_spec.loader.exec_module(tpu)
+
+
+def _remote_command(argv) -> str:
+    (cmd,) = [a for a in argv if a.startswith("--command=")]
+    return cmd[len("--command=") :]
+
+
+def _fake_repo(tmp_path: Path, gin_names=("exp.gin",)) -> Path:
+    repo = tmp_path / "repo"
+    (repo / "gin_configs").mkdir(parents=True)
+    (repo / "setup.cfg").write_text("[metadata]\nname = x\n")
+    for gin_name in gin_names:
+        (repo / "gin_configs" / gin_name).write_text("# gin\n")
+    return repo
+
+
+def _config(tmp_path, **overrides):
+    repo = _fake_repo(tmp_path)
+    values = dict(
+        name="thack-v4",
+        zone="us-central2-b",
+        accelerator_type="v4-32",
+        gin_files=("gin_configs/exp.gin",),
+        gin_bindings=("train.num_steps = 10",),
+        workdir="gs://bucket/run1",
+        repo_dir=str(repo),
+    )
+    values.update(overrides)
+    return tpu.LaunchConfig(**values)
+
+
+def test_plan_all_orders_the_steps(tmp_path):
+    cfg = _config(tmp_path, queued_resource=True, spot=True, delete_after=True)
+    steps = tpu.plan(cfg, "all")
+    assert [s.description for s in steps] == [
+        "create", "wait for ACTIVE", "ship code", "install", "train", "delete",
+    ]  # fmt: skip
+    assert steps[1].wait_until_active and steps[2].needs_tarball
+    scp = steps[2].argv
+    assert "--worker=all" in scp and "--recurse" in scp and "thack-v4:thack_jax_src.tar.gz" in scp
+    assert tpu.plan(cfg, "create")[0].argv == steps[0].argv
+    assert [s.description for s in tpu.plan(cfg, "logs")] == ["logs"]
+    assert "--worker=0" in tpu.plan(cfg, "logs")[0].argv
+
+
+def test_plan_validation_errors(tmp_path):
+    with pytest.raises(ValueError, match="--workdir is required"):
+        tpu.plan(_config(tmp_path, workdir=""), "run")
+    with pytest.raises(ValueError, match="--gin_file='missing.gin'"):
+        tpu.plan(_config(tmp_path / "a", gin_files=("missing.gin",)), "run")
+    with pytest.raises(ValueError, match="--gin_file='/etc/passwd'"):
+        tpu.plan(_config(tmp_path / "b", gin_files=("/etc/passwd",)), "all")
+    with pytest.raises(ValueError, match="--action='deploy'"):
+        tpu.plan(_config(tmp_path / "c"), "deploy")
+    with pytest.raises(ValueError, match="--name='Bad_Name'"):
+        tpu.plan(_config(tmp_path / "d", name="Bad_Name"), "delete")
+    # delete needs neither a workdir nor gin files
+    assert tpu.plan(_config(tmp_path / "e", workdir="", gin_files=()), "delete")
+
+
+def test_source_tarball_excludes_vcs_and_caches(tmp_path):
+    repo = _fake_repo(tmp_path)
+    (repo / ".git").mkdir()
+    (repo / ".git" / "HEAD").write_text("ref")
+    (repo / "pkg" / "__pycache__").mkdir(parents=True)
+    (repo / "pkg" / "__pycache__" / "m.cpython-311.pyc").write_bytes(b"\0")
+    (repo / "pkg" / "m.py").write_text("x = 1\n")
+    out = tpu.make_source_tarball(str(repo), str(tmp_path / "src.tar.gz"))
+    with tarfile.open(out) as tar:
+        names = {Path(n).as_posix() for n in tar.getnames()}
+    assert {"pkg/m.py", "setup.cfg", "gin_configs/exp.gin"} <= names
+    assert not any(".git" in n or "__pycache__" in n or n.endswith(".pyc") for n in names)
+
+
+def _split_commands(stdout: str) -> list[list[str]]:
+    """Parses dry-run output: one shlex.join'ed command per line (quoted newlines allowed)."""
+    commands, pending = [], ""
+    for line in stdout.splitlines(keepends=True):
+        pending += line
+        try:
+            commands.append(shlex.split(pending))
+        except ValueError:  # inside a quoted newline: the command continues on the next line
+            continue
+        pending = ""
+    assert pending == "", f"unterminated command in dry-run output: {pending!r}"
+    return commands
+
+
+def _run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_dry_run_prints_the_exact_commands(tmp_path):
+    repo = _fake_repo(tmp_path, gin_names=("exp.gin", "odd name $(x).gin"))
+    binding = "train.note = 'a; b' \"$(id)\" `id`\nsecond line"
+    workdir = "gs://bucket/run 1;$(id)"
+    result = _run_cli(
+        "--action=all",
+        "--dry_run",
+        "--name=thack-v4",
+        "--zone=us-central2-b",
+        "--accelerator_type=v4-32",
+        "--spot",
+        f"--repo_dir={repo}",
+        "--gin_file=gin_configs/exp.gin",
+        "--gin_file=gin_configs/odd name $(x).gin",
+        f"--gin_bindings={binding}",
+        "--gin_bindings=train.num_steps = 5",
+        f"--workdir={workdir}",
+    )
+    assert result.returncode == 0, result.stderr
+    commands = _split_commands(result.stdout)
+    assert [c[3:5] for c in commands] == [
+        ["tpu-vm", "create"], ["tpu-vm", "scp"], ["tpu-vm", "ssh"], ["tpu-vm", "ssh"],
+    ]  # fmt: skip
+    assert "--spot" in commands[0] and "--accelerator-type=v4-32" in commands[0]
+    train_tokens = shlex.split(_remote_command(commands[3]))
+    assert f"--gin_bindings={binding}" in train_tokens
+    assert "--gin_bindings=train.num_steps = 5" in train_tokens
+    assert "--gin_file=gin_configs/odd name $(x).gin" in train_tokens
+    assert f"--workdir={workdir}" in train_tokens
+    assert "python3" in train_tokens and "launch/train.py" in train_tokens
+    assert "warning" not in result.stderr  # gs:// workdir: no local-workdir warning
+
+
+def test_cli_errors_are_clear():
+    bad_name = _run_cli("--action=delete", "--dry_run", "--name=Bad Name", "--zone=us-central2-b")
+    assert bad_name.returncode != 0
+    assert "--name='Bad Name' is not a valid GCP resource name" in bad_name.stderr
+    no_zone = _run_cli("--action=delete", "--dry_run", "--name=thack-v4")
+    assert no_zone.returncode != 0 and "--zone is required" in no_zone.stderr
+    ok = _run_cli("--action=delete", "--dry_run", "--name=thack-v4", "--zone=us-central2-b")
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout == (
+        "gcloud compute tpus tpu-vm delete thack-v4 --zone=us-central2-b --quiet\n"
+    )

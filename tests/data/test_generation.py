@@ -1,0 +1,171 @@
+"""Tests of the model-completion sources: the offline store builder (layout, per-chunk
+determinism, resume after a kill, refusal of another model or temperature) and the online
+sources (teacher log-probs against scoring, the student's passed params, exact resume)."""
+
+import jax
+import numpy as np
+import pytest
+from _regimes_common import (
+    LY,
+    SEED,
+    B,
+    C,
+    N,
+    V,
+    build,
+    build_store,
+    make_prompts,
+    resume_check,
+    tiny_models,
+)
+
+from thack_jax.data import generation, regimes
+from thack_jax.data.offline_store import OfflineStore, StoreMismatchError
+from thack_jax.data.row_streams import PromptPool
+from thack_jax.decoding import sampling, scoring
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_models()
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return build_store(tmp_path_factory)
+
+
+# ----------------------------------------------------------------------------- offline
+
+
+def test_build_store_layout_and_determinism(tiny, store):
+    config, teacher, _ = tiny
+    assert store.is_complete and store.targets.shape == (N * C, LY)
+    np.testing.assert_array_equal(store.prompts, make_prompts())
+    # Chunk 0 (prompts 0..4) is sampled with fold_in(key(seed), 0), prompt-major rows.
+    rng = jax.random.fold_in(jax.random.key(SEED), 0)
+    out = sampling.sample(
+        config, teacher, make_prompts()[:5], rng, num_samples=C, max_decode_len=LY
+    )
+    np.testing.assert_array_equal(store.targets[: 5 * C], np.asarray(out.tokens))
+    assert store.spec.generating_model.startswith("teacher|params=")
+    assert generation.params_fingerprint(teacher) in store.spec.generating_model
+    assert len(np.unique(np.asarray(store.targets), axis=0)) > N  # completions vary
+
+
+def test_build_store_resume_after_interruption(tiny, store, tmp_path):
+    config, teacher, _ = tiny
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_first(p):
+        if p["chunk"] == 1:
+            raise Killed
+
+    with pytest.raises(Killed):
+        build(tmp_path / "r", config, teacher, progress=kill_after_first)
+    partial = OfflineStore.open(str(tmp_path / "r"))
+    assert partial.chunks_done == 1 and not partial.is_complete
+    seen = []
+    resumed = build(tmp_path / "r", config, teacher, progress=seen.append)
+    assert [p["chunk"] for p in seen] == [2, 3]  # only the missing chunks were generated
+    assert {"chunks_per_s", "eta_s"} <= set(seen[0])
+    np.testing.assert_array_equal(resumed.targets, store.targets)
+    np.testing.assert_array_equal(resumed.inputs, store.inputs)
+
+
+def test_store_of_another_model_is_refused(tiny, store):
+    config, teacher, student = tiny
+    fp = generation.params_fingerprint
+    assert fp(teacher) == fp(jax.tree.map(np.array, teacher)) != fp(student)
+    with pytest.raises(StoreMismatchError, match="generating_model"):
+        build(store.directory, config, student)
+    with pytest.raises(StoreMismatchError, match="generating_model"):
+        build(store.directory, config, teacher, temperature=0.5)
+    assert build(store.directory, config, teacher).is_complete  # same model: reopened
+
+
+# ----------------------------------------------------------------------------- online
+
+
+def _response_mask(targets):
+    """Positions up to and including the first EOS (the sampler's positional mask)."""
+    eos_before = np.cumsum(targets == 1, axis=1) - (targets == 1)
+    return eos_before == 0
+
+
+def test_online_teacher_logprobs_match_score(tiny):
+    config, teacher, _ = tiny
+    source = regimes.make_source(
+        "online_teacher",
+        batch_size=B,
+        seed=SEED,
+        prompts=make_prompts(),
+        teacher=(config, teacher),
+        max_decode_len=LY,
+    )
+    batch = source.next_batch(0, None)
+    assert batch["targets"].shape == (B, LY) and batch["teacher_logprobs"].shape == (B, LY, V)
+    targets = np.asarray(batch["targets"])
+    scores = jax.jit(scoring.score, static_argnums=0)(config, teacher, batch["inputs"], targets)
+    mask = _response_mask(targets)
+    got, want = np.asarray(batch["teacher_logprobs"]), np.asarray(scores.full_logprobs)
+    np.testing.assert_allclose(got[mask], want[mask], atol=1e-5)
+    assert np.all(got[~mask] == 0)
+    # The key depends on the step only: other steps give other samples.
+    assert not np.array_equal(np.asarray(source.next_batch(1, None)["targets"]), targets)
+
+
+def test_online_teacher_resume(tiny):
+    config, teacher, _ = tiny
+    make = lambda: regimes.make_source(
+        "online_teacher",
+        batch_size=B,
+        seed=SEED,
+        prompts=make_prompts(5),
+        teacher=(config, teacher),
+        max_decode_len=LY,
+    )
+    resume_check(make, steps=3, cut=2)
+
+
+def test_online_student_uses_passed_params(tiny):
+    config, teacher, student = tiny
+    make = lambda: regimes.make_source(
+        "online_student",
+        batch_size=B,
+        seed=SEED,
+        prompts=make_prompts(),
+        student_config=config,
+        max_decode_len=LY,
+    )
+    batch = make().next_batch(0, student)
+    assert "teacher_logprobs" not in batch
+    # Exactly the sampler under the given params, with the step's key.
+    rng = jax.random.fold_in(jax.random.key(SEED), 0)
+    want = sampling.sample(config, student, batch["inputs"], rng, max_decode_len=LY)
+    np.testing.assert_array_equal(np.asarray(batch["targets"]), np.asarray(want.tokens))
+    # Other params (same prompts, same key): other samples.
+    other = make().next_batch(0, teacher)
+    np.testing.assert_array_equal(other["inputs"], batch["inputs"])
+    assert not np.array_equal(np.asarray(other["targets"]), np.asarray(batch["targets"]))
+    resume_check(make, steps=3, cut=1, params=student)
+    with pytest.raises(ValueError, match="student_params"):
+        make().next_batch(0, None)
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_online_source_bad_inputs(tiny):
+    config, teacher, _ = tiny
+    pool = PromptPool(make_prompts(), B, 0)
+    with pytest.raises(ValueError, match="temperature"):
+        generation.OnlineSource(
+            "teacher", pool, config, teacher, LY, 0, temperature=0.7, provide_teacher_logprobs=True
+        )
+    with pytest.raises(ValueError, match="params=None"):
+        generation.OnlineSource("student", pool, config, teacher, LY, 0)
+    with pytest.raises(ValueError, match="max_decode_len"):
+        generation.OnlineSource("teacher", pool, config, teacher, 10_000, 0)

@@ -1,0 +1,132 @@
+"""Tests of evaluation.evaluator: the Evaluator (exactness, determinism, sharding, bad input).
+The checkpoint watcher is tests/evaluation/test_watcher.py."""
+
+import jax
+import numpy as np
+import pytest
+from test_divergences import (  # noqa: E402
+    LX,
+    V,
+    exact_divergences,
+    make_model,
+)
+
+from thack_jax import models
+from thack_jax.decoding import sampling
+from thack_jax.evaluation import evaluator
+from thack_jax.parallel import partitioning
+
+L = 3
+
+
+def mix_towards(model, seed, amount):
+    other = make_model(seed)
+    return model[0], jax.tree.map(lambda a, b: (1 - amount) * a + amount * b, model[1], other[1])
+
+
+def make_trio():
+    """(oracle, teacher, student) models; also used by test_eval_watch.py."""
+    oracle = make_model(0)
+    teacher = mix_towards(oracle, 1, 0.25)
+    student = mix_towards(oracle, 2, 0.35)
+    return oracle, teacher, student
+
+
+@pytest.fixture(scope="module")
+def trio():
+    return make_trio()
+
+
+def prompts_(n, seed=0):
+    return np.random.default_rng(seed).integers(2, V, size=(n, LX)).astype(np.int32)
+
+
+def make_evaluator(trio, prompts, **kwargs):
+    oracle, teacher, student = trio
+    args = dict(num_samples=16, max_decode_len=L, seed=0, batch_size=4)
+    args.update(kwargs)
+    return evaluator.Evaluator(oracle, teacher, student[0], prompts, **args)
+
+
+@pytest.mark.parametrize("estimator", ["rao_blackwell", "plain"])
+def test_evaluate_matches_exact_divergences(trio, estimator):
+    prompts = prompts_(8)
+    ev = make_evaluator(trio, prompts, estimator=estimator)
+    metrics = ev.evaluate(trio[2][1])
+    expected_keys = {
+        f"{prefix}/{div}{suffix}"
+        for prefix in ("proxy", "golden")
+        for div in ("forward_kl", "reverse_kl", "js")
+        for suffix in ("", "_stderr", "_per_token", "_per_token_stderr")
+    }
+    assert set(metrics) == expected_keys
+    for prefix, ref in (("golden", trio[0]), ("proxy", trio[1])):
+        truth = exact_divergences(ref, trio[2], prompts)
+        for div, value in truth.items():
+            got, se = metrics[f"{prefix}/{div}"], metrics[f"{prefix}/{div}_stderr"]
+            assert 0 < se < 0.5 * value, (prefix, div, got, se)
+            assert abs(got - value) < 3.5 * se, (prefix, div, got, value, se)
+            assert 0 < metrics[f"{prefix}/{div}_per_token"] < got  # mean length > 1
+
+
+def test_deterministic_common_random_numbers_and_compiled_once(trio):
+    prompts = prompts_(7)  # 7 prompts in batches of 4: the last batch is padded
+    ev = make_evaluator(trio, prompts)
+    tokens, mask = ev.reference_samples("teacher")
+    assert tokens.shape == mask.shape == (7 * 16, L)
+    traces = sampling.trace_count()
+    first = ev.evaluate(trio[2][1])
+    after_first = sampling.trace_count()
+    assert after_first - traces <= 1  # the student's sampler, once for all batches
+    second = ev.evaluate(trio[2][1])
+    assert sampling.trace_count() == after_first
+    assert first == second
+    # The reference samples were drawn once and not redrawn.
+    np.testing.assert_array_equal(ev.reference_samples("teacher")[0], tokens)
+    # Same seed, new evaluator: same numbers; another seed: different.
+    assert make_evaluator(trio, prompts).evaluate(trio[2][1]) == first
+    other = make_evaluator(trio, prompts, seed=1)
+    assert other.evaluate(trio[2][1])["golden/js"] != first["golden/js"]
+
+
+def test_student_equal_to_teacher_has_zero_proxy(trio):
+    oracle, teacher, _ = trio
+    ev = make_evaluator(trio, prompts_(5))
+    metrics = ev.evaluate(teacher[1])
+    for div in ("forward_kl", "reverse_kl", "js"):
+        assert abs(metrics[f"proxy/{div}"]) < 1e-5
+        assert metrics[f"golden/{div}"] > 0.05
+
+
+@pytest.mark.slow
+def test_sharded_on_a_mesh_gives_the_same_numbers(trio):
+    prompts = prompts_(8)
+    plain = make_evaluator(trio, prompts).evaluate(trio[2][1])
+    mesh = partitioning.make_mesh({"data": -1, "model": 1})
+    sharded = make_evaluator(trio, prompts, mesh=mesh).evaluate(trio[2][1])
+    for key, value in plain.items():
+        assert sharded[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+
+
+def test_bad_inputs(trio):
+    oracle, teacher, student = trio
+    prompts = np.array([[2, 3, 4], [3, 3, 3], [4, 2, 2], [2, 2, 2]], np.int32)
+    other_vocab = models.get_config("tiny", vocab_size=V + 3)
+    with pytest.raises(ValueError, match=rf"vocab_size {V + 3}.*{V}|vocab_size {V}.*{V + 3}"):
+        evaluator.Evaluator(oracle, teacher, other_vocab, prompts, num_samples=1, max_decode_len=L)
+    # Trailing pads do not hide a shared prompt.
+    train = np.array([[4, 4, 4, 4, 4], [*prompts[2], 0, 0]], np.int32)
+    with pytest.raises(ValueError, match="1 evaluation prompt.*eval row 2 = train row 1"):
+        evaluator.Evaluator(
+            oracle,
+            teacher,
+            student[0],
+            prompts,
+            num_samples=1,
+            max_decode_len=L,
+            train_prompts=train,
+        )
+    with pytest.raises(ValueError, match="estimator"):
+        make_evaluator(trio, prompts, estimator="nope")
+    with pytest.raises(ValueError, match=r"prompts must be \[num_prompts"):
+        make_evaluator(trio, prompts[0])

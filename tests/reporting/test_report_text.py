@@ -1,0 +1,104 @@
+"""Tests of reporting.report_text: the decisions of the six findings, from hand-made analyses
+(no files, no plots)."""
+
+import numpy as np
+import pytest
+
+from thack_jax.reporting import report, report_text
+
+
+def _run(name, regime="offline", seed=0, **fields):
+    config = dict(
+        name=name,
+        regime=regime,
+        num_prompts=64,
+        completions_per_prompt=1,
+        online_fraction=0.0,
+        online_role="student",
+        seed=seed,
+    )
+    config.update(fields)
+    return report.Run(name, "/w", config, np.arange(3), {}, None, f"/w/{name}.jsonl", {})
+
+
+def _a(rise=0.0, final_golden=0.5, final_proxy=0.2, u=False, flag=None, se=0.01):
+    return dict(
+        golden_rise=rise,
+        golden_rise_z=rise / se,
+        final_golden=final_golden,
+        final_proxy=final_proxy,
+        u_shape=u,
+        flag_step=flag,
+        lag=None if flag is None else flag - 1000,
+        start_golden=3.0,
+        start_proxy=10.0,
+        golden_min=final_golden - rise,
+        golden_min_step=1000,
+        proxy_at_golden_min=0.3,
+    )
+
+
+def _findings(*pairs):
+    runs = [r for r, _ in pairs]
+    groups, _ = report.group_runs(runs)
+    labels = [r.name for r in runs]
+    out = report_text.findings(runs, labels, [a for _, a in pairs], groups)
+    return [(status, text) for _, status, text in out]
+
+
+HACKED = _a(rise=0.1, u=True, flag=1500)
+
+
+def test_all_reproduced_and_not_run():
+    f = _findings(
+        (_run("off"), HACKED),
+        (_run("off_s1", seed=1), _a(rise=0.12, u=True, flag=1600)),
+        (_run("on", "online_student"), _a()),
+    )
+    assert [s for s, _ in f] == [True, True, None, None, None, True]
+    assert f[0][1].startswith("2 of 2 offline runs with one completion per prompt show a U shape.")
+    assert "off: step 1500 (lag 500); off_s1: step 1600 (lag 600)" in f[5][1]
+    assert f[2][1] == "Needs a mixed run and an offline run of the same experiment."
+
+
+def test_not_reproduced():
+    f = _findings(
+        (_run("off"), HACKED),
+        (_run("off_no_u", num_prompts=32), _a(rise=0.01)),
+        (_run("off_flat", num_prompts=16, completions_per_prompt=4), _a(rise=0.05)),
+        (_run("off_more", completions_per_prompt=4), _a(rise=0.1, final_golden=0.6)),
+        (_run("mix", "mixed", online_fraction=0.1), _a(rise=0.2)),
+        (_run("on", "online_teacher"), _a(rise=0.05, flag=2000)),
+    )
+    assert [s for s, _ in f] == [False, False, False, False, False, False]
+    # Finding 1 is decided by the one-completion runs; the others are only reported.
+    assert (
+        "1 of 2 offline runs with one completion per prompt show a U shape "
+        "(0 of 2 runs with more completions per prompt do)" in f[0][1]
+    )
+    assert "on: golden 3 -> 0.5, rise after its minimum 5.0 se" in f[1][1]
+    # The mixed run is compared with the offline run of its own offline data (64x1).
+    assert (
+        "mixed 10% student N=64x1: golden rise 0.2 (20.0 se) vs 0.1 for offline N=64x1" in f[2][1]
+    )
+    assert "offline N=64x1: rise 0.1, offline N=16x4: rise 0.05" in f[3][1]
+    assert "offline N=64x1: final proxy 0.2, golden 0.5, offline N=64x4: final proxy 0.2" in f[4][1]
+    assert "Flagged: 1 of 4 offline runs, 1 of 1 online runs." in f[5][1]
+
+
+def test_mixed_reference_falls_back_to_all_offline():
+    f = _findings(
+        (_run("off", num_prompts=128), HACKED),
+        (_run("mix", "mixed", online_fraction=0.1), _a(rise=0.01)),
+    )
+    assert f[2][0] is True
+    assert "0.01 (1.0 se) vs 0.1 for offline N=128x1" in f[2][1]
+
+
+def test_group_stats_are_means_over_seeds():
+    runs = [_run("a"), _run("b", seed=1), _run("c", seed=2)]
+    analyses = [_a(rise=0.1, u=True, flag=1), _a(rise=0.2), _a(rise=0.3, u=True)]
+    (group,), _ = report.group_runs(runs)
+    s = report_text.group_stats(group, analyses)
+    assert s["golden_rise"] == pytest.approx(0.2) and (s["rise_min"], s["rise_max"]) == (0.1, 0.3)
+    assert (s["n"], s["u"], s["flagged"]) == (3, 2, 1)

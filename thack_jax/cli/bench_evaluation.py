@@ -1,0 +1,136 @@
+r"""Evaluation cost per checkpoint: `python launch/benchmark.py evaluation [--shapes=tiny,paper]`.
+
+Two shapes, random weights:
+  tiny:  tiny oracle / teacher / student (vocab 128), 64 prompts x 4 samples, input 32,
+         output 16 (the test and CI size);
+  paper: T5 v1.1-small student (full size, vocab 32128) vs oracle and teacher of base
+         width (d_model 768, d_ff 2048, 12 heads) with --paper_ref_layers layers,
+         --paper_prompts (default 8; 32 in the docs) x 2 samples, input 256, output 64.
+Random models rarely sample EOS, so responses run close to the full output length (the
+table reports the mean length of the teacher's responses). Prints one markdown row per
+shape: setup (reference samples, drawn once, compile included), the first evaluate
+(compile included), the steady evaluate, and student responses evaluated per second.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import flags
+
+from thack_jax import models
+from thack_jax.evaluation import evaluator  # noqa: E402
+from thack_jax.parallel import partitioning
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("shapes", ["tiny", "paper"], "Shapes to measure: tiny, paper.")
+flags.DEFINE_integer("repeats", 1, "Steady-state evaluate calls (the median is reported).")
+flags.DEFINE_integer("paper_ref_layers", 2, "Encoder/decoder layers of the base-width refs.")
+flags.DEFINE_integer("batch_size", 8, "Prompts per device batch.")
+flags.DEFINE_integer(
+    "paper_prompts",
+    8,
+    "Prompts of the paper shape (32 in docs/evaluation.md; "
+    "8 by default so that a 2-core CPU finishes in minutes).",
+)
+flags.DEFINE_string("estimator", "rao_blackwell", "rao_blackwell or plain.")
+
+
+def shape_spec(name: str) -> dict:
+    if name == "tiny":
+        tiny = models.get_config("tiny")
+        return dict(ref=tiny, student=tiny, prompts=64, samples=4, lx=32, ly=16)
+    if name == "paper":
+        layers = FLAGS.paper_ref_layers
+        ref = models.get_config("base", num_encoder_layers=layers, num_decoder_layers=layers)
+        return dict(
+            ref=ref,
+            student=models.get_config("small"),
+            prompts=FLAGS.paper_prompts,
+            samples=2,
+            lx=256,
+            ly=64,
+        )
+    raise ValueError(f"unknown shape {name!r}; expected tiny or paper")
+
+
+def init(config, seed):
+    return jax.jit(models.init_params, static_argnums=0)(config, jax.random.key(seed))
+
+
+def measure(name: str) -> dict:
+    spec = shape_spec(name)
+    rng = np.random.default_rng(0)
+    vocab = spec["student"].vocab_size
+    prompts = rng.integers(2, vocab, (spec["prompts"], spec["lx"])).astype(np.int32)
+    oracle, teacher = (spec["ref"], init(spec["ref"], 0)), (spec["ref"], init(spec["ref"], 1))
+    student = init(spec["student"], 2)
+    mesh = partitioning.make_mesh({"data": -1, "model": 1})
+    start = time.perf_counter()
+    ev = evaluator.Evaluator(
+        oracle,
+        teacher,
+        spec["student"],
+        prompts,
+        num_samples=spec["samples"],
+        max_decode_len=spec["ly"],
+        batch_size=min(FLAGS.batch_size, spec["prompts"]),
+        mesh=mesh,
+        estimator=FLAGS.estimator,
+    )
+    setup = time.perf_counter() - start
+    start = time.perf_counter()
+    ev.evaluate(student)
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(FLAGS.repeats):
+        start = time.perf_counter()
+        ev.evaluate(student)
+        times.append(time.perf_counter() - start)
+    steady = float(np.median(times))
+    _, mask = ev.reference_samples("teacher")
+    n = spec["prompts"] * spec["samples"]
+    return dict(
+        name=name,
+        shape=f"{spec['prompts']}x{spec['samples']}, in {spec['lx']}, out {spec['ly']}",
+        models=f"student {models.count_params(spec['student']) / 1e6:.1f}M, refs "
+        f"{models.count_params(spec['ref']) / 1e6:.1f}M",
+        setup=setup,
+        first=first,
+        steady=steady,
+        seq_per_s=n / steady,
+        mean_len=float(mask.sum(1).mean()),
+    )
+
+
+def main(argv) -> int:
+    FLAGS(argv)
+    devices = jax.devices()
+    print(f"command: python launch/benchmark.py evaluation {' '.join(argv[1:])}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"jax {jax.__version__}, {len(devices)} x {devices[0].device_kind}"
+    )
+    print(
+        "| shape | models | prompts x samples, lengths | setup s | first evaluate s | "
+        "evaluate s | responses/s | mean ref length |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for name in FLAGS.shapes:
+        r = measure(name)
+        print(
+            f"| {r['name']} | {r['models']} | {r['shape']} | {r['setup']:.1f} | "
+            f"{r['first']:.1f} | {r['steady']:.2f} | {r['seq_per_s']:.1f} | "
+            f"{r['mean_len']:.1f} |",
+            flush=True,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

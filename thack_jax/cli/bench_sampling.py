@@ -1,0 +1,239 @@
+"""Sampling throughput: `python launch/benchmark.py sampling [--size small] [--batch 1,32]`.
+
+Measures, in the same process and for the same T5 shape, tokens per second of
+  * ours: `thack_jax.decoding.sampling.sample` (jitted, KV cache, one while_loop);
+  * naive: a jitted decode that recomputes the whole (padded) prefix with `models.logits`
+    (encoder included) at every step; every step costs the same, so only `--naive_steps`
+    steps are timed and the time is scaled to `--new_tokens` steps;
+  * hf: Hugging Face `transformers` `generate()` in PyTorch on CPU, random weights,
+    do_sample=True, top_k=0, temperature=1; the faster of torch.set_num_threads(cpu count)
+    and (1) (see `time_hf`).
+
+Every row produces exactly `--new_tokens` tokens in all three: ours with `eos_id=-1` (an id
+that never occurs, so no row stops; the distribution is not changed), HF with
+min_new_tokens = max_new_tokens (EOS masked until then), naive has no EOS check.
+Each timing is the best of `--repeats` runs after one warm-up (compilation) run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from thack_jax import models  # noqa: E402
+from thack_jax.decoding import sampling
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="benchmark.py sampling", description=__doc__)
+    parser.add_argument("--size", default="small", choices=["small", "tiny"])
+    parser.add_argument("--batch", default="1,32", help="comma-separated batch sizes")
+    parser.add_argument("--prompt_len", type=int, default=64)
+    parser.add_argument("--new_tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--naive_steps", type=int, default=4, help="timed naive steps")
+    parser.add_argument("--skip_hf", action="store_true")
+    parser.add_argument("--skip_naive", action="store_true")
+    parser.add_argument("--breakdown", action="store_true", help="time encoder vs loop")
+    parser.add_argument(
+        "--gumbel", action="store_true", help="also time ours with draw='gumbel' (categorical)"
+    )
+    args = parser.parse_args(argv[1:])
+    args.batch = [int(b) for b in args.batch.split(",")]
+    return args
+
+
+def best_time(fn, repeats: int) -> float:
+    """Best wall time of `repeats` calls of fn() after one warm-up call."""
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def time_ours(config, params, inputs, new_tokens: int, repeats: int, draw: str) -> float:
+    keys = iter(range(10_000))
+
+    def run():
+        rng = jax.random.key(next(keys))
+        return sampling.sample(
+            config, params, inputs, rng, max_decode_len=new_tokens, eos_id=-1, draw=draw
+        ).tokens
+
+    return best_time(run, repeats)
+
+
+def time_breakdown(config, params, inputs, new_tokens: int, repeats: int) -> dict[str, float]:
+    """Where the time of one `sample` call goes.
+
+    prefill_s: a 1-token sample (encoder + cross-attention K/V + one step); step_s: the mean
+    in-loop decode step, (full - prefill) / (new_tokens - 1); draw_s: per step, what T=1
+    sampling costs over greedy (softmax, CDF, random numbers); step_gflops: the decoder's
+    and output projection's matmul FLOPs per step over step_s.
+    """
+    one = time_ours(config, params, inputs, 1, repeats, "inverse_cdf")
+    full = time_ours(config, params, inputs, new_tokens, repeats, "inverse_cdf")
+    keys = iter(range(10_000))
+
+    def greedy():
+        rng = jax.random.key(next(keys))
+        return sampling.sample(
+            config, params, inputs, rng, max_decode_len=new_tokens, eos_id=-1, temperature=0.0
+        ).tokens
+
+    argmax = best_time(greedy, repeats)
+    decoder = models.param_shapes(config)["decoder"]
+    matmul_params = sum(
+        int(np.prod(x.shape)) for x in jax.tree.leaves(decoder) if len(x.shape) == 2
+    )
+    if config.tie_word_embeddings:
+        matmul_params += config.vocab_size * config.d_model
+    step = (full - one) / max(new_tokens - 1, 1)
+    return {
+        "prefill_s": one,
+        "step_s": step,
+        "draw_s": (full - argmax) / new_tokens,
+        "total_s": full,
+        "step_gflops": 2 * inputs.shape[0] * matmul_params / step / 1e9,
+    }
+
+
+def time_naive(config, params, inputs, new_tokens: int, steps: int, repeats: int) -> float:
+    """Seconds for new_tokens steps of full-prefix recomputation (steps timed, scaled)."""
+
+    @jax.jit
+    def run(params, inputs, rng):
+        targets = jnp.zeros((inputs.shape[0], new_tokens), jnp.int32)
+
+        def body(step, targets):
+            logits = models.logits(config, params, inputs, targets)[:, step]
+            token = jax.random.categorical(jax.random.fold_in(rng, step), logits)
+            return targets.at[:, step].set(token.astype(jnp.int32))
+
+        return jax.lax.fori_loop(0, steps, body, targets)
+
+    seconds = best_time(lambda: run(params, inputs, jax.random.key(0)), repeats)
+    return seconds * new_tokens / steps
+
+
+def hf_config(config):
+    import transformers
+
+    return transformers.T5Config(
+        vocab_size=config.vocab_size,
+        d_model=config.d_model,
+        d_kv=config.d_kv,
+        d_ff=config.d_ff,
+        num_layers=config.num_encoder_layers,
+        num_decoder_layers=config.num_decoder_layers,
+        num_heads=config.num_heads,
+        relative_attention_num_buckets=config.relative_attention_num_buckets,
+        relative_attention_max_distance=config.relative_attention_max_distance,
+        feed_forward_proj="gated-gelu" if config.feed_forward == "gated-gelu" else "relu",
+        tie_word_embeddings=config.tie_word_embeddings,
+        dropout_rate=0.0,
+        layer_norm_epsilon=config.layer_norm_epsilon,
+        pad_token_id=config.pad_id,
+        eos_token_id=config.eos_id,
+        decoder_start_token_id=config.pad_id,
+    )
+
+
+def time_hf(config, inputs: np.ndarray, new_tokens: int, repeats: int) -> tuple[float, int]:
+    """Best seconds of HF generate over torch thread counts {cpu count, 1}, and that count.
+
+    torch.set_num_threads(cpu count) is the fair setting on an idle machine; on a shared one
+    its OpenMP barriers stall when a thread is descheduled (20x slower seen here), so the
+    single-thread time is measured too and the faster one counts.
+    """
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.T5ForConditionalGeneration(hf_config(config)).eval()
+    input_ids = torch.from_numpy(np.asarray(inputs, np.int64))
+    kwargs = dict(
+        attention_mask=torch.ones_like(input_ids),
+        do_sample=True,
+        top_k=0,
+        top_p=1.0,
+        temperature=1.0,
+        min_new_tokens=new_tokens,
+        max_new_tokens=new_tokens,
+    )
+
+    def run():
+        with torch.inference_mode():
+            out = model.generate(input_ids, **kwargs)
+        assert out.shape[1] == new_tokens + 1, out.shape  # decoder start + new tokens
+        return None
+
+    results = []
+    for threads in sorted({os.cpu_count() or 1, 1}, reverse=True):
+        torch.set_num_threads(threads)
+        results.append((best_time(run, repeats), threads))
+    return min(results)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    config = models.get_config(args.size)
+    params = models.init_params(config, jax.random.key(0))
+    print(
+        f"sampling benchmark: size={args.size} (d_model={config.d_model}, "
+        f"layers={config.num_encoder_layers}+{config.num_decoder_layers}, "
+        f"vocab={config.vocab_size}), prompt_len={args.prompt_len}, "
+        f"new_tokens={args.new_tokens}, best of {args.repeats}, jax {jax.__version__} "
+        f"on {jax.devices()[0].platform} x{jax.device_count()}, cpus={os.cpu_count()}"
+    )
+    header = (
+        "| batch | ours tok/s | ours, gumbel draw tok/s | naive tok/s | HF generate tok/s "
+        "| ours/naive | ours/HF |"
+    )
+    rows = [header, "|---:|---:|---:|---:|---:|---:|---:|"]
+    for batch in args.batch:
+        rng = np.random.RandomState(batch)
+        inputs = rng.randint(2, config.vocab_size, (batch, args.prompt_len)).astype(np.int32)
+        tokens = batch * args.new_tokens
+        x = jnp.asarray(inputs)
+        ours = tokens / time_ours(config, params, x, args.new_tokens, args.repeats, "inverse_cdf")
+        naive = hf = gumbel = float("nan")
+        if args.gumbel:
+            gumbel = tokens / time_ours(config, params, x, args.new_tokens, args.repeats, "gumbel")
+        if not args.skip_naive:
+            seconds = time_naive(config, params, x, args.new_tokens, args.naive_steps, 1)
+            naive = tokens / seconds
+        if not args.skip_hf:
+            seconds, threads = time_hf(config, inputs, args.new_tokens, args.repeats)
+            hf = tokens / seconds
+            print(f"  batch {batch}: HF best with torch.set_num_threads({threads})", flush=True)
+        rows.append(
+            f"| {batch} | {ours:.1f} | {gumbel:.1f} | {naive:.1f} | {hf:.1f} "
+            f"| {ours / naive:.1f}x | {ours / hf:.2f}x |"
+        )
+        print(rows[-1], flush=True)
+        if args.breakdown:
+            parts = time_breakdown(config, params, x, args.new_tokens, args.repeats)
+            print(
+                f"  batch {batch}: 1-token sample (encoder + cross K/V + 1 step) "
+                f"{parts['prefill_s'] * 1e3:.1f} ms; mean decode step in the loop "
+                f"{parts['step_s'] * 1e3:.2f} ms ({parts['step_gflops']:.1f} GFLOP/s of "
+                f"matmuls), of which the T=1 draw {parts['draw_s'] * 1e3:.2f} ms; "
+                f"{args.new_tokens}-token sample {parts['total_s']:.3f} s",
+                flush=True,
+            )
+    print("\n".join(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,388 @@
+"""The jitted sampling kernel: num_samples responses per prompt from a T5 encoder-decoder.
+
+Layout of the module:
+  * `validate_sample_args`: argument checks against the config (strategy arguments via
+    `strategies.validate_strategy`);
+  * `sample_with_fn`: the decoding loop, one `jax.lax.while_loop` over `LoopState`, for any
+    `tokens_to_logits(cache, token [N], step) -> (logits [N, V], cache)` (tests use fakes);
+  * `sample`: validates the arguments (before anything is compiled), encodes each prompt once,
+    repeats the decoding cache `num_samples` times and runs the loop; compiled once per shape
+    and static arguments.
+
+Conventions (docs/architecture.md): the decoder start token is the pad id 0, the first step
+feeds it at position 0 and its logits predict the first response token. Rows are
+prompt-major: row `i * n + j` is sample j of prompt i. A row ends at its first EOS; the
+batch stays fixed, so ended rows keep being computed but write pad (0) and log-prob 0.
+The loop stops when every row has ended or `max_decode_len` tokens were written.
+
+Randomness: the token of row r at step t is drawn with the key fold_in(fold_in(rng, t), r)
+(r the global row index), so samples do not depend on how the batch is sharded. The token
+choice itself (greedy, temperature, top-k, top-p, and the draw: `inverse_cdf` by default,
+or `gumbel`) is a strategy of `sampling_strategies.py`, called once per step.
+
+What the log-probs are (T = temperature):
+  * `token_logprobs`: log-prob of the sampled token under the SAMPLING distribution, i.e.
+    log_softmax of logits / T after the top-k / top-p truncation (renormalised). Greedy
+    (T = 0) samples from a point mass, so its token log-probs are 0.
+  * `full_logprobs`: log_softmax(logits / T) over the whole vocabulary, never truncated by
+    top-k / top-p; for greedy, log_softmax(logits). With T = 1 this is the model's own
+    distribution (what `scoring.score` returns), usable as distillation targets.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from thack_jax import models
+from thack_jax.decoding import strategies
+from thack_jax.models.config import T5Config
+
+# (cache, token [N] int32, step [] int32) -> (logits [N, V], cache).
+TokensToLogits = Callable[[Any, jax.Array, jax.Array], tuple[jax.Array, Any]]
+
+
+class SampleOutput(NamedTuple):
+    """tokens [N, Ly] int32 (0 after EOS); token_logprobs [N, Ly] (0 at pads); mask [N, Ly]
+    bool (tokens incl. EOS); lengths [N] int32 (incl. EOS); full_logprobs [N, Ly, V] | None.
+
+    N = batch * num_samples, prompt-major. `mask` is positional (`arange(Ly) < lengths`):
+    an untrained model may sample the pad id 0 inside a response, so `tokens != 0` is not
+    always the same thing.
+    """
+
+    tokens: jax.Array
+    token_logprobs: jax.Array
+    mask: jax.Array
+    lengths: jax.Array
+    full_logprobs: jax.Array | None
+
+
+class LoopState(NamedTuple):
+    """Carry of the decoding loop (N rows, L = max_decode_len, V = vocabulary)."""
+
+    step: jax.Array  # [] int32: decoder position of `token`
+    token: jax.Array  # [N] int32: the token fed at `step`
+    cache: Any  # model cache pytree, leaves [N, ...]
+    tokens: jax.Array  # [N, L] int32
+    token_logprobs: jax.Array  # [N, L] float32
+    full_logprobs: jax.Array | None  # [N, L, V] float32, or None when not requested
+    lengths: jax.Array  # [N] int32: tokens written so far, EOS included
+    ended: jax.Array  # [N] bool: EOS written
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def validate_sample_args(
+    config: T5Config,
+    input_shape: tuple[int, ...],
+    *,
+    num_samples: int,
+    max_decode_len: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    draw: str = "inverse_cdf",
+) -> None:
+    """Checks `sample`'s arguments against the config; raises ValueError naming the problem."""
+    if len(input_shape) != 2 or input_shape[0] < 1 or input_shape[1] < 1:
+        raise ValueError(f"inputs must have shape [batch, length] (both >= 1); got {input_shape}")
+    if input_shape[1] > config.max_input_length:
+        raise ValueError(
+            f"prompt length {input_shape[1]} exceeds config.max_input_length="
+            f"{config.max_input_length} (inputs shape {input_shape})"
+        )
+    if not isinstance(num_samples, numbers.Integral) or num_samples < 1:
+        raise ValueError(f"num_samples={num_samples!r} must be an int >= 1")
+    if not isinstance(max_decode_len, numbers.Integral) or max_decode_len < 1:
+        raise ValueError(f"max_decode_len={max_decode_len!r} must be an int >= 1")
+    if max_decode_len > config.max_target_length:
+        raise ValueError(
+            f"max_decode_len={max_decode_len} exceeds config.max_target_length="
+            f"{config.max_target_length}"
+        )
+    strategies.validate_strategy(temperature, top_k, top_p, config.vocab_size, draw)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def _constrain(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+    """Sharding constraint by logical axis names under the active rules and mesh (a no-op
+    without them). A dimension whose size does not divide over its mesh axes is left
+    replicated, so odd batch sizes work on any mesh."""
+    rules = nn.get_logical_axis_rules()
+    mesh = jax.sharding.get_abstract_mesh()
+    if not rules or mesh.empty:
+        return x
+    spec = []
+    for size, mesh_axes in zip(x.shape, nn.logical_to_mesh_axes(axes, rules), strict=True):
+        names = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ())
+        ways = math.prod(mesh.shape[a] for a in names)
+        spec.append(mesh_axes if size % ways == 0 else None)
+    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(*spec))
+
+
+# Logical axes of the LoopState fields (None: not constrained).
+_STATE_AXES = LoopState(
+    step=None,
+    token=("batch",),
+    cache=None,
+    tokens=("batch", "length"),
+    token_logprobs=("batch", "length"),
+    full_logprobs=("batch", "length", "vocab"),
+    lengths=("batch",),
+    ended=("batch",),
+)
+
+
+def _constrain_state(state: LoopState) -> LoopState:
+    """Keeps every row-indexed field sharded along `batch` across loop iterations."""
+    return LoopState(
+        *(
+            x if axes is None or x is None else _constrain(x, axes)
+            for x, axes in zip(state, _STATE_AXES, strict=True)
+        )
+    )
+
+
+def sample_with_fn(
+    tokens_to_logits: TokensToLogits,
+    cache: Any,
+    rng: jax.Array,
+    *,
+    batch_size: int,
+    max_decode_len: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_id: int = 1,
+    start_id: int = 0,
+    pad_id: int = 0,
+    return_full_logprobs: bool = False,
+    draw: str = "inverse_cdf",
+) -> SampleOutput:
+    """The decoding loop (traceable; call it inside `jax.jit`).
+
+    Args:
+      tokens_to_logits: (cache, token [N] int32, step [] int32) -> (logits [N, V], cache);
+        called first with `start_id` at step 0, its logits predict the first token.
+      cache: the initial cache pytree (any structure, may be empty) for N = batch_size rows.
+      rng: a PRNG key; row r at step t draws with fold_in(fold_in(rng, t), r).
+      eos_id: ends a row (written, counted in `lengths`); a value outside the vocabulary
+        (e.g. -1) never occurs, so every row runs to max_decode_len (benchmarks).
+      draw: "inverse_cdf" (default) or "gumbel" (`jax.random.categorical`), see
+        `strategies.DRAWS`.
+    Returns:
+      SampleOutput with N = batch_size rows and Ly = max_decode_len.
+    """
+    n, length = batch_size, max_decode_len
+    token0 = jnp.full((n,), start_id, jnp.int32)
+    step0 = jnp.zeros((), jnp.int32)
+    logits_shape = jax.eval_shape(tokens_to_logits, cache, token0, step0)[0].shape
+    if tuple(logits_shape[:1]) != (n,) or len(logits_shape) != 2:
+        raise ValueError(f"tokens_to_logits must return logits [{n}, V]; got {logits_shape}")
+    vocab = logits_shape[1]
+    strategies.validate_strategy(temperature, top_k, top_p, vocab, draw)
+    strategy = strategies.make_strategy(temperature, top_k, top_p, draw)
+    full_temperature = temperature if temperature > 0 else 1.0
+    rows = _constrain(jnp.arange(n, dtype=jnp.uint32), ("batch",))
+
+    def cond(state: LoopState) -> jax.Array:
+        return (state.step < length) & ~jnp.all(state.ended)
+
+    def body(state: LoopState) -> LoopState:
+        logits, cache = tokens_to_logits(state.cache, state.token, state.step)
+        logits = _constrain(logits.astype(jnp.float32), ("batch", "vocab"))
+        step_key = jax.random.fold_in(rng, state.step)
+        token, logprob = strategy(logits, jax.vmap(jax.random.fold_in, (None, 0))(step_key, rows))
+        live = ~state.ended
+        token = jnp.where(live, token, pad_id)
+        full = state.full_logprobs
+        if full is not None:
+            step_full = jax.nn.log_softmax(logits / full_temperature, axis=-1)
+            step_full = jnp.where(live[:, None], step_full, 0.0)[:, None]
+            full = jax.lax.dynamic_update_slice_in_dim(full, step_full, state.step, axis=1)
+        return _constrain_state(
+            LoopState(
+                step=state.step + 1,
+                token=token,
+                cache=cache,
+                tokens=state.tokens.at[:, state.step].set(token),
+                token_logprobs=state.token_logprobs.at[:, state.step].set(
+                    jnp.where(live, logprob, 0.0)
+                ),
+                full_logprobs=full,
+                lengths=state.lengths + live.astype(jnp.int32),
+                ended=state.ended | (live & (token == eos_id)),
+            )
+        )
+
+    init = LoopState(
+        step=step0,
+        token=token0,
+        cache=cache,
+        tokens=jnp.full((n, length), pad_id, jnp.int32),
+        token_logprobs=jnp.zeros((n, length), jnp.float32),
+        full_logprobs=jnp.zeros((n, length, vocab), jnp.float32) if return_full_logprobs else None,
+        lengths=jnp.zeros((n,), jnp.int32),
+        ended=jnp.zeros((n,), bool),
+    )
+    final = jax.lax.while_loop(cond, body, _constrain_state(init))
+    mask = _constrain(jnp.arange(length)[None, :] < final.lengths[:, None], ("batch", "length"))
+    return SampleOutput(
+        final.tokens, final.token_logprobs, mask, final.lengths, final.full_logprobs
+    )
+
+
+# ----------------------------------------------------------------------------- T5 entry
+
+_TRACE_COUNT = 0
+
+
+def trace_count() -> int:
+    """How many times `sample`'s jitted function has been traced (for retracing tests)."""
+    return _TRACE_COUNT
+
+
+def repeat_rows(tree: Any, n: int) -> Any:
+    """Repeats every leaf [B, ...] of a pytree n times along axis 0 -> [B * n, ...], each
+    row's copies adjacent (prompt-major)."""
+    if n == 1:
+        return tree
+    return jax.tree.map(lambda x: jnp.repeat(x, n, axis=0), tree)
+
+
+def _sample_t5(params, inputs, rng, *, config: T5Config, num_samples: int, **kwargs):
+    global _TRACE_COUNT
+    _TRACE_COUNT += 1
+    inputs = _constrain(inputs.astype(jnp.int32), ("batch", "length"))
+    # Encoder and cross-attention K/V once per prompt, then one cache copy per sample.
+    encoded = models.encode(config, params, inputs)
+    cache = models.init_cache(config, params, encoded, inputs, kwargs["max_decode_len"])
+    cache = repeat_rows(cache, num_samples)
+
+    def tokens_to_logits(cache, token, step):
+        return models.decode_step(config, params, cache, token, step)
+
+    return sample_with_fn(
+        tokens_to_logits,
+        cache,
+        rng,
+        batch_size=inputs.shape[0] * num_samples,
+        start_id=config.pad_id,
+        pad_id=config.pad_id,
+        **kwargs,
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled(config: T5Config, mesh, rules, **static):
+    """One jitted sampler per static arguments. The mesh and the axis rules are part of the
+    key because the traced graph depends on them (jax.jit does not see flax's rules)."""
+    del mesh, rules
+    return jax.jit(functools.partial(_sample_t5, config=config, **static))
+
+
+def _on_mesh(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+    """Leaves not already on `mesh` (numpy, single-device arrays) are replicated on it, so
+    XLA never has to choose (possibly uneven) input shardings."""
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def place(x):
+        sharding = getattr(x, "sharding", None)
+        if isinstance(sharding, jax.sharding.NamedSharding) and sharding.mesh == mesh:
+            return x
+        return jax.device_put(x, replicated)
+
+    return jax.tree.map(place, tree)
+
+
+def sample(
+    config: T5Config,
+    params: dict,
+    inputs: jax.Array,
+    rng: jax.Array,
+    *,
+    num_samples: int = 1,
+    max_decode_len: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    return_full_logprobs: bool = False,
+    mesh: jax.sharding.Mesh | None = None,
+    eos_id: int | None = None,
+    draw: str = "inverse_cdf",
+) -> SampleOutput:
+    """Samples `num_samples` responses per prompt.
+
+    Args:
+      config, params: the T5 model.
+      inputs: prompts [B, Lx] int, pad 0 (Lx <= config.max_input_length).
+      rng: a PRNG key (`jax.random.key` or `jax.random.PRNGKey`).
+      num_samples: n >= 1 samples per prompt; output rows are prompt-major (i * n + j).
+      max_decode_len: Ly, at most config.max_target_length.
+      temperature: 0 = greedy, else logits / temperature.
+      top_k: keep the k most likely tokens (0 = off). top_p: nucleus mass (1 = off).
+        Not both.
+      return_full_logprobs: also return log_softmax(logits / T) [B * n, Ly, V] (see module
+        doc; T = 1 for greedy).
+      mesh: run on this mesh (Auto axis types). The caller activates the logical axis rules
+        (`with nn.logical_axis_rules(...)`); rows are then sharded along `batch`. Arguments
+        not already on the mesh are replicated onto it.
+      eos_id: None = config.eos_id; -1 never occurs (benchmarks: every row runs to Ly).
+      draw: how a token is drawn from the sampling distribution
+        (`strategies.DRAWS`).
+    Returns:
+      SampleOutput (see its docstring); positions after EOS hold pad 0 and log-prob 0.
+    Raises:
+      ValueError: bad arguments (checked before anything is compiled).
+    """
+    validate_sample_args(
+        config,
+        tuple(np.shape(inputs)),
+        num_samples=num_samples,
+        max_decode_len=max_decode_len,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        draw=draw,
+    )
+    dtype = inputs.dtype if hasattr(inputs, "dtype") else np.asarray(inputs).dtype
+    if not jnp.issubdtype(dtype, jnp.integer):
+        raise ValueError(f"inputs must be integer token ids; got dtype {dtype}")
+    if mesh is not None and any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+        raise ValueError(
+            f"sample(mesh=...) needs Auto mesh axes (flax logical constraints); got axis types "
+            f"{mesh.axis_types} for axes {mesh.axis_names}"
+        )
+    rules = tuple(
+        (name, tuple(r) if isinstance(r, list) else r)
+        for name, r in nn.get_logical_axis_rules() or ()
+    )
+    fn = _compiled(
+        config,
+        mesh,
+        rules,
+        num_samples=int(num_samples),
+        max_decode_len=int(max_decode_len),
+        temperature=float(temperature),
+        top_k=int(top_k),
+        top_p=float(top_p),
+        eos_id=config.eos_id if eos_id is None else int(eos_id),
+        return_full_logprobs=bool(return_full_logprobs),
+        draw=draw,
+    )
+    if mesh is None:
+        return fn(params, inputs, rng)
+    with jax.set_mesh(mesh):
+        return fn(*_on_mesh((params, inputs, rng), mesh))

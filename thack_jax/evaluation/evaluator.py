@@ -1,0 +1,351 @@
+"""The evaluator: proxy (student vs teacher) and golden (student vs oracle) divergences.
+
+`Evaluator` measures sequence-level forward KL, reverse KL and Jensen-Shannon between the
+student and each reference model (teacher: `proxy/...`, oracle: `golden/...`) on fixed
+held-out prompts, with the estimators of `divergences.py`. It is called inline by the
+trainer (`Evaluator.evaluate(student_params)` every N steps) or by a separate process that
+watches a training workdir (`eval_watch.watch`, used by `launch/eval.py`).
+
+Determinism (common random numbers): the oracle's and the teacher's samples are drawn once,
+at construction, and reused for every checkpoint; the student's samples use the same fixed
+key at every call. Two checkpoints are therefore compared on the same reference responses,
+and with the same random numbers for their own responses, so a curve over training is
+smooth and differences between checkpoints are not sampling noise.
+
+Cost per `evaluate`: one student sampling pass, then per batch one jitted function that
+runs each model's encoder once and decodes (teacher forcing) the student on its own, the
+oracle's and the teacher's responses, and each reference on its own and the student's
+responses (7 decoder passes, 3 encoder passes). Prompts are processed `batch_size` at a
+time (the last batch padded with copies of prompt 0, results dropped), so every jitted
+function compiles once per shape. See docs/evaluation.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from thack_jax import models
+from thack_jax.decoding import sampling, scoring
+from thack_jax.evaluation import divergences
+from thack_jax.models import api as model_api
+from thack_jax.models.config import T5Config
+from thack_jax.models.network import T5
+from thack_jax.parallel import partitioning
+
+ESTIMATORS = ("rao_blackwell", "plain")
+DIVERGENCES = ("forward_kl", "reverse_kl", "js")
+REFERENCES = {"golden": "oracle", "proxy": "teacher"}  # metric prefix -> reference role
+
+
+class _Side(NamedTuple):
+    """Host arrays of one sample set scored by two models a (the sampler) and b.
+
+    a_tok, b_tok [N, L]: log-probs of the sampled tokens (0 at pads); kl [N, L]: token
+    KL(a || b); mix [N, L]: token KL(a || m) of the sequence mixture; mask [N, L].
+    """
+
+    a_tok: np.ndarray
+    b_tok: np.ndarray
+    kl: np.ndarray
+    mix: np.ndarray
+    mask: np.ndarray
+
+
+def _encode(config, params, inputs, num_samples):
+    """inputs [B, Lx] -> encoded [B*n, Lx, D]: once per prompt, repeated for its n samples."""
+    return jnp.repeat(models.encode(config, params, inputs), num_samples, axis=0)
+
+
+def _decode_logprobs(config, params, encoded, inputs, targets):
+    """Teacher-forced full log-probs [B*n, L, V] of targets [B*n, L] from encoded prompts."""
+    logits = model_api.module(config).apply(
+        {"params": params}, encoded, inputs, models.shift_right(targets), method=T5.decode
+    )
+    return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+
+
+def _side(la, lb, targets, mask):
+    """Arrays of a _Side (without the mask) from full log-probs of a and b [B*n, L, V]."""
+    a_tok = jnp.where(mask, scoring.gather_logprobs(la, targets), 0.0)
+    b_tok = jnp.where(mask, scoring.gather_logprobs(lb, targets), 0.0)
+    kl = jnp.where(mask, divergences.token_kl(la, lb), 0.0)
+    mix = divergences.mixture_token_kl(la, lb, a_tok, b_tok, mask)
+    return a_tok, b_tok, kl, mix
+
+
+def _score_batch(params, inputs, samples, *, configs, num_samples):
+    """Scores one batch of prompts [B, Lx] for both references.
+
+    params, configs: {'student' | 'oracle' | 'teacher': ...}; samples: the same keys ->
+    (tokens [B*n, L], mask [B*n, L]). Each encoder runs once, the student decodes its own
+    responses once for both references. Returns {role: (ref-samples side, student-samples
+    side)} for role in oracle, teacher, each side the 4 arrays of `_side`.
+    """
+    rep = jnp.repeat(inputs, num_samples, axis=0)
+    encoded = {role: _encode(configs[role], params[role], inputs, num_samples) for role in params}
+
+    def logprobs(role, targets):
+        return _decode_logprobs(configs[role], params[role], encoded[role], rep, targets)
+
+    y_q, m_q = samples["student"]
+    q_on_q = logprobs("student", y_q)
+    out = {}
+    for role in REFERENCES.values():
+        y_p, m_p = samples[role]
+        p_side = _side(logprobs(role, y_p), logprobs("student", y_p), y_p, m_p)
+        q_side = _side(q_on_q, logprobs(role, y_q), y_q, m_q)
+        out[role] = (p_side, q_side)
+    return out
+
+
+@functools.lru_cache(maxsize=16)
+def _score_fn(configs: tuple, num_samples: int, out_sharding):
+    fn = functools.partial(_score_batch, configs=dict(configs), num_samples=num_samples)
+    return jax.jit(fn, out_shardings=out_sharding)
+
+
+def _trimmed_rows(prompts: np.ndarray) -> dict[bytes, int]:
+    """Row content without trailing pads -> first row index."""
+    out = {}
+    for i, row in enumerate(np.asarray(prompts, np.int64)):
+        out.setdefault(np.trim_zeros(row, "b").tobytes(), i)
+    return out
+
+
+def check_no_overlap(prompts: np.ndarray, train_prompts: np.ndarray) -> None:
+    """Raises ValueError if a row of `prompts` [N, Lx] (trailing pads ignored) is also a row
+    of `train_prompts` [M, Lx']."""
+    train = _trimmed_rows(train_prompts)
+    shared = [(i, train[k]) for k, i in _trimmed_rows(prompts).items() if k in train]
+    if shared:
+        shared.sort()
+        i, j = shared[0]
+        raise ValueError(
+            f"{len(shared)} evaluation prompt(s) also appear in train_prompts (first: eval row "
+            f"{i} = train row {j}); evaluation prompts must be held out"
+        )
+
+
+def metrics_of(estimates: dict[str, divergences.Estimate]) -> dict[str, float]:
+    """The metric lines of `Evaluator.evaluate` from `Evaluator.estimates`."""
+    metrics = {}
+    for key, est in estimates.items():
+        metrics[key] = est.value
+        metrics[f"{key}_stderr"] = est.stderr
+        metrics[f"{key}_per_token"] = est.per_token
+        metrics[f"{key}_per_token_stderr"] = est.per_token_stderr
+    return metrics
+
+
+class Evaluator:
+    """Sequence-level proxy and golden divergences of a student on held-out prompts.
+
+    Args:
+      oracle, teacher: (config, params) of the reference models (frozen).
+      student_config: the student's T5Config (its params come with each `evaluate`).
+      prompts: [N, Lx] int held-out prompts (pad 0), fixed by the caller's seed.
+      num_samples: responses per prompt and per model.
+      max_decode_len: response length cap (a row without EOS is cut there: a complete
+        response of that length, as the sampler does).
+      seed: the key of every sample drawn (references once, student at every call).
+      batch_size: prompts per device batch (bounds memory: scoring a batch holds a few
+        arrays [batch_size * num_samples, max_decode_len, V] float32 at once).
+      mesh: shard rows over its data axes (and parameters by the logical rules); None = the
+        default device.
+      estimator: 'rao_blackwell' (lower variance, never negative) or 'plain'.
+      train_prompts: optional [M, Lx'] prompts used for training; any shared row is an error.
+    """
+
+    def __init__(
+        self,
+        oracle: tuple[T5Config, dict],
+        teacher: tuple[T5Config, dict],
+        student_config: T5Config,
+        prompts,
+        *,
+        num_samples: int,
+        max_decode_len: int,
+        seed: int = 0,
+        batch_size: int = 16,
+        mesh: jax.sharding.Mesh | None = None,
+        estimator: str = "rao_blackwell",
+        train_prompts=None,
+    ):
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"estimator={estimator!r}; expected one of {ESTIMATORS}")
+        for name, value in (("num_samples", num_samples), ("batch_size", batch_size)):
+            if not isinstance(value, int | np.integer) or value < 1:
+                raise ValueError(f"{name}={value!r} must be an int >= 1")
+        prompts = np.asarray(prompts)
+        if prompts.ndim != 2 or prompts.shape[0] < 1 or prompts.shape[1] < 1:
+            raise ValueError(
+                f"prompts must be [num_prompts, length] (both >= 1), got {prompts.shape}"
+            )
+        if not np.issubdtype(prompts.dtype, np.integer):
+            raise ValueError(f"prompts must be integer token ids, got dtype {prompts.dtype}")
+        roles = {"oracle": oracle[0], "teacher": teacher[0], "student": student_config}
+        for a, b in (("oracle", "student"), ("teacher", "student"), ("oracle", "teacher")):
+            if roles[a].vocab_size != roles[b].vocab_size:
+                raise ValueError(
+                    f"the {a} has vocab_size {roles[a].vocab_size} but the {b} has "
+                    f"{roles[b].vocab_size}; divergences need one shared vocabulary"
+                )
+        if train_prompts is not None:
+            check_no_overlap(prompts, train_prompts)
+        self.student_config = student_config
+        self.num_samples = int(num_samples)
+        self.max_decode_len = int(max_decode_len)
+        self.seed = int(seed)
+        self.batch_size = int(batch_size)
+        self.mesh = mesh
+        self.estimator = estimator
+        self.num_prompts = prompts.shape[0]
+        num_batches = -(-self.num_prompts // self.batch_size)
+        padded = np.concatenate(
+            [prompts, np.repeat(prompts[:1], num_batches * self.batch_size - len(prompts), 0)]
+        ).astype(np.int32)
+        self._batches = [
+            padded[b * self.batch_size : (b + 1) * self.batch_size] for b in range(num_batches)
+        ]
+        self._key = jax.random.key(self.seed)
+        self._refs = {
+            role: (config, self.place_params(config, params))
+            for role, (config, params) in (("oracle", oracle), ("teacher", teacher))
+        }
+        # Drawn once: every checkpoint is scored on the same reference responses.
+        self._ref_samples = {
+            role: self._sample(config, params, stream)
+            for stream, (role, (config, params)) in enumerate(self._refs.items())
+        }
+
+    # ------------------------------------------------------------------------ placement
+
+    def _context(self):
+        if self.mesh is None:
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        stack.enter_context(jax.set_mesh(self.mesh))
+        stack.enter_context(nn.logical_axis_rules(partitioning.flax_axis_rules(self.mesh)))
+        return stack
+
+    def param_shardings(self, config: T5Config):
+        """Shardings of a params tree of `config` on the mesh (None without a mesh)."""
+        if self.mesh is None:
+            return None
+        return partitioning.param_shardings(
+            self.mesh, models.param_axes(config), models.param_shapes(config)
+        )
+
+    def place_params(self, config: T5Config, params: dict) -> dict:
+        """Puts params on the mesh, or (no mesh) commits them to the first device: the jitted
+        functions are keyed on argument placement, so every call must use the same one."""
+        shardings = self.param_shardings(config)
+        if shardings is None:
+            shardings = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return jax.device_put(params, shardings)
+
+    def _put(self, x: np.ndarray, axes: tuple):
+        if self.mesh is None:
+            return jnp.asarray(x)
+        return jax.device_put(x, partitioning.logical_to_sharding(self.mesh, axes, x.shape))
+
+    # ------------------------------------------------------------------------ the passes
+
+    def _sample(self, config, params, stream: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Responses of one model for every batch: [(tokens [B*n, L], mask [B*n, L])]."""
+        key = jax.random.fold_in(self._key, stream)
+        out = []
+        with self._context():
+            for b, inputs in enumerate(self._batches):
+                s = sampling.sample(
+                    config,
+                    params,
+                    self._put(inputs, ("batch", "length")),
+                    jax.random.fold_in(key, b),
+                    num_samples=self.num_samples,
+                    max_decode_len=self.max_decode_len,
+                    mesh=self.mesh,
+                )
+                out.append((np.asarray(s.tokens), np.asarray(s.mask)))
+        return out
+
+    def _score(self, student, student_samples) -> dict[str, tuple[_Side, _Side]]:
+        """{reference role: (side of its samples, side of the student's samples)}, real rows
+        only; in each side a = the model that sampled."""
+        params = {role: p for role, (_, p) in self._refs.items()} | {"student": student[1]}
+        configs = {role: c for role, (c, _) in self._refs.items()} | {"student": student[0]}
+        out_sharding = None if self.mesh is None else partitioning.replicated(self.mesh)
+        fn = _score_fn(tuple(sorted(configs.items())), self.num_samples, out_sharding)
+        sets = dict(self._ref_samples, student=student_samples)
+        parts = {role: ([], []) for role in self._refs}
+        with self._context():
+            for b, inputs in enumerate(self._batches):
+                samples = {
+                    role: tuple(self._put(x, ("batch", "length")) for x in batches[b])
+                    for role, batches in sets.items()
+                }
+                result = fn(params, self._put(inputs, ("batch", "length")), samples)
+                for role, (p_side, q_side) in result.items():
+                    parts[role][0].append([np.asarray(x) for x in p_side] + [sets[role][b][1]])
+                    parts[role][1].append([np.asarray(x) for x in q_side] + [student_samples[b][1]])
+        rows = self.num_prompts * self.num_samples
+
+        def side(batches) -> _Side:
+            return _Side(*(np.concatenate(col)[:rows] for col in zip(*batches, strict=True)))
+
+        return {role: (side(p), side(q)) for role, (p, q) in parts.items()}
+
+    def evaluate(self, student_params: dict) -> dict[str, float]:
+        """Divergences of the student (params of `student_config`) from both references.
+
+        Returns {'<prefix>/<div>', '<prefix>/<div>_stderr', '<prefix>/<div>_per_token',
+        '<prefix>/<div>_per_token_stderr'} for prefix in (proxy, golden) and div in
+        (forward_kl, reverse_kl, js): nats per response (per token for `_per_token`).
+        """
+        return metrics_of(self.estimates(student_params))
+
+    def estimates(self, student_params: dict) -> dict[str, divergences.Estimate]:
+        """'<prefix>/<div>' -> the full `divergences.Estimate` (with its per-prompt values
+        [num_prompts], which a bootstrap over prompts resamples; see `noise.py`)."""
+        student = (self.student_config, self.place_params(self.student_config, student_params))
+        # Common random numbers: the same key at every call (stream 2).
+        student_samples = self._sample(*student, stream=2)
+        sides = self._score(student, student_samples)
+        ids = np.repeat(np.arange(self.num_prompts), self.num_samples)
+        out = {}
+        for prefix, role in REFERENCES.items():
+            p_side, q_side = sides[role]  # y ~ reference, y ~ student
+            for div, est in self._estimates(p_side, q_side, ids).items():
+                out[f"{prefix}/{div}"] = est
+        return out
+
+    def _estimates(self, p: _Side, q: _Side, ids) -> dict[str, divergences.Estimate]:
+        """p: reference samples (a = reference, b = student); q: student samples (a = student)."""
+        if self.estimator == "rao_blackwell":
+            return {
+                "forward_kl": divergences.rao_blackwell_kl(p.kl, p.mask, ids),
+                "reverse_kl": divergences.rao_blackwell_kl(q.kl, q.mask, ids),
+                "js": divergences.rao_blackwell_js(p.mix, p.mask, ids, q.mix, q.mask, ids),
+            }
+        p_len, q_len = p.mask.sum(1), q.mask.sum(1)
+        p_a, p_b, q_a, q_b = (x.sum(1) for x in (p.a_tok, p.b_tok, q.a_tok, q.b_tok))
+        return {
+            "forward_kl": divergences.plain_kl(p_a, p_b, p_len, ids),
+            "reverse_kl": divergences.plain_kl(q_a, q_b, q_len, ids),
+            "js": divergences.plain_js(p_a, p_b, p_len, ids, q_b, q_a, q_len, ids),
+        }
+
+    def reference_samples(self, role: str) -> tuple[np.ndarray, np.ndarray]:
+        """The cached responses of 'oracle' or 'teacher': (tokens, mask) [N*n, L], prompt-major."""
+        rows = self.num_prompts * self.num_samples
+        tokens, mask = (
+            np.concatenate(c)[:rows] for c in zip(*self._ref_samples[role], strict=True)
+        )
+        return tokens, mask

@@ -1,0 +1,342 @@
+"""The experiment report: `report.md` and `plots/*.png` from the distillation runs' metrics.
+
+numpy + matplotlib only; jax is consulted (for the process index) only when the caller has
+already imported it. For each workdir (layout in experiment.py) it reads `experiment.json`,
+and for each `runs/<name>/`: `run.json`, `train/metrics.jsonl` and, once the run finished,
+`COMPLETE.json` (`wall_seconds`).
+
+Conventions (repeated in the report's Notes):
+- An evaluation is a metrics line with a `proxy/...` or `golden/...` key; a step logged twice
+  (a resumed run) keeps the later line.
+- The analysis uses the evaluations at step >= 1 (a log-log axis has no step 0); the step-0
+  evaluation (before distillation) is the start of the proxy-golden curves and of the "falls"
+  checks. The oracle-free verdict sees what the run's guard saw (and `launch/diagnose.py`
+  sees by default): the evaluations from the end of the distillation warmup on
+  (`runs/<name>/guard_settings.json`), without stderrs, with the evaluation-noise covariance
+  of the per-prompt values in `train/per_prompt/` when the run has them (docs/diagnostics.md).
+- Runs that differ only in `seed` form a group. A group of >= 2 seeds is drawn as the mean
+  over seeds with a min-max band (with 2-3 seeds a std is poorly estimated, and min-max shows
+  every seed), on the steps every seed evaluated; a single run as its curve +- its stderr.
+- Golden rise = final golden - minimum golden, in units of sqrt(se_min^2 + se_final^2),
+  significant above 2 (the U-shape rule of `diagnostics.detect_u_shape`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import glob
+import json
+import os
+import sys
+
+import numpy as np
+
+from thack_jax.hacking import diagnostics, guard, noise
+from thack_jax.reporting import plots, report_text
+from thack_jax.training.metrics_io import METRICS_FILE, read_metrics
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "js")
+GROUP_FIELDS = ("regime", "num_prompts", "completions_per_prompt", "online_fraction", "online_role")
+REGIMES = ("offline", "mixed", "online_teacher", "online_student")
+
+
+class ReportError(ValueError):
+    """Missing or unusable inputs of the report."""
+
+
+@dataclasses.dataclass
+class Run:
+    """One distillation run. steps [n] (evaluations, increasing); metrics: key -> [n] float,
+    nan where an evaluation line lacks the key; wall_seconds is None while incomplete (no
+    COMPLETE.json), nan when COMPLETE.json lacks it."""
+
+    name: str
+    workdir: str
+    config: dict
+    steps: np.ndarray
+    metrics: dict
+    wall_seconds: float | None
+    metrics_path: str
+    experiment: dict
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ReportError(f"cannot read {path}: {e}") from e
+
+
+def _number(path, row, key) -> float:
+    value = row.get(key, float("nan"))
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ReportError(f"{path}: step {row['step']}: {key!r} is {value!r}, not a number")
+    return float(value)
+
+
+def _load_run(metrics_path: str, workdir: str, experiment: dict) -> Run:
+    run_dir = os.path.dirname(os.path.dirname(metrics_path))
+    config = _read_json(os.path.join(run_dir, "run.json"))
+    missing = [k for k in GROUP_FIELDS + ("seed",) if k not in config]
+    if missing:
+        raise ReportError(f"{os.path.join(run_dir, 'run.json')} lacks {missing}")
+    rows = read_metrics(metrics_path)
+    rows = [r for r in rows if any(k.startswith(("proxy/", "golden/")) for k in r)]
+    if not rows:
+        raise ReportError(
+            f"{metrics_path}: no evaluation lines (no 'proxy/...' or 'golden/...' keys); "
+            "the run has not been evaluated yet"
+        )
+    by_step = {r["step"]: r for r in rows}  # a resumed run: the later line wins
+    steps = sorted(by_step)
+    keys = sorted({k for r in rows for k in r} - {"step"})
+    metrics = {k: np.array([_number(metrics_path, by_step[s], k) for s in steps]) for k in keys}
+    complete = os.path.join(run_dir, "COMPLETE.json")
+    wall = _read_json(complete).get("wall_seconds", np.nan) if os.path.exists(complete) else None
+    name = config.get("name", os.path.basename(run_dir))
+    return Run(name, workdir, config, np.array(steps), metrics, wall, metrics_path, experiment)
+
+
+def load_runs(workdirs) -> list[Run]:
+    """Every run with a metrics file under `<workdir>/runs/*/train/`, in name order."""
+    runs, searched = [], []
+    for workdir in workdirs:
+        if not os.path.isdir(workdir):
+            raise ReportError(f"workdir not found: {workdir}")
+        exp_path = os.path.join(workdir, "experiment.json")
+        experiment = _read_json(exp_path) if os.path.exists(exp_path) else {}
+        pattern = os.path.join(workdir, "runs", "*", "train", METRICS_FILE)
+        searched.append(pattern)
+        runs += [_load_run(p, workdir, experiment) for p in sorted(glob.glob(pattern))]
+    if not runs:
+        raise ReportError("no runs found; searched: " + ", ".join(searched))
+    return runs
+
+
+def _z(value: float, se: float) -> float:
+    if se > 0:
+        return float(value / se)
+    return 0.0 if value == 0 else float(np.sign(value) * np.inf)
+
+
+def _guard_min_step(run: Run) -> int:
+    """First step the run's guard was fed (its guard_settings.json; 1 when absent)."""
+    path = os.path.join(os.path.dirname(os.path.dirname(run.metrics_path)), guard.GUARD_FILE)
+    try:
+        settings = guard.load_guard_settings(path)
+    except ValueError as e:
+        raise ReportError(str(e)) from None
+    return 1 if settings is None else settings["min_step"]
+
+
+def _noise_cov(run: Run, key: str, steps: np.ndarray) -> np.ndarray | None:
+    """The evaluation-noise covariance [n, n] of `key` at `steps` from the run's per-prompt
+    values (train/per_prompt/), as its guard used; None for a run without them."""
+    directory = os.path.join(os.path.dirname(run.metrics_path), noise.PER_PROMPT_DIR)
+    if not os.path.isdir(directory):
+        return None
+    return noise.covariance_at(directory, key, steps)
+
+
+def analyse(run: Run, metric: str = "forward_kl") -> dict:
+    """Golden minimum, final values, golden rise (nats and stderr units), proxy change after
+    the golden minimum, U shape and the oracle-free verdict of `run` on `<prefix>/<metric>`.
+    Uses the evaluations at step >= 1 (see the module docstring)."""
+    keys = [f"{p}/{metric}{s}" for p in ("proxy", "golden") for s in ("", "_stderr")]
+    absent = [k for k in keys if k not in run.metrics]
+    if absent:
+        available = sorted(k for k in run.metrics if k.startswith(("proxy/", "golden/")))
+        raise ReportError(f"{run.metrics_path}: lacks {absent}; it has {available}")
+    keep = run.steps >= 1
+    steps = run.steps[keep]
+    proxy, proxy_se, golden, golden_se = (run.metrics[k][keep] for k in keys)
+    for key in keys:
+        bad = np.flatnonzero(np.isnan(run.metrics[key][keep]))
+        if bad.size:
+            raise ReportError(f"{run.metrics_path}: evaluation at step {steps[bad[0]]} lacks {key}")
+    if steps.size == 0:
+        raise ReportError(f"{run.metrics_path}: no evaluation after step 0")
+    # Where the curves start: the step-0 evaluation (before distillation) when there is one.
+    i0 = np.flatnonzero(run.steps == 0)
+    start_proxy, start_golden = (
+        (run.metrics[keys[0]][i0[0]], run.metrics[keys[2]][i0[0]])
+        if i0.size
+        else (proxy[0], golden[0])
+    )
+    i = int(np.argmin(golden))
+    rise, rise_se = float(golden[-1] - golden[i]), float(np.hypot(golden_se[i], golden_se[-1]))
+    change = float(proxy[-1] - proxy[i])
+    out = {
+        "metric": metric,
+        "n_evals": int(steps.size),
+        "last_step": int(steps[-1]),
+        "start_proxy": float(start_proxy),
+        "start_golden": float(start_golden),
+        "golden_min_step": int(steps[i]),
+        "golden_min": float(golden[i]),
+        "golden_min_stderr": float(golden_se[i]),
+        "final_golden": float(golden[-1]),
+        "final_golden_stderr": float(golden_se[-1]),
+        "final_proxy": float(proxy[-1]),
+        "final_proxy_stderr": float(proxy_se[-1]),
+        "proxy_at_golden_min": float(proxy[i]),
+        "golden_rise": rise,
+        "golden_rise_stderr": rise_se,
+        "golden_rise_z": _z(rise, rise_se),
+        "proxy_change_after_golden_min": change,
+        "proxy_change_z": _z(change, float(np.hypot(proxy_se[i], proxy_se[-1]))),
+        "proxy_falls_after_golden_min": change < 0,
+    }
+    # The detector sees what the run's guard saw: evaluations after warmup, no stderrs.
+    law = steps >= _guard_min_step(run)
+    try:  # the detector works in log-log axes: a non-positive estimate makes it inapplicable
+        cov = _noise_cov(run, f"proxy/{metric}", steps[law])
+        u = diagnostics.detect_u_shape(steps, proxy, golden, golden_se)
+        v = diagnostics.verdict(
+            steps[law], proxy[law], None, golden[law], golden_se[law], noise_cov=cov
+        )
+    except ValueError as e:
+        return dict(out, u_shape=None, verdict="invalid", flag_step=None, lag=None, reason=str(e))
+    d = v.details
+    flag, best = d["flag_step"], d.get("best_step")
+    # What the oracle-free rule would keep, judged by the oracle: golden there - its minimum.
+    excess = None if best is None else float(golden[np.flatnonzero(steps == best)[0]] - golden[i])
+    return dict(
+        out,
+        u_shape=u.is_u,
+        verdict=v.label,
+        flag_step=flag,
+        lag=None if flag is None else flag - out["golden_min_step"],
+        best_step=best,
+        best_golden_excess=excess,
+        fit=d.get("fit"),
+        reason=d.get("reason"),
+    )
+
+
+@dataclasses.dataclass
+class Group:
+    label: str
+    experiment: int  # index of the run's experiment.json among the distinct ones
+    config: dict  # run.json of the first run, seed aside
+    members: list  # indices into the runs list
+
+
+def _base_label(cfg: dict) -> str:
+    data = f"N={cfg['num_prompts']}x{cfg['completions_per_prompt']}"
+    if cfg["regime"] == "offline":
+        return f"offline {data}"
+    if cfg["regime"] == "mixed":
+        return f"mixed {100 * cfg['online_fraction']:g}% {cfg['online_role']} {data}"
+    return str(cfg["regime"])
+
+
+def group_runs(runs: list[Run]) -> tuple[list[Group], list[dict]]:
+    """Groups of runs that differ only in seed (and the distinct experiment.json contents)."""
+    experiments, by_key = [], {}
+    for i, run in enumerate(runs):
+        if run.experiment not in experiments:
+            experiments.append(run.experiment)
+        exp = experiments.index(run.experiment)
+        key = (exp, *(json.dumps(run.config[f]) for f in GROUP_FIELDS))
+        if key not in by_key:
+            by_key[key] = Group(_base_label(run.config), exp, run.config, [])
+        by_key[key].members.append(i)
+    order = {r: k for k, r in enumerate(REGIMES)}
+    groups = sorted(by_key.values(), key=lambda g: (g.experiment, order.get(g.config["regime"], 9)))
+    seen: dict[str, int] = {}
+    for g in groups:  # labels must be unique: other experiments, online runs with other N
+        if len(experiments) > 1:
+            g.label += f" [exp {g.experiment + 1}]"
+        n = seen[g.label] = seen.get(g.label, 0) + 1
+        g.label += f" #{n}" if n > 1 else ""
+    return groups, experiments
+
+
+def _band(runs: list[Run], key: str) -> plots.Band:
+    if len(runs) == 1:
+        r = runs[0]
+        value, se = r.metrics[key], r.metrics.get(f"{key}_stderr", np.zeros(len(r.steps)))
+        return plots.Band(r.steps.astype(float), value, value - se, value + se)
+    common = functools.reduce(np.intersect1d, [r.steps for r in runs])
+    values = np.stack([r.metrics[key][np.searchsorted(r.steps, common)] for r in runs])
+    lo, hi = values.min(0), values.max(0)
+    return plots.Band(common.astype(float), values.mean(0), lo, hi, tuple(values))
+
+
+def _is_primary() -> bool:
+    if "jax" not in sys.modules:  # no jax, no multi-process run
+        return True
+    from thack_jax.parallel import distributed
+
+    return distributed.is_primary()
+
+
+def _write_plots(out_dir, runs, labels, groups, analyses, metric) -> list[tuple[str, str]]:
+    os.makedirs(os.path.join(out_dir, "plots"), exist_ok=True)
+    members = {g.label: [runs[i] for i in g.members] for g in groups}
+    # Seeds are drawn on their common steps; a group without any is left out of the plots.
+    common = {k: functools.reduce(np.intersect1d, [r.steps for r in v]) for k, v in members.items()}
+    members = {k: v for k, v in members.items() if common[k].size}
+    bands = {
+        div: {k: (_band(v, f"proxy/{div}"), _band(v, f"golden/{div}")) for k, v in members.items()}
+        for div in DIVERGENCES
+        if all(f"{p}/{div}" in r.metrics for r in runs for p in ("proxy", "golden"))
+    }
+    files = [
+        (f"{metric}_vs_step.png", f"Proxy and golden {metric} vs step (log-log)"),
+        (f"proxy_golden_{metric}.png", f"Proxy-golden curves ({metric})"),
+        ("proxy_golden_all.png", "Proxy-golden curves, every divergence"),
+        (f"power_law_{metric}.png", f"Power-law fit of each run's proxy ({metric})"),
+    ]
+    path = [os.path.join(out_dir, "plots", f) for f, _ in files]
+    by_group = {k: {"proxy": p, "golden": g} for k, (p, g) in bands[metric].items()}
+    plots.plot_vs_step(path[0], by_group, metric)
+    plots.plot_proxy_golden(path[1], {metric: bands[metric]})
+    plots.plot_proxy_golden(path[2], bands)
+    law_runs, fits = {}, {}
+    for run, label, a in zip(runs, labels, analyses, strict=True):
+        keep = run.steps >= 1
+        law_runs[label] = {
+            "steps": run.steps[keep],
+            "proxy": run.metrics[f"proxy/{metric}"][keep],
+            "proxy_stderr": run.metrics[f"proxy/{metric}_stderr"][keep],
+            "golden_min_step": a["golden_min_step"],
+        }
+        fits[label] = dict(a.get("fit") or {}, flag_step=a["flag_step"])
+    plots.plot_power_law_grid(path[3], law_runs, fits)
+    return files
+
+
+def write_report(workdirs, out_dir: str, metric: str = "forward_kl") -> str:
+    """Writes `out_dir/report.md` and `out_dir/plots/*.png` (process 0 only); returns the
+    report's path. Raises ReportError on missing or unusable inputs."""
+    if metric not in DIVERGENCES:
+        raise ReportError(f"metric={metric!r}; expected one of {DIVERGENCES}")
+    runs = load_runs(workdirs)
+    analyses = [analyse(run, metric) for run in runs]
+    groups, experiments = group_runs(runs)
+    order = [i for g in groups for i in g.members]  # the tables list runs group by group
+    runs, analyses = [runs[i] for i in order], [analyses[i] for i in order]
+    groups, experiments = group_runs(runs)
+    names = [r.name for r in runs]
+    labels = [  # the same run name in two workdirs: add the workdir's name
+        f"{r.name} @{os.path.basename(os.path.normpath(r.workdir))}"
+        if names.count(r.name) > 1
+        else r.name
+        for r in runs
+    ]
+    path = os.path.join(out_dir, "report.md")
+    if not _is_primary():
+        return path
+    plot_files = _write_plots(out_dir, runs, labels, groups, analyses, metric)
+    text = report_text.render(
+        workdirs, out_dir, metric, runs, labels, analyses, groups, experiments, plot_files
+    )
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+    return path
