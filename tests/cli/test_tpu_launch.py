@@ -1,11 +1,10 @@
-"""Tests for launch/tpu.py: the plan of steps, validation, the source tarball, the dry run.
+"""Tests for cli/tpu.py (launch/tpu.py): the plan of steps, validation, the tarball, the dry run.
 
 The gcloud argument lists and remote-shell quoting: tests/cli/test_tpu_commands.py.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import shlex
 import subprocess
 import sys
@@ -17,10 +16,7 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = REPO_ROOT / "launch" / "tpu.py"
 
-_spec = importlib.util.spec_from_file_location("thack_launch_tpu", SCRIPT)
-tpu = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = tpu  # dataclasses look the module up by name
-_spec.loader.exec_module(tpu)
+from thack_jax.cli import tpu  # noqa: E402
 
 
 def _remote_command(argv) -> str:

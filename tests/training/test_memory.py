@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import glob
-import importlib.util
 import math
 import os
 
@@ -13,15 +12,11 @@ import numpy as np
 import pytest
 
 from thack_jax import models
+from thack_jax.cli import memory as launch_memory  # noqa: E402
 from thack_jax.experiment import gin_registry
 from thack_jax.training import memory
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-_spec = importlib.util.spec_from_file_location(
-    "thack_launch_memory", os.path.join(REPO, "launch", "memory.py")
-)
-launch_memory = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(launch_memory)
 
 TINY = models.get_config("tiny")
 SHAPE = dict(batch_size=8, input_length=16, target_length=8)
