@@ -1,4 +1,5 @@
-"""Every gin file parses into an ExperimentConfig; bad gin input names the file."""
+"""Every gin file parses into an ExperimentConfig; bad gin input names the file, a bad
+value names the dataclass field (and its gin scope) in one line."""
 
 import glob
 import logging
@@ -7,6 +8,7 @@ import os
 import gin
 import pytest
 
+from thack_jax.data.regime_names import REGIMES
 from thack_jax.experiment import gin_registry
 
 GIN_DIR = gin_registry.GIN_DIR
@@ -34,7 +36,8 @@ def test_experiment_files_parse(path):
     cfg = gin_registry.experiment_config()
     assert cfg.runs, path
     for run in cfg.runs:
-        assert run.regime in ("offline", "online_teacher", "online_student", "mixed")
+        # The checks of config.py passed; the regime is stored as the plain string.
+        assert type(run.regime) is str and run.regime in REGIMES
     for role in ("oracle", "teacher", "student"):
         cfg.model_config(role)  # Valid T5 configs.
 
@@ -70,3 +73,27 @@ def test_search_path_probes_are_not_logged_as_errors(caplog):
         gin_registry.parse(["experiments/default.gin"])
     assert not [r for r in caplog.records if "Path not found" in r.getMessage()]
     assert not logging.getLogger().filters  # the filter is removed after parsing
+
+
+@pytest.mark.parametrize(
+    "binding, expected",
+    [
+        (
+            "mixed/RunConfig.online_fraction = 1.5",
+            "RunConfig.online_fraction=1.5 must be a number in [0, 1] (gin scope 'mixed')",
+        ),
+        (
+            "offline/RunConfig.regime = 'online'",
+            "RunConfig.regime='online' is not a regime; valid regimes: offline, online_teacher, "
+            "online_student, mixed (gin scope 'offline')",
+        ),
+        ("ExperimentConfig.guard_mode = 'halt'", "ExperimentConfig.guard_mode='halt' must be one"),
+        ("EvalConfig.num_samples = 0", "EvalConfig.num_samples=0 must be an integer >= 1"),
+    ],
+)
+def test_bad_value_is_one_line_naming_the_field(binding, expected):
+    gin_registry.parse(["experiments/paper_xsum_small.gin"], [binding])
+    with pytest.raises(gin_registry.ConfigError) as info:
+        gin_registry.experiment_config()
+    assert str(info.value).startswith(expected), str(info.value)
+    assert "\n" not in str(info.value)

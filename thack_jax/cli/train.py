@@ -5,6 +5,9 @@
         --stages=distill --runs=offline --gin_bindings="ExperimentConfig.seed = 1"
 
 Gin files are looked up in --gin_search_paths, then in the repository's gin_configs/.
+A configuration error (a gin file that does not parse, a field the config dataclasses
+refuse, an unknown stage or run) stops it before anything is written to the workdir, with
+one line `train.py: error: <dataclass>.<field>=<value> ...` and exit status 1.
 """
 
 from __future__ import annotations
@@ -28,18 +31,30 @@ def main(argv):
     del argv
     if not FLAGS["verbosity"].present:  # orbax/absl INFO lines drown the progress lines.
         logging.set_verbosity(logging.WARNING)
-    from thack_jax.parallel import distributed
-
-    distributed.initialize()  # Multi-host (Cloud TPU, GPU clusters); no-op otherwise.
-    from thack_jax.experiment import gin_registry, runner
-
     if not FLAGS.gin_file:
         raise app.UsageError("--gin_file is required, e.g. experiments/default.gin")
     if not FLAGS.workdir:
         raise app.UsageError("--workdir is required")
-    gin_registry.parse(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths)
-    cfg = gin_registry.experiment_config()
+    # The configuration is built and checked before jax starts: it needs neither jax nor
+    # the devices, so a typo fails in a second, on every host alike.
+    from thack_jax.experiment import gin_registry
+
+    try:
+        gin_registry.parse(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths)
+        cfg = gin_registry.experiment_config()
+    except (gin_registry.GinConfigError, gin_registry.ConfigError) as e:
+        raise SystemExit(f"train.py: error: {e}") from None
+    from thack_jax.parallel import distributed
+
+    distributed.initialize()  # Multi-host (Cloud TPU, GPU clusters); no-op otherwise.
+    from thack_jax.experiment import runner
+
     stages = runner.STAGES if FLAGS.stages == ["all"] else tuple(FLAGS.stages)
+    try:
+        runner.check_selection(cfg, stages, FLAGS.runs)
+        runner.check_models(cfg)
+    except ValueError as e:
+        raise SystemExit(f"train.py: error: {e}") from None
     print(f"[thack_jax] experiment {cfg.name} -> {FLAGS.workdir}, stages {stages}", flush=True)
     runner.Experiment(cfg, FLAGS.workdir).run(stages, runs=FLAGS.runs)
 

@@ -1,7 +1,13 @@
 """Configuration of the teacher-hacking experiment (plain dataclasses; gin binds them).
 
-Kept apart from experiment.py so that gin files, tests and tools can build and compare
-configurations without importing the stage machinery.
+Kept apart from runner.py so that gin files, tests and tools can build and compare
+configurations without importing the stage machinery, or jax: this module imports only
+numpy and the light name modules of data/ (tests/experiment/test_config.py checks it).
+
+Every dataclass checks its fields in `__post_init__`, so a bad value is refused when the
+configuration is built (by gin, before any stage runs), with a message naming the
+dataclass, the field, the value and what is allowed, e.g.
+`RunConfig.online_fraction=1.5 must be a number in [0, 1]`.
 """
 
 from __future__ import annotations
@@ -9,13 +15,83 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from typing import Any
+import math
+import numbers
+import re
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from thack_jax.models.config import T5Config, get_config
+from thack_jax.data.regime_names import ROLES, SAMPLER_ROLES, Regime, check_role
+from thack_jax.data.tasks import TASK_NAMES
 
-ROLES = ("oracle", "teacher", "student")
+if TYPE_CHECKING:
+    from thack_jax.models.config import T5Config
+
+# Names accepted by modules that import jax (or scipy), mirrored here so that building a
+# configuration imports neither; tests/experiment/test_config.py asserts that each tuple
+# equals its source, so they cannot drift apart.
+MODEL_SIZES = (  # models/config.py NAMED_CONFIGS
+    "tiny",
+    "small",
+    "base",
+    "large",
+    "xl",
+    "xxl",
+    "t5_1_0_small",
+    "t5_1_0_base",
+)
+OPTIMIZER_NAMES = ("adafactor", "adamw")  # training/optim.py OPTIMIZERS
+SCHEDULE_NAMES = ("constant", "cosine", "rsqrt")  # training/optim.py SCHEDULES
+LOSS_NAMES = ("forward_kl", "reverse_kl", "jsd", "tv", "skew_kl", "skew_reverse_kl")  # LOSSES
+ESTIMATOR_NAMES = ("rao_blackwell", "plain")  # evaluation/evaluator.py ESTIMATORS
+GUARD_MODES = ("log", "warn", "stop")  # hacking/guard.py MODES
+
+# A run's name is the directory runs/<name>/: one path component, no separators.
+_RUN_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _where(obj, field: str) -> str:
+    return f"{type(obj).__name__}.{field}={getattr(obj, field)!r}"
+
+
+def _check_int(obj, field: str, minimum: int) -> None:
+    """obj.field must be an integer (not a bool) >= minimum."""
+    value = getattr(obj, field)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{_where(obj, field)} must be an integer >= {minimum}")
+
+
+def _is_real(value) -> bool:
+    return (
+        isinstance(value, numbers.Real)
+        and not isinstance(value, bool)
+        and math.isfinite(float(value))
+    )
+
+
+def _check_positive(obj, field: str) -> None:
+    """obj.field must be a finite number > 0."""
+    value = getattr(obj, field)
+    if not _is_real(value) or not value > 0:
+        raise ValueError(f"{_where(obj, field)} must be a number > 0")
+
+
+def _check_choice(obj, field: str, valid: tuple) -> None:
+    value = getattr(obj, field)
+    if not isinstance(value, str) or value not in valid:
+        raise ValueError(f"{_where(obj, field)} must be one of {', '.join(valid)}")
+
+
+def _check_type(obj, field: str, cls: type) -> None:
+    value = getattr(obj, field)
+    if not isinstance(value, cls):
+        raise ValueError(
+            f"{_where(obj, field)} must be of type {cls.__name__} (in gin: @{cls.__name__}())"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,10 +114,14 @@ class ModelSpec:
     def __post_init__(self):
         if isinstance(self.overrides, dict):
             object.__setattr__(self, "overrides", tuple(sorted(self.overrides.items())))
-        if self.checkpoint_format not in ("hf", "t5x"):
-            raise ValueError(f"checkpoint_format={self.checkpoint_format!r}; use 'hf' or 't5x'")
+        _check_choice(self, "size", MODEL_SIZES)
+        _check_choice(self, "checkpoint_format", ("hf", "t5x"))
+        _check_int(self, "init_seed", 0)
 
     def t5_config(self, **extra) -> T5Config:
+        # Imported here: thack_jax.models imports jax, which building a config must not.
+        from thack_jax.models.config import get_config
+
         return get_config(self.size, **{**dict(self.overrides), **extra})
 
 
@@ -63,14 +143,47 @@ class TrainConfig:
     checkpoint_every: int = 500
     seed: int = 0
 
+    def __post_init__(self):
+        _check_int(self, "num_steps", 0)
+        _check_int(self, "batch_size", 1)
+        _check_positive(self, "learning_rate")
+        _check_int(self, "warmup_steps", 0)
+        _check_choice(self, "schedule", SCHEDULE_NAMES)
+        _check_choice(self, "optimizer", OPTIMIZER_NAMES)
+        if not _is_real(self.weight_decay) or self.weight_decay < 0:
+            raise ValueError(f"{_where(self, 'weight_decay')} must be a number >= 0")
+        if self.clip_norm is not None:
+            if not _is_real(self.clip_norm) or not self.clip_norm > 0:
+                raise ValueError(f"{_where(self, 'clip_norm')} must be a number > 0 or None")
+        _check_choice(self, "loss", LOSS_NAMES)
+        _check_positive(self, "temperature")
+        _check_int(self, "num_microbatches", 1)
+        if self.batch_size % self.num_microbatches:
+            raise ValueError(
+                f"{_where(self, 'num_microbatches')} must divide "
+                f"TrainConfig.batch_size={self.batch_size}"
+            )
+        _check_int(self, "checkpoint_every", 1)
+        _check_int(self, "seed", 0)
+        if self.schedule == "cosine" and self.num_steps <= self.warmup_steps:
+            raise ValueError(
+                f"TrainConfig.schedule='cosine' needs num_steps > warmup_steps; got "
+                f"num_steps={self.num_steps}, warmup_steps={self.warmup_steps}"
+            )
+
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     """One distillation run: a regime and its data budget.
 
-    regime: 'offline' | 'online_teacher' | 'online_student' | 'mixed'.
+    name: the run's directory runs/<name>/ (letters, digits, '_', '.', '-').
+    regime: 'offline' | 'online_teacher' | 'online_student' | 'mixed' (a Regime's value;
+      a Regime is stored as its plain string, so JSON and fingerprints hold the string).
     num_prompts x completions_per_prompt: the offline set (offline and mixed).
-    online_fraction / online_role: the mixture (mixed only).
+    online_fraction / online_role: the mixture, mixed only: online_fraction in [0, 1] is
+      the share of every batch sampled online by online_role ('teacher' or 'student').
+      Other regimes must leave online_fraction at 0 (a value there would be silently
+      ignored); online_role must still be a valid role (it is ignored).
     """
 
     name: str = "offline"
@@ -80,6 +193,28 @@ class RunConfig:
     online_fraction: float = 0.0
     online_role: str = "student"
     seed: int = 0
+
+    def __post_init__(self):
+        name = self.name
+        if not isinstance(name, str) or not _RUN_NAME.fullmatch(name) or name in (".", ".."):
+            raise ValueError(
+                f"{_where(self, 'name')} must be a directory name: non-empty, only letters, "
+                "digits, '_', '.' and '-' (it names runs/<name>/)"
+            )
+        regime = Regime.parse(self.regime, "RunConfig.regime").value
+        object.__setattr__(self, "regime", regime)
+        _check_int(self, "num_prompts", 1)
+        _check_int(self, "completions_per_prompt", 1)
+        f = self.online_fraction
+        if not _is_real(f) or not 0 <= f <= 1:
+            raise ValueError(f"{_where(self, 'online_fraction')} must be a number in [0, 1]")
+        if regime != Regime.MIXED.value and f != 0:
+            raise ValueError(
+                f"{_where(self, 'online_fraction')} only applies to regime 'mixed'; regime "
+                f"{regime!r} needs online_fraction = 0"
+            )
+        _check_choice(self, "online_role", SAMPLER_ROLES)
+        _check_int(self, "seed", 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,11 +237,14 @@ class EvalConfig:
     estimator: str = "rao_blackwell"
 
     def __post_init__(self):
-        if self.every < 0 or self.log_points < 0 or self.log_start < 1:
-            raise ValueError(
-                f"EvalConfig needs every >= 0, log_points >= 0 and log_start >= 1; got "
-                f"every={self.every}, log_points={self.log_points}, log_start={self.log_start}"
-            )
+        _check_int(self, "num_prompts", 1)
+        _check_int(self, "num_samples", 1)
+        _check_int(self, "every", 0)
+        _check_int(self, "log_points", 0)
+        _check_int(self, "log_start", 1)
+        _check_int(self, "batch_size", 1)
+        _check_int(self, "seed", 0)
+        _check_choice(self, "estimator", ESTIMATOR_NAMES)
 
     def steps(self, num_steps: int) -> tuple[int, ...]:
         """The sorted evaluation steps of a run of `num_steps` updates (0 and num_steps
@@ -160,13 +298,53 @@ class ExperimentConfig:
             value = getattr(self, field)
             if isinstance(value, dict):
                 object.__setattr__(self, field, tuple(sorted(value.items())))
+        if not isinstance(self.runs, tuple | list):
+            raise ValueError(
+                f"{_where(self, 'runs')} must be a list of RunConfig, e.g. in gin "
+                "[@offline/RunConfig()]"
+            )
         object.__setattr__(self, "runs", tuple(self.runs))
+        self._check_fields()
         names = [r.name for r in self.runs]
         if len(set(names)) != len(names):
             raise ValueError(f"ExperimentConfig.runs has duplicate names: {names}")
 
+    def _check_fields(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"{_where(self, 'name')} must be a non-empty string")
+        _check_choice(self, "task", TASK_NAMES)
+        if self.task != "synthetic" and "sentencepiece_model" not in dict(self.task_options):
+            raise ValueError(
+                f"ExperimentConfig.task={self.task!r} needs "
+                "ExperimentConfig.task_options['sentencepiece_model'] (the T5 SentencePiece "
+                "model file)"
+            )
+        _check_int(self, "max_input_length", 1)
+        _check_int(self, "max_target_length", 1)
+        for role in ROLES:
+            _check_type(self, role, ModelSpec)
+        _check_positive(self, "oracle_logit_scale")
+        _check_positive(self, "teacher_logit_scale")
+        _check_int(self, "oracle_data_prompts", 1)
+        for field in ("teacher_sft", "student_sft", "distill"):
+            _check_type(self, field, TrainConfig)
+        _check_int(self, "student_sft_examples", 0)  # 0: all the oracle data
+        _check_int(self, "teacher_sft_examples", 0)
+        _check_int(self, "distill_prompt_pool", 1)
+        for i, run in enumerate(self.runs):
+            if not isinstance(run, RunConfig):
+                raise ValueError(
+                    f"ExperimentConfig.runs[{i}]={run!r} must be a RunConfig (in gin: "
+                    "@<scope>/RunConfig())"
+                )
+        _check_type(self, "evaluation", EvalConfig)
+        _check_choice(self, "guard_mode", GUARD_MODES)
+        _check_int(self, "seed", 0)
+
     def model_config(self, role: str) -> T5Config:
-        spec = getattr(self, role)
+        """The T5Config of `role` ('oracle', 'teacher' or 'student'), its lengths at least
+        the experiment's."""
+        spec = getattr(self, check_role(role, "role"))
         return spec.t5_config(
             max_input_length=max(self.max_input_length, spec.t5_config().max_input_length),
             max_target_length=max(self.max_target_length, spec.t5_config().max_target_length),

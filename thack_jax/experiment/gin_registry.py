@@ -1,6 +1,7 @@
 """The one place that registers library callables with gin (entry points import this).
 
-Library code never imports gin; gin files bind the dataclasses of experiment_config.
+Library code never imports gin; gin files bind the dataclasses of experiment/config.py,
+which check their fields when `experiment_config()` builds them.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import tokenize
 
 import gin
@@ -26,6 +28,11 @@ GIN_DIR = os.path.join(_REPO, "gin_configs")
 
 class GinConfigError(ValueError):
     """A gin file is missing or does not parse; the message names the file and line."""
+
+
+class ConfigError(ValueError):
+    """The parsed gin files bind an invalid configuration. One line: the dataclass check's
+    message (dataclass, field, value, what is allowed) and the gin scope it was bound in."""
 
 
 def parse(gin_files, gin_bindings=(), search_paths=()) -> None:
@@ -78,6 +85,25 @@ def _parse(gin_files, gin_bindings) -> None:
         raise GinConfigError(f"gin bindings {list(gin_bindings)}: {type(e).__name__}: {e}") from e
 
 
+_GIN_SCOPE = re.compile(r"in scope '([^']+)'")
+
+
 def experiment_config() -> ec.ExperimentConfig:
-    """The ExperimentConfig bound by the parsed gin files."""
-    return ExperimentConfig()
+    """The ExperimentConfig bound by the parsed gin files.
+
+    Raises:
+      ConfigError: a dataclass refused a value (the `__post_init__` checks of config.py).
+    """
+    try:
+        return ExperimentConfig()
+    except (ValueError, TypeError) as e:
+        raise ConfigError(_one_line(e)) from e
+
+
+def _one_line(error: Exception) -> str:
+    """gin appends "In call to configurable 'X' (<class ...>) in scope 's'" lines to the
+    dataclass's message; keep its first line and the innermost scope (which RunConfig)."""
+    text = str(error) or type(error).__name__
+    first = text.splitlines()[0]
+    scopes = _GIN_SCOPE.findall(text)
+    return f"{first} (gin scope {scopes[0]!r})" if scopes else first

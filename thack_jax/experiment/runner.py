@@ -29,7 +29,7 @@ import numpy as np
 
 from thack_jax.evaluation.evaluator import Evaluator
 from thack_jax.experiment import stages as stage_work
-from thack_jax.experiment.config import ExperimentConfig, RunConfig, diff, to_json
+from thack_jax.experiment.config import ROLES, ExperimentConfig, RunConfig, diff, to_json
 from thack_jax.experiment.config import fingerprint as config_fingerprint
 from thack_jax.parallel import partitioning
 
@@ -49,6 +49,28 @@ def _shared_section(cfg: ExperimentConfig) -> dict:
     for key in ("runs", "distill", "evaluation", "guard_mode", "distill_prompt_pool", "name"):
         shared.pop(key)
     return shared
+
+
+def check_selection(
+    cfg: ExperimentConfig, stages=STAGES, runs: tuple[str, ...] | None = None
+) -> None:
+    """Refuses unknown stage names and run names (None: all runs), before anything runs."""
+    unknown = sorted(set(stages) - set(STAGES))
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}; valid stages: {list(STAGES)}")
+    missing = sorted(set(runs or ()) - {r.name for r in cfg.runs})
+    if missing:
+        raise ValueError(f"unknown run(s) {missing}; configured: {[r.name for r in cfg.runs]}")
+
+
+def check_models(cfg: ExperimentConfig) -> None:
+    """Builds the three T5Configs (size names, overrides), so that a typo there is refused
+    before the workdir is touched rather than when the first stage needs the model."""
+    for role in ROLES:
+        try:
+            cfg.model_config(role)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"ExperimentConfig.{role}: {e}") from e
 
 
 def check_workdir(cfg: ExperimentConfig, workdir: str) -> None:
@@ -93,6 +115,7 @@ class Experiment(stage_work.StageContext):
 
     def __init__(self, cfg: ExperimentConfig, workdir: str, progress: bool = True):
         super().__init__(cfg, workdir, partitioning.make_mesh(dict(cfg.mesh_shape)), progress)
+        check_models(cfg)
         check_workdir(cfg, workdir)
 
     # ------------------------------------------------------------------ stages
@@ -165,9 +188,7 @@ class Experiment(stage_work.StageContext):
 
     # --------------------------------------------------------------------- run
     def run(self, stages=STAGES, runs: tuple[str, ...] | None = None) -> None:
-        unknown = sorted(set(stages) - set(STAGES))
-        if unknown:
-            raise ValueError(f"unknown stage(s) {unknown}; valid stages: {list(STAGES)}")
+        check_selection(self.cfg, stages, runs)
         timings = {}
         for stage in STAGES:
             if stage not in stages:
@@ -184,11 +205,6 @@ class Experiment(stage_work.StageContext):
                 self.stage_sft("student")
             elif stage == "distill":
                 selected = [r for r in self.cfg.runs if runs is None or r.name in runs]
-                missing = sorted(set(runs or ()) - {r.name for r in self.cfg.runs})
-                if missing:
-                    raise ValueError(
-                        f"unknown run(s) {missing}; configured: {[r.name for r in self.cfg.runs]}"
-                    )
                 evaluator = self.evaluator() if selected else None
                 for run in selected:
                     self.stage_distill(run, evaluator)
