@@ -84,4 +84,24 @@ def test_errors(tmp_path, setup, message):
 
 def test_usage_error_without_workdir():
     result = _run()
-    assert result.returncode != 0 and "--workdir is required" in result.stderr
+    assert result.returncode != 0 and "--workdir or --summary_dir is required" in result.stderr
+    result = _run("--summary_dir=x")
+    assert result.returncode != 0 and "--out_dir is required with --summary_dir" in result.stderr
+
+
+def test_write_summary_then_report_from_it(tmp_path):
+    a = make_workdir(tmp_path / "a", names=("offline", "online_teacher"))
+    runs = tmp_path / "runs"
+    result = _run(f"--workdir={a}", f"--write_summary={runs}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"report: 2 run summaries in {runs}" in result.stdout
+    assert sorted(os.listdir(runs)) == ["offline.json", "online_teacher.json"]
+    assert not os.path.exists(os.path.join(a, "report.md"))  # a summary, not a report
+    out = tmp_path / "out"
+    result = _run(f"--summary_dir={runs}", f"--out_dir={out}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    text = (out / "report.md").read_text()
+    assert f"from `{runs}`" in text and "| `../runs/offline.json` |" in text
+    assert "imported:" not in result.stdout
+    result = _run(f"--summary_dir={tmp_path / 'absent'}", f"--out_dir={out}")
+    assert result.returncode == 1 and "summary directory not found" in result.stderr

@@ -46,7 +46,6 @@ flags.DEFINE_enum("optimizer", "adamw", ["adamw", "adafactor"], "Optimizer (trai
 flags.DEFINE_string("param_dtype", None, "Parameter dtype (default: the config's).")
 flags.DEFINE_string("activation_dtype", "bfloat16", "Activation dtype.")
 flags.DEFINE_integer("num_microbatches", 1, "Gradient-accumulation microbatches.")
-flags.DEFINE_boolean("remat", False, "Per-layer rematerialisation (not implemented by the net).")
 flags.DEFINE_integer("num_samples", 1, "Samples per prompt (sample mode).")
 
 
@@ -153,7 +152,6 @@ def main(argv):
             activation_dtype=FLAGS.activation_dtype,
             mesh_shape=mesh,
             num_microbatches=FLAGS.num_microbatches,
-            remat=FLAGS.remat,
             mode=FLAGS.mode,
             num_samples=FLAGS.num_samples,
         )

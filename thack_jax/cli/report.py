@@ -1,11 +1,16 @@
-r"""Rebuilds the teacher-hacking report (report.md + plots/) from experiment workdirs.
+r"""Rebuilds the teacher-hacking report (report.md + plots/) from workdirs or run summaries.
 
   python launch/report.py --workdir=DIR [--workdir=DIR2 ...] [--out_dir=DIR] \
       [--metric=forward_kl]
+  python launch/report.py --summary_dir=docs/reproduction/runs --out_dir=docs/reproduction
+  python launch/report.py --workdir=DIR --write_summary=docs/reproduction/runs
 
 Reads every `DIR/runs/<name>/train/metrics.jsonl` (with `run.json` beside it) and
-`DIR/experiment.json`; writes `OUT_DIR/report.md` and `OUT_DIR/plots/*.png` (default OUT_DIR:
-the first workdir) and prints the findings. Neither jax nor tensorflow is imported.
+`DIR/experiment.json`, and/or every run summary `SUMMARY_DIR/*.json`
+(`thack_jax/reporting/summary.py`); writes `OUT_DIR/report.md` and `OUT_DIR/plots/*.png`
+(default OUT_DIR: the first workdir) and prints the findings. With --write_summary it
+writes the workdirs' run summaries into that directory instead of a report. Neither jax nor
+tensorflow is imported.
 """
 
 from __future__ import annotations
@@ -15,22 +20,45 @@ import sys
 
 from absl import app, flags
 
-from thack_jax.reporting import report  # noqa: E402
+from thack_jax.reporting import report, summary  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("workdir", None, "Experiment workdir (repeat for several).")
+flags.DEFINE_multi_string(
+    "summary_dir", None, "Directory of run summaries, *.json (repeat for several)."
+)
 flags.DEFINE_string("out_dir", None, "Where report.md and plots/ go; default: the first workdir.")
 flags.DEFINE_enum("metric", "forward_kl", report.DIVERGENCES, "Divergence of the analysis.")
+flags.DEFINE_string(
+    "write_summary", None, "Write the workdirs' run summaries into this directory (no report)."
+)
+
+
+def _report() -> str:
+    workdirs, summary_dirs = FLAGS.workdir or [], FLAGS.summary_dir or []
+    if not workdirs and not summary_dirs:
+        raise app.UsageError("--workdir or --summary_dir is required (repeat for several)")
+    if not FLAGS.out_dir and not workdirs:
+        raise app.UsageError("--out_dir is required with --summary_dir alone")
+    runs = (report.load_runs(workdirs) if workdirs else []) + summary.load_summaries(summary_dirs)
+    out_dir = FLAGS.out_dir or workdirs[0]
+    return report.write_report(workdirs + summary_dirs, out_dir, FLAGS.metric, runs=runs)
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not FLAGS.workdir:
-        raise app.UsageError("--workdir is required (repeat it for several workdirs)")
-    out_dir = FLAGS.out_dir or FLAGS.workdir[0]
+    if FLAGS.write_summary is not None:
+        if not FLAGS.workdir or FLAGS.summary_dir:
+            raise app.UsageError("--write_summary needs --workdir (and no --summary_dir)")
+        try:
+            paths = summary.summarize(FLAGS.workdir, FLAGS.write_summary)
+        except (ValueError, OSError) as e:
+            sys.exit(f"report: error: {e}")
+        print(f"report: {len(paths)} run summaries in {FLAGS.write_summary}")
+        return
     try:
-        path = report.write_report(FLAGS.workdir, out_dir, FLAGS.metric)
+        path = _report()
     except (ValueError, OSError) as e:  # ReportError is a ValueError; so are bad JSON lines
         sys.exit(f"report: error: {e}")
     print(f"report: {path}")

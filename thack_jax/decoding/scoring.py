@@ -48,8 +48,3 @@ def score(
     mask = response_mask(targets, config.pad_id)
     token = jnp.where(mask, gather_logprobs(full, targets), 0.0)
     return Scores(token, full, mask)
-
-
-def sequence_logprob(config: T5Config, params: dict, inputs, targets) -> jax.Array:
-    """log p(targets | inputs) summed over scored positions -> [B]."""
-    return score(config, params, inputs, targets).token_logprobs.sum(axis=-1)

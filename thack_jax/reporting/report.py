@@ -32,13 +32,18 @@ import sys
 
 import numpy as np
 
+from thack_jax.data.regime_names import Regime
 from thack_jax.hacking import diagnostics, guard, noise
 from thack_jax.reporting import plots, report_text
 from thack_jax.training.metrics_io import METRICS_FILE, read_metrics
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "js")
 GROUP_FIELDS = ("regime", "num_prompts", "completions_per_prompt", "online_fraction", "online_role")
-REGIMES = ("offline", "mixed", "online_teacher", "online_student")
+# Display order of the regimes in tables and plots: offline first, then by how much of
+# the data is online. Every Regime appears once (tests/data/test_regime_names.py).
+REGIMES = tuple(
+    r.value for r in (Regime.OFFLINE, Regime.MIXED, Regime.ONLINE_TEACHER, Regime.ONLINE_STUDENT)
+)
 
 
 class ReportError(ValueError):
@@ -59,6 +64,13 @@ class Run:
     wall_seconds: float | None
     metrics_path: str
     experiment: dict
+    # Set for a run read from its summary (reporting/summary.py), where analyse finds what it
+    # otherwise reads beside metrics_path: guard_settings.json's record (None: the run has
+    # none) and, per proxy key, noise covariance (steps [n], cov [n, n]) or the ValueError
+    # text its per-prompt values gave (noise_covs None: the run saved no per-prompt values).
+    from_summary: bool = False
+    guard_settings: dict | None = None
+    noise_covs: dict | None = None
 
 
 def _read_json(path: str) -> dict:
@@ -121,19 +133,43 @@ def _z(value: float, se: float) -> float:
     return 0.0 if value == 0 else float(np.sign(value) * np.inf)
 
 
-def _guard_min_step(run: Run) -> int:
-    """First step the run's guard was fed (its guard_settings.json; 1 when absent)."""
+def read_guard_settings(run: Run) -> dict | None:
+    """The run's guard_settings.json record (from its summary, if read from one); None when
+    the run has none."""
+    if run.from_summary:
+        return run.guard_settings
     path = os.path.join(os.path.dirname(os.path.dirname(run.metrics_path)), guard.GUARD_FILE)
     try:
-        settings = guard.load_guard_settings(path)
+        return guard.load_guard_settings(path)
     except ValueError as e:
         raise ReportError(str(e)) from None
+
+
+def guard_min_step(run: Run) -> int:
+    """First step the run's guard was fed (its guard_settings.json; 1 when absent)."""
+    settings = read_guard_settings(run)
     return 1 if settings is None else settings["min_step"]
 
 
-def _noise_cov(run: Run, key: str, steps: np.ndarray) -> np.ndarray | None:
+def noise_cov(run: Run, key: str, steps: np.ndarray) -> np.ndarray | None:
     """The evaluation-noise covariance [n, n] of `key` at `steps` from the run's per-prompt
-    values (train/per_prompt/), as its guard used; None for a run without them."""
+    values (train/per_prompt/, or the covariance its summary kept), as its guard used; None
+    for a run without them. Raises ValueError as `noise.covariance_at` does."""
+    if run.from_summary:
+        if run.noise_covs is None:
+            return None
+        if key not in run.noise_covs:
+            raise ValueError(f"{run.metrics_path}: no noise covariance of {key!r}")
+        saved = run.noise_covs[key]
+        if isinstance(saved, str):  # reading the per-prompt values failed when summarized
+            raise ValueError(saved)
+        saved_steps, cov = saved
+        row = {int(s): i for i, s in enumerate(saved_steps)}
+        missing = [int(s) for s in steps if int(s) not in row]
+        if missing:
+            raise ValueError(f"{run.metrics_path}: noise covariance of {key} lacks {missing}")
+        index = [row[int(s)] for s in steps]
+        return cov[np.ix_(index, index)]
     directory = os.path.join(os.path.dirname(run.metrics_path), noise.PER_PROMPT_DIR)
     if not os.path.isdir(directory):
         return None
@@ -190,9 +226,9 @@ def analyse(run: Run, metric: str = "forward_kl") -> dict:
         "proxy_falls_after_golden_min": change < 0,
     }
     # The detector sees what the run's guard saw: evaluations after warmup, no stderrs.
-    law = steps >= _guard_min_step(run)
+    law = steps >= guard_min_step(run)
     try:  # the detector works in log-log axes: a non-positive estimate makes it inapplicable
-        cov = _noise_cov(run, f"proxy/{metric}", steps[law])
+        cov = noise_cov(run, f"proxy/{metric}", steps[law])
         u = diagnostics.detect_u_shape(steps, proxy, golden, golden_se)
         v = diagnostics.verdict(
             steps[law], proxy[law], None, golden[law], golden_se[law], noise_cov=cov
@@ -310,12 +346,15 @@ def _write_plots(out_dir, runs, labels, groups, analyses, metric) -> list[tuple[
     return files
 
 
-def write_report(workdirs, out_dir: str, metric: str = "forward_kl") -> str:
+def write_report(workdirs, out_dir: str, metric: str = "forward_kl", runs=None) -> str:
     """Writes `out_dir/report.md` and `out_dir/plots/*.png` (process 0 only); returns the
-    report's path. Raises ReportError on missing or unusable inputs."""
+    report's path. Raises ReportError on missing or unusable inputs.
+
+    runs: the runs, already loaded (e.g. `summary.load_summaries`); None: `load_runs(workdirs)`.
+    `workdirs` are the sources the report names."""
     if metric not in DIVERGENCES:
         raise ReportError(f"metric={metric!r}; expected one of {DIVERGENCES}")
-    runs = load_runs(workdirs)
+    runs = load_runs(workdirs) if runs is None else list(runs)
     analyses = [analyse(run, metric) for run in runs]
     groups, experiments = group_runs(runs)
     order = [i for g in groups for i in g.members]  # the tables list runs group by group

@@ -1,4 +1,4 @@
-"""The text of report.md: what was run, the tables, the findings of method.md, the notes.
+"""The text of report.md: what was run, the tables, the findings of docs/method.md, the notes.
 
 Pure formatting and decisions over `report.analyse` dicts (numpy only). Each finding is
 decided from numbers printed in the report, per run or per group (runs that differ only in
@@ -333,7 +333,7 @@ def render(workdirs, out_dir, metric, runs, labels, analyses, groups, experiment
     lines += ["", "## Plots", ""]
     for name, title in plot_files:
         lines += [f"### {title}", "", f"![{title}](plots/{name})", ""]
-    lines += ["## Findings (method.md)", ""]
+    lines += ["## Findings (docs/method.md)", ""]
     for k, (title, status, text) in enumerate(findings(runs, labels, analyses, groups), 1):
         lines += [f"{k}. **{title}**: **{STATUS[status]}**. {text}", ""]
     lines += ["## Notes", "", *NOTES]

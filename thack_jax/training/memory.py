@@ -26,8 +26,7 @@ it divides them):
   4D: the residual stream and layer-norm output before each block; attention: q, k, v and
   the attended values; (4 + a): the float32 softmax output and its cast copy.
   logits: 3 * r*Ly*V*4 bytes (float32 logits, log-softmax, their gradient).
-  remat=True: what per-layer rematerialisation would keep (each layer's input, r*L*D*a,
-  plus one layer's full activations); the network does not rematerialise today.
+  Every layer's activations are kept: the network does not rematerialise.
 """
 
 from __future__ import annotations
@@ -143,7 +142,6 @@ def estimate(
     activation_dtype: str | None = None,
     mesh_shape: Mapping[str, int] | None = None,
     num_microbatches: int = 1,
-    remat: bool = False,
     mode: str = "train",
     num_samples: int = 1,
     full_logprobs: bool = False,
@@ -198,11 +196,7 @@ def estimate(
         out["opt_state"] = _per_device_bytes(o_shapes, o_sh)
         grad_bytes = 4 if num_microbatches > 1 else np.dtype(config.param_dtype).itemsize
         out["grads"] = out["params"] // np.dtype(config.param_dtype).itemsize * grad_bytes
-        if remat:
-            inputs = rows * (lx * n_enc + ly * n_dec) * d * a
-            out["activations"] = int(inputs + max(enc, dec))
-        else:
-            out["activations"] = int(n_enc * enc + n_dec * dec)
+        out["activations"] = int(n_enc * enc + n_dec * dec)
         out["logits"] = int(3 * rows * ly * vocab * 4)
     elif mode == "forward":
         # Layers run one after another: one layer's activations, the encoder output kept.
@@ -227,7 +221,6 @@ def estimate(
         param_dtype=config.param_dtype,
         activation_dtype=config.dtype,
         num_microbatches=num_microbatches,
-        remat=remat,
     )
     return out
 
@@ -248,7 +241,7 @@ def distill_estimate(
     while the student's state and the teacher's params are resident. kwargs: as `estimate`.
     """
     train = estimate(student, mode="train", **kwargs)
-    fwd_kwargs = {k: v for k, v in kwargs.items() if k not in ("optimizer", "remat")}
+    fwd_kwargs = {k: v for k, v in kwargs.items() if k != "optimizer"}
     fwd_kwargs["num_microbatches"] = 1
     t_fwd = estimate(teacher, mode="forward", **fwd_kwargs)
     mb = kwargs.get("num_microbatches", 1)
