@@ -31,7 +31,7 @@ def test_cosine_decays_to_end_value():
     np.testing.assert_allclose(v[2], 1.0, rtol=1e-6)  # decay starts at the peak
     assert np.all(np.diff(v[2:13]) < 0)
     np.testing.assert_allclose(v[7], 0.5, atol=1e-6)  # half way
-    np.testing.assert_allclose(v[12:], 0.0, atol=1e-7)
+    np.testing.assert_allclose(v[12:], 0.0, atol=5e-7)  # 4 float32 ulps of the peak (1.0)
 
 
 def test_rsqrt_is_continuous_after_warmup():
