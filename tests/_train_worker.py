@@ -98,21 +98,25 @@ def main(argv=None) -> int:
     config = models.get_config("tiny")
     inputs, targets = toy_data(config)
     schedule = optim.make_schedule(3e-3, warmup_steps=2)
+    student = trainer.Student(
+        config,
+        fast_init_params(config, 0),
+        optim.make_optimizer("adafactor", schedule, multiply_by_parameter_scale=False),
+        train_step.StepConfig("distill", "forward_kl"),
+        learning_rate_fn=schedule,
+    )
     result = trainer.train(
         workdir=args.workdir,
-        student_config=config,
-        init_params=fast_init_params(config, 0),
-        optimizer=optim.make_optimizer("adafactor", schedule, multiply_by_parameter_scale=False),
-        step_config=train_step.StepConfig("distill", "forward_kl"),
+        student=student,
         source=SlowSource(inputs, targets, batch_size=8, seed=1, sleep=args.step_sleep),
-        num_steps=args.num_steps,
-        teacher_config=config,
-        teacher_params=fast_init_params(config, 1),
+        loop=trainer.LoopConfig(
+            args.num_steps,
+            checkpoint_every=args.checkpoint_every,
+            keep_checkpoints=2,
+            progress=False,
+        ),
+        teacher=trainer.Teacher(config, fast_init_params(config, 1)),
         mesh=partitioning.make_mesh({"data": 4, "model": 2}),
-        checkpoint_every=args.checkpoint_every,
-        keep_checkpoints=2,
-        learning_rate_fn=schedule,
-        progress=False,
     )
     summary = {"step": int(result.state.step), "stopped_early": result.stopped_early}
     print("RESULT " + json.dumps(summary), flush=True)

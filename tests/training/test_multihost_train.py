@@ -102,18 +102,23 @@ _WORKER = textwrap.dedent(
     else:
         mesh = partitioning.make_mesh({"data": -1})
         workdir = os.path.join(out, f"train_{nproc}p")
-        kwargs = dict(workdir=workdir, student_config=config, init_params=student,
-                      optimizer=opt, step_config=step_config, teacher_config=config,
-                      teacher_params=teacher, mesh=mesh, checkpoint_every=2,
-                      keep_checkpoints=2, learning_rate_fn=schedule, progress=False)
+        kwargs = dict(workdir=workdir, mesh=mesh,
+                      student=trainer.Student(config, student, opt, step_config,
+                                              learning_rate_fn=schedule),
+                      teacher=trainer.Teacher(config, teacher))
+
+        def loop(num_steps):
+            return trainer.LoopConfig(num_steps, checkpoint_every=2, keep_checkpoints=2,
+                                      progress=False)
+
         first = trainer.train(
             source=trainer.ArraySource(inputs, targets, batch_size=16, seed=1),
-            num_steps=4, **kwargs)
+            loop=loop(4), **kwargs)
         distributed.barrier("first train call done")
         # A new source: its position comes back from the checkpoint of step 4.
         second = trainer.train(
             source=trainer.ArraySource(inputs, targets, batch_size=16, seed=1),
-            num_steps=6, **kwargs)
+            loop=loop(6), **kwargs)
         params = flat(second.state.params)
         if rank == 0:
             np.savez(os.path.join(out, f"train_{nproc}p.npz"), **params)

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 from _train_common import (
@@ -63,20 +64,15 @@ def test_array_source_epochs_and_exact_resume():
 # ----------------------------------------------------------------------------- the loop
 
 
-def _train(workdir, num_steps, source=None, teacher=True, **kwargs):
+def _train(workdir, num_steps, source=None, teacher=True, hooks=None, **loop):
+    """The tiny distillation run; `loop` holds LoopConfig fields."""
     return trainer.train(
         workdir=str(workdir),
-        student_config=CFG,
-        init_params=STUDENT,
-        optimizer=OPT,
-        step_config=DISTILL,
+        student=trainer.Student(CFG, STUDENT, OPT, DISTILL, learning_rate_fn=SCHEDULE),
         source=source or trainer.ArraySource(INPUTS, TARGETS, batch_size=8, seed=0),
-        num_steps=num_steps,
-        teacher_config=CFG if teacher else None,
-        teacher_params=TEACHER if teacher else None,
-        progress=False,
-        learning_rate_fn=SCHEDULE,
-        **kwargs,
+        loop=trainer.LoopConfig(num_steps, progress=False, **loop),
+        teacher=trainer.Teacher(CFG, TEACHER) if teacher else None,
+        hooks=hooks,
     )
 
 
@@ -91,13 +87,14 @@ def test_loop_resume_eval_and_corrupted_checkpoint(tmp_path, caplog):
             )
         }
 
-    result = _train(tmp_path, 4, checkpoint_every=2, eval_every=3, eval_fn=eval_fn)
+    hooks = trainer.Hooks(eval_fn)
+    result = _train(tmp_path, 4, hooks=hooks, checkpoint_every=2, eval_every=3)
     assert evals == [0, 3, 4] and not result.stopped_early
     assert checkpoints.all_steps(str(tmp_path / "checkpoints")) == [2, 4]
     # Corrupt the newest checkpoint: the next run resumes from step 2 and redoes 3..6.
     os.remove(str(tmp_path / "checkpoints" / "4" / "state" / "manifest.ocdbt"))
     with caplog.at_level(logging.WARNING, logger="thack_jax.training.checkpoints"):
-        result = _train(tmp_path, 6, checkpoint_every=2, eval_every=3, eval_fn=eval_fn)
+        result = _train(tmp_path, 6, hooks=hooks, checkpoint_every=2, eval_every=3)
     assert any("checkpoints/4" in r.getMessage() for r in caplog.records)
     assert evals == [0, 3, 4, 3, 6]
     assert int(result.state.step) == 6
@@ -130,10 +127,9 @@ def test_hook_stops_after_an_eval(tmp_path):
     result = _train(
         tmp_path,
         10,
+        hooks=trainer.Hooks(eval_fn=lambda s, p: {"eval/x": 1.0}, stop=(hook,)),
         checkpoint_every=5,
         eval_every=2,
-        eval_fn=lambda s, p: {"eval/x": 1.0},
-        hooks=(hook,),
     )
     assert result.stopped_early and int(result.state.step) == 2 and calls == [0, 2]
     assert checkpoints.latest_step(str(tmp_path / "checkpoints")) == 2
@@ -154,13 +150,120 @@ class _NaNAt(trainer.ArraySource):
         return {**batch, "teacher_logprobs": logprobs}
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    with pytest.raises(trainer.NonFiniteLossError, match="non-finite loss at step 3") as info:
-        _train(tmp_path, 6, source=_NaNAt(bad=2), teacher=False, checkpoint_every=2)
-    assert info.value.step == 3 and info.value.last_checkpoint == 2
-    assert "last good checkpoint is step 2" in str(info.value)
-    assert checkpoints.all_steps(str(tmp_path / "checkpoints")) == [2]
-    assert [r["step"] for r in read_metrics(str(tmp_path))] == [1, 2]
+@pytest.mark.parametrize(
+    "bad, every, kept",
+    [
+        (2, 2, [2]),  # update 3 is read after update 4 (a checkpoint step) is dispatched
+        (3, 2, [2]),  # update 4 is a checkpoint step: read before anything else
+        (4, 2, [2, 4]),  # update 5 is read after update 6 (the final step) is dispatched
+        (0, 3, []),  # update 1 is read after update 2 (a plain step) is dispatched
+    ],
+)
+def test_non_finite_loss_names_the_first_bad_step_and_keeps_an_earlier_checkpoint(
+    tmp_path, bad, every, kept
+):
+    first_bad = bad + 1  # the batch of step `bad` is the one of update bad + 1
+    last = kept[-1] if kept else None
+    with pytest.raises(
+        trainer.NonFiniteLossError, match=f"non-finite loss at step {first_bad}"
+    ) as info:
+        _train(tmp_path, 6, source=_NaNAt(bad=bad), teacher=False, checkpoint_every=every)
+    assert info.value.step == first_bad and info.value.last_checkpoint == last
+    assert f"last good checkpoint is step {last}" in str(info.value)
+    # No checkpoint of the bad update nor of the one dispatched after it; the kept one is
+    # complete (restorable) and finite.
+    directory = str(tmp_path / "checkpoints")
+    assert checkpoints.all_steps(directory) == kept
+    if kept:
+        params = checkpoints.restore_params(directory, last, models.param_shapes(CFG))
+        assert all(np.isfinite(leaf).all() for leaf in np_leaves(params))
+    written = read_metrics(str(tmp_path)) if os.path.exists(tmp_path / "metrics.jsonl") else []
+    assert [r["step"] for r in written] == list(range(1, first_bad))
+
+
+def test_next_update_is_dispatched_before_the_metrics_are_read(tmp_path, monkeypatch):
+    """Update t's metrics are fetched only after update t + 1 is dispatched, except at the
+    steps that need their state (here the checkpoint step 3 and the final step 5)."""
+    events, dispatched = [], {}  # dispatched: id(metrics dict) -> (update, the dict)
+    real_make, real_get = trainer.make_train_step, jax.device_get
+
+    def make_recording_step(*args):
+        step_fn = real_make(*args)
+
+        def step(state, batch, teacher_params):
+            state, metrics = step_fn(state, batch, teacher_params)
+            update = len(dispatched) + 1
+            dispatched[id(metrics)] = (update, metrics)  # keeps the dict (and its id) alive
+            events.append(f"dispatch {update}")
+            return state, metrics
+
+        return step
+
+    def recording_get(tree):
+        if id(tree) in dispatched:
+            events.append(f"read {dispatched[id(tree)][0]}")
+        return real_get(tree)
+
+    monkeypatch.setattr(trainer, "make_train_step", make_recording_step)
+    monkeypatch.setattr(jax, "device_get", recording_get)
+    result = _train(tmp_path, 5, checkpoint_every=3)
+    assert events == (
+        ["dispatch 1", "dispatch 2", "read 1", "dispatch 3", "read 2", "read 3"]
+        + ["dispatch 4", "dispatch 5", "read 4", "read 5"]
+    )
+    assert int(result.state.step) == 5
+    assert [r["step"] for r in read_metrics(result.metrics_path)] == [1, 2, 3, 4, 5]
+
+
+class _SigtermAt(trainer.ArraySource):
+    """Sends this process SIGTERM while the batch of step `at` is being made."""
+
+    def __init__(self, at):
+        super().__init__(INPUTS, TARGETS, batch_size=8, seed=0)
+        self.at = at
+
+    def next_batch(self, step, student_params=None):
+        if step == self.at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return super().next_batch(step, student_params)
+
+
+def test_sigterm_saves_the_update_in_flight_and_stops(tmp_path):
+    # The signal comes while update 4's batch is made: update 4 is finished, logged and
+    # saved (as by the loop that read every step at once), nothing after it.
+    result = _train(tmp_path, 10, source=_SigtermAt(3), checkpoint_every=100)
+    assert result.stopped_early and int(result.state.step) == 4
+    assert checkpoints.all_steps(str(tmp_path / "checkpoints")) == [4]
+    assert [r["step"] for r in read_metrics(result.metrics_path)] == [1, 2, 3, 4]
+
+
+def test_bad_arguments_name_the_field():
+    with pytest.raises(ValueError, match="LoopConfig.num_steps must be >= 0"):
+        trainer.LoopConfig(-1)
+    with pytest.raises(ValueError, match="LoopConfig.checkpoint_every must be >= 1"):
+        trainer.LoopConfig(5, checkpoint_every=0)
+    with pytest.raises(ValueError, match=r"LoopConfig.eval_steps\[...\] must be >= 0"):
+        trainer.LoopConfig(5, eval_steps=(3, -1))
+    with pytest.raises(TypeError, match="LoopConfig.log_every must be an integer"):
+        trainer.LoopConfig(5, log_every=1.5)
+    assert trainer.LoopConfig(5, eval_steps=[4, 2]).eval_steps == frozenset({2, 4})
+    with pytest.raises(ValueError, match="Hooks.stop is given but Hooks.eval_fn is None"):
+        trainer.Hooks(stop=(lambda step, metrics: False,))
+    with pytest.raises(TypeError, match=r"Hooks.stop\[0\] must be callable"):
+        trainer.Hooks(eval_fn=lambda s, p: {}, stop=(3,))
+    with pytest.raises(ValueError, match="Student.init_params is None"):
+        trainer.Student(CFG, None, OPT, SFT)
+    with pytest.raises(TypeError, match="Student.step_config must be a StepConfig"):
+        trainer.Student(CFG, STUDENT, OPT, "sft")
+    with pytest.raises(TypeError, match="Teacher.config must be a T5Config"):
+        trainer.Teacher("tiny", TEACHER)
+    with pytest.raises(TypeError, match="train: loop must be a trainer.LoopConfig"):
+        trainer.train(
+            workdir="unused",
+            student=trainer.Student(CFG, STUDENT, OPT, SFT),
+            source=trainer.ArraySource(INPUTS, TARGETS, 8),
+            loop={"num_steps": 1},
+        )
 
 
 def test_wrong_init_params_are_named(tmp_path):
@@ -168,13 +271,9 @@ def test_wrong_init_params_are_named(tmp_path):
     with pytest.raises(ValueError, match=r"init_params do not match(.|\n)*wi_0.*float32\[32, 64\]"):
         trainer.train(
             workdir=str(tmp_path),
-            student_config=CFG,
-            init_params=bad,
-            optimizer=OPT,
-            step_config=SFT,
+            student=trainer.Student(CFG, bad, OPT, SFT),
             source=trainer.ArraySource(INPUTS, TARGETS, 8),
-            num_steps=1,
-            progress=False,
+            loop=trainer.LoopConfig(1, progress=False),
         )
 
 
@@ -269,6 +368,11 @@ def test_eval_steps_schedule(tmp_path):
     # Listed steps and multiples of eval_every, plus step 0 and the final step; steps past
     # the end are ignored.
     _train(
-        tmp_path, 7, checkpoint_every=10, eval_every=4, eval_steps=(1, 2, 5, 99), eval_fn=eval_fn
+        tmp_path,
+        7,
+        hooks=trainer.Hooks(eval_fn),
+        checkpoint_every=10,
+        eval_every=4,
+        eval_steps=(1, 2, 5, 99),
     )
     assert evals == [0, 1, 2, 4, 5, 7]

@@ -194,17 +194,17 @@ def sft(ctx: StageContext, role: str) -> int:
     opt, schedule = make_optimizer(tc)
     result = trainer.train(
         workdir=ctx.path(s.directory, "train"),
-        student_config=config,
-        init_params=params,
-        optimizer=opt,
-        step_config=train_step.StepConfig(objective="sft"),
+        student=trainer.Student(
+            config, params, opt, train_step.StepConfig(objective="sft"), schedule
+        ),
         source=source,
-        num_steps=tc.num_steps,
+        loop=trainer.LoopConfig(
+            tc.num_steps,
+            checkpoint_every=tc.checkpoint_every,
+            progress=ctx.progress,
+            seed=tc.seed,
+        ),
         mesh=ctx.mesh,
-        seed=tc.seed,
-        checkpoint_every=tc.checkpoint_every,
-        progress=ctx.progress,
-        learning_rate_fn=schedule,
     )
     params = jax.tree.map(np.array, result.state.params)
     if s.logit_scale != 1.0:
@@ -322,28 +322,25 @@ def distill(ctx: StageContext, run: RunConfig, evaluator: Evaluator) -> float:
 
     opt, schedule = make_optimizer(tc)
     start = time.time()
+    step_config = train_step.StepConfig(
+        objective="distill",
+        loss=tc.loss,
+        temperature=tc.temperature,
+        num_microbatches=tc.num_microbatches,
+    )
     trainer.train(
         workdir=os.path.join(out, "train"),
-        student_config=student_config,
-        init_params=student_params,
-        optimizer=opt,
-        step_config=train_step.StepConfig(
-            objective="distill",
-            loss=tc.loss,
-            temperature=tc.temperature,
-            num_microbatches=tc.num_microbatches,
-        ),
+        student=trainer.Student(student_config, student_params, opt, step_config, schedule),
         source=distill_source(ctx, run, teacher, student_config),
-        num_steps=tc.num_steps,
-        teacher_config=teacher[0],
-        teacher_params=teacher[1],
+        loop=trainer.LoopConfig(
+            tc.num_steps,
+            checkpoint_every=tc.checkpoint_every,
+            eval_steps=cfg.evaluation.steps(tc.num_steps),
+            progress=ctx.progress,
+            seed=tc.seed + run.seed,
+        ),
+        teacher=trainer.Teacher(*teacher),
+        hooks=trainer.Hooks(eval_fn, stop=(stop_hook,)),
         mesh=ctx.mesh,
-        seed=tc.seed + run.seed,
-        checkpoint_every=tc.checkpoint_every,
-        eval_steps=cfg.evaluation.steps(tc.num_steps),
-        eval_fn=eval_fn,
-        hooks=(stop_hook,),
-        progress=ctx.progress,
-        learning_rate_fn=schedule,
     )
     return time.time() - start

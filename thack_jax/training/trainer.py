@@ -2,7 +2,10 @@
 
 `train` resumes from the newest good checkpoint, writes one metrics line per step,
 evaluates, runs stop hooks, saves periodically and on SIGTERM, and refuses to go on (or
-save) after a non-finite loss. Batches come from a `BatchSource` (`ArraySource` here, the
+save) after a non-finite loss. It dispatches each update before reading the previous
+update's metrics, so the host prepares batches while the device computes. Its arguments
+are the frozen values of loop_config.py (re-exported here): `Student`, `LoopConfig`,
+`Teacher`, `Hooks`. Batches come from a `BatchSource` (`ArraySource` here, the
 distillation regimes of data/, built by `regimes.make_source`).
 """
 
@@ -13,18 +16,17 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Callable, Collection, Mapping, Sequence
-from typing import Any, Protocol
+from collections.abc import Mapping
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from thack_jax import models
-from thack_jax.models.config import T5Config
 from thack_jax.parallel import partitioning
 from thack_jax.training import checkpoints
+from thack_jax.training.loop_config import Hooks, LoopConfig, Student, Teacher
 from thack_jax.training.metrics_io import MetricsWriter, Progress
 from thack_jax.training.train_state import (
     TrainState,
@@ -33,7 +35,19 @@ from thack_jax.training.train_state import (
     single_device_shardings,
     state_shardings,
 )
-from thack_jax.training.train_step import StepConfig, make_train_step
+from thack_jax.training.train_step import make_train_step
+
+__all__ = [
+    "ArraySource",
+    "BatchSource",
+    "Hooks",
+    "LoopConfig",
+    "NonFiniteLossError",
+    "Student",
+    "Teacher",
+    "TrainResult",
+    "train",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -194,112 +208,170 @@ class _StopSignal:
         return False
 
 
+class _Steps:
+    """What the loop does with a step's metrics once it reads them: the NaN stop, the
+    metrics line and the progress line. Reading waits for the step to finish on the device,
+    so the loop calls `read` for a step only after dispatching the next one (except at the
+    steps that need their own state: evaluations, checkpoints, the end)."""
+
+    def __init__(self, loop: LoopConfig, ckpt, writer: MetricsWriter, bar: Progress):
+        self.loop, self.ckpt, self.writer, self.bar = loop, ckpt, writer, bar
+
+    def read(self, step: int, device_metrics: Mapping[str, jax.Array]) -> dict[str, float]:
+        """The metrics of update `step` as floats; NonFiniteLossError if not finite."""
+        metrics = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+        # A non-finite gradient norm means non-finite parameters after the update.
+        if not np.isfinite([metrics["train/loss"], metrics["train/grad_norm"]]).all():
+            self.ckpt.wait_until_finished()  # keeps the last good checkpoint complete
+            raise NonFiniteLossError(step, metrics, self.ckpt.latest_step())
+        return metrics
+
+    def log(self, step: int, metrics: Mapping[str, float], always: bool = False) -> None:
+        if always or (self.loop.log_every > 0 and step % self.loop.log_every == 0):
+            self.writer.write(step, metrics)
+        self.bar.update(step, metrics)
+
+    def finish(self, step: int, device_metrics: Mapping[str, jax.Array]) -> None:
+        """Reads and logs a step that needs nothing else (no evaluation, no checkpoint)."""
+        self.log(step, self.read(step, device_metrics))
+
+
+def _initial_state(student: Student, source: BatchSource, ckpt, shardings, seed: int):
+    """(state, resumed step or None): the newest good checkpoint (and the source's position
+    saved with it), else a fresh state of `student.init_params`, placed by `shardings`."""
+    shapes = abstract_state(student.config, student.optimizer)
+    restored = ckpt.restore(checkpoints.abstract_target(shapes, shardings))
+    if restored is not None:
+        state, source_state, start = restored
+        source.load_state_dict(source_state)
+        logger.info("resumed from %s at step %d", ckpt.directory, start)
+        return state, start
+    _check_params(student.init_params, shapes.params, "Student.init_params")
+    # One compiled program instead of one per optimizer-state leaf, placed sharded.
+    init = jax.jit(
+        lambda p: create_train_state(p, student.optimizer, jax.random.key(seed)),
+        out_shardings=shardings,
+    )
+    return init(student.init_params), None
+
+
+def _place_teacher(teacher: Teacher | None, mesh):
+    """The teacher's parameters on the devices (sharded with a mesh), or None."""
+    if teacher is None:
+        return None
+    shapes = models.param_shapes(teacher.config)
+    _check_params(teacher.params, shapes, "Teacher.params")
+    if mesh is None:
+        shardings = single_device_shardings(shapes)
+    else:
+        shardings = partitioning.param_shardings(mesh, models.param_axes(teacher.config), shapes)
+    return jax.device_put(teacher.params, shardings)
+
+
+def _check_arguments(student, source, loop, teacher, hooks) -> None:
+    for name, value, kind in (
+        ("student", student, Student),
+        ("loop", loop, LoopConfig),
+        ("hooks", hooks, Hooks),
+    ):
+        if not isinstance(value, kind):
+            raise TypeError(f"train: {name} must be a trainer.{kind.__name__}, got {value!r}")
+    if teacher is not None and not isinstance(teacher, Teacher):
+        raise TypeError(f"train: teacher must be a trainer.Teacher or None, got {teacher!r}")
+    if not callable(getattr(source, "next_batch", None)):
+        raise TypeError(
+            f"train: source must be a BatchSource (next_batch, state_dict, "
+            f"load_state_dict), got {type(source).__name__}"
+        )
+
+
 def train(
     *,
     workdir: str,
-    student_config: T5Config,
-    init_params,
-    optimizer: optax.GradientTransformation,
-    step_config: StepConfig,
+    student: Student,
     source: BatchSource,
-    num_steps: int,
-    teacher_config: T5Config | None = None,
-    teacher_params=None,
+    loop: LoopConfig,
+    teacher: Teacher | None = None,
+    hooks: Hooks | None = None,
     mesh=None,
-    seed: int = 0,
-    checkpoint_every: int = 100,
-    keep_checkpoints: int = 3,
-    log_every: int = 1,
-    eval_every: int = 0,
-    eval_steps: Collection[int] = (),
-    eval_fn: Callable[[int, Any], Mapping[str, float]] | None = None,
-    hooks: Sequence[Callable[[int, Mapping[str, float]], bool]] = (),
-    progress: bool = True,
-    learning_rate_fn: Callable | None = None,
 ) -> TrainResult:
-    """Trains until `num_steps` updates are done, resuming from `workdir/checkpoints`.
+    """Trains until `loop.num_steps` updates are done, resuming from `workdir/checkpoints`.
 
     Metric lines (`workdir/metrics.jsonl`) are keyed by the number of updates done: step k
-    holds the train metrics of update k, plus eval metrics when `eval_fn(k, params)` ran at
-    k (every `eval_every` steps, at each step in `eval_steps`, at the final step, and at
-    step 0 before training, which gets its own line). `hooks(step, metrics) -> True`
-    (called after each eval) stops the run early; so does SIGTERM. Either way a checkpoint
-    of the current step is saved and the result has `stopped_early=True`. Checkpoints:
-    every `checkpoint_every` steps and at the end, newest `keep_checkpoints` kept. Raises
-    NonFiniteLossError on a NaN/Inf loss.
+    holds the train metrics of update k, plus eval metrics when `hooks.eval_fn(k, params)`
+    ran at k (the steps of `LoopConfig`, and step 0 before training, which gets its own
+    line; `hooks=None`: no evaluations). `hooks.stop` (called after each eval) can stop the
+    run early; so can SIGTERM. Either way a checkpoint of the current step is saved and the
+    result has `stopped_early=True`. Checkpoints: every `loop.checkpoint_every` steps and at
+    the end, newest `loop.keep_checkpoints` kept. Raises NonFiniteLossError naming the
+    first update with a NaN/Inf loss or gradient norm; no checkpoint includes that update.
+
+    Update t+1 is dispatched before the metrics of update t are read, so that the host
+    prepares the next batch while the device computes; the loop waits for update t itself
+    only at an evaluation, a checkpoint or the end, where it needs the state of t.
     """
-    if num_steps < 0 or checkpoint_every < 1 or log_every < 0 or eval_every < 0:
-        raise ValueError(
-            f"need num_steps >= 0, checkpoint_every >= 1, log_every >= 0, "
-            f"eval_every >= 0; got {num_steps}, {checkpoint_every}, {log_every}, "
-            f"{eval_every}"
-        )
-    if step_config.objective == "distill" and (teacher_config is None) != (teacher_params is None):
-        raise ValueError("pass both teacher_config and teacher_params, or neither")
-    eval_steps = frozenset(int(s) for s in eval_steps)
+    hooks = Hooks() if hooks is None else hooks
+    _check_arguments(student, source, loop, teacher, hooks)
     os.makedirs(workdir, exist_ok=True)
-    shardings = state_shardings(mesh, student_config, optimizer)
-    ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), keep_checkpoints)
+    shardings = state_shardings(mesh, student.config, student.optimizer)
+    ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), loop.keep_checkpoints)
     writer = MetricsWriter(workdir)
     try:
-        shapes = abstract_state(student_config, optimizer)
-        restored = ckpt.restore(checkpoints.abstract_target(shapes, shardings))
-        if restored is not None:
-            state, source_state, start = restored
-            source.load_state_dict(source_state)
-            logger.info("resumed from %s at step %d", ckpt.directory, start)
-        else:
-            _check_params(init_params, shapes.params, "init_params")
-            # One compiled program instead of one per optimizer-state leaf, placed sharded.
-            init = jax.jit(
-                lambda p: create_train_state(p, optimizer, jax.random.key(seed)),
-                out_shardings=shardings,
-            )
-            state = init(init_params)
-            start = 0
-        writer.truncate_after(start if restored is not None else -1)
-        if teacher_params is not None:
-            t_shapes = models.param_shapes(teacher_config)
-            _check_params(teacher_params, t_shapes, "teacher_params")
-            if mesh is None:
-                t_sh = single_device_shardings(t_shapes)
-            else:
-                t_axes = models.param_axes(teacher_config)
-                t_sh = partitioning.param_shardings(mesh, t_axes, t_shapes)
-            teacher_params = jax.device_put(teacher_params, t_sh)
+        state, resumed = _initial_state(student, source, ckpt, shardings, loop.seed)
+        start = resumed or 0
+        writer.truncate_after(-1 if resumed is None else resumed)
+        teacher_params = _place_teacher(teacher, mesh)
         step_fn = make_train_step(
-            student_config, optimizer, step_config, teacher_config, mesh, learning_rate_fn
+            student.config,
+            student.optimizer,
+            student.step_config,
+            None if teacher is None else teacher.config,
+            mesh,
+            student.learning_rate_fn,
         )
-        bar = Progress(num_steps, start, enabled=progress and jax.process_index() == 0)
+        bar = Progress(loop.num_steps, start, enabled=loop.progress and jax.process_index() == 0)
+        steps = _Steps(loop, ckpt, writer, bar)
         stopped = False
         with _StopSignal() as sigterm:
-            if start == 0 and eval_fn is not None:
-                metrics = dict(eval_fn(0, state.params))
+            if start == 0 and hooks.eval_fn is not None:
+                metrics = dict(hooks.eval_fn(0, state.params))
                 writer.write(0, metrics)
-                stopped = _run_hooks(hooks, 0, metrics)
+                stopped = _run_hooks(hooks.stop, 0, metrics)
                 if stopped:
                     ckpt.save(0, state, source.state_dict())
             done = start
-            while done < num_steps and not stopped:
-                batch = _place_batch(mesh, source.next_batch(done, state.params))
-                state, metrics = step_fn(state, batch, teacher_params)
+            pending = None  # (step, device metrics) of the newest update, not yet read
+            while done < loop.num_steps and not stopped:
+                if pending is not None and sigterm.received:
+                    # Update `done` is dispatched and its state not yet given to the next
+                    # one: finish it and save it, as if the signal came after it.
+                    steps.finish(*pending)
+                    ckpt.save(done, state, source.state_dict())
+                    stopped = True
+                    break
+                try:
+                    batch = _place_batch(mesh, source.next_batch(done, state.params))
+                    state, device_metrics = step_fn(state, batch, teacher_params)
+                except Exception:
+                    if pending is not None:  # as before: the previous update is logged first
+                        steps.finish(*pending)
+                    raise
                 done += 1
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                # A non-finite gradient norm means non-finite parameters after the update.
-                if not np.isfinite([metrics["train/loss"], metrics["train/grad_norm"]]).all():
-                    ckpt.wait_until_finished()  # keeps the last good checkpoint complete
-                    raise NonFiniteLossError(done, metrics, ckpt.latest_step())
-                final = done == num_steps
-                evaluate = eval_fn is not None and (
-                    final or done in eval_steps or (eval_every > 0 and done % eval_every == 0)
-                )
+                if pending is not None:
+                    steps.finish(*pending)  # waits for update done - 1 while done runs
+                pending = (done, device_metrics)
+                final = done == loop.num_steps
+                evaluate = hooks.eval_fn is not None and loop.evaluates_at(done)
+                if not (evaluate or final or done % loop.checkpoint_every == 0):
+                    continue
+                # This step's state is needed: read the step now, before the next one
+                # takes (donates) the state.
+                metrics, pending = steps.read(*pending), None
                 if evaluate:
-                    metrics.update(eval_fn(done, state.params))
-                if evaluate or final or (log_every > 0 and done % log_every == 0):
-                    writer.write(done, metrics)
-                bar.update(done, metrics)
-                stopped = (evaluate and _run_hooks(hooks, done, metrics)) or sigterm.received
-                if final or stopped or done % checkpoint_every == 0:
+                    metrics.update(hooks.eval_fn(done, state.params))
+                steps.log(done, metrics, always=evaluate or final)
+                stopped = (evaluate and _run_hooks(hooks.stop, done, metrics)) or sigterm.received
+                if final or stopped or done % loop.checkpoint_every == 0:
                     ckpt.save(done, state, source.state_dict())
             ckpt.wait_until_finished()
     finally:
