@@ -23,6 +23,7 @@ from thack_jax.data import generation, regimes
 from thack_jax.data.offline_store import OfflineStore, StoreMismatchError
 from thack_jax.data.row_streams import PromptPool
 from thack_jax.decoding import sampling, scoring
+from thack_jax.decoding.settings import SamplingConfig
 
 
 @pytest.fixture(scope="module")
@@ -161,11 +162,35 @@ def test_online_student_uses_passed_params(tiny):
 def test_online_source_bad_inputs(tiny):
     config, teacher, _ = tiny
     pool = PromptPool(make_prompts(), B, 0)
-    with pytest.raises(ValueError, match="temperature"):
+    tempered = SamplingConfig(max_decode_len=LY, temperature=0.7)
+    # The sampler's log-probs are the step's targets only at the same temperature, untruncated.
+    for settings, target_t in ((tempered, 1.0), (SamplingConfig(max_decode_len=LY), 0.7)):
+        with pytest.raises(ValueError, match="targets_temperature"):
+            generation.OnlineSource(
+                "teacher", pool, config, teacher, settings, 0, targets_temperature=target_t
+            )
+    top_k = SamplingConfig(max_decode_len=LY, top_k=4)
+    with pytest.raises(ValueError, match="without top-k"):
+        generation.OnlineSource("teacher", pool, config, teacher, top_k, 0, targets_temperature=1)
+    with pytest.raises(ValueError, match="targets_temperature needs role='teacher'"):
         generation.OnlineSource(
-            "teacher", pool, config, teacher, LY, 0, temperature=0.7, provide_teacher_logprobs=True
-        )
+            "student", pool, config, None, SamplingConfig(max_decode_len=LY), 0,
+            targets_temperature=1.0,
+        )  # fmt: skip
+    ok = generation.OnlineSource("teacher", pool, config, teacher, tempered, 0,
+                                 targets_temperature=0.7)  # fmt: skip
+    assert ok.provide_teacher_logprobs and ok.max_decode_len == LY
     with pytest.raises(ValueError, match="params=None"):
-        generation.OnlineSource("student", pool, config, teacher, LY, 0)
+        generation.OnlineSource(
+            "student", pool, config, teacher, SamplingConfig(max_decode_len=LY), 0
+        )
     with pytest.raises(ValueError, match="max_decode_len"):
-        generation.OnlineSource("teacher", pool, config, teacher, 10_000, 0)
+        generation.OnlineSource(
+            "teacher", pool, config, teacher, SamplingConfig(max_decode_len=10_000), 0
+        )
+    with pytest.raises(ValueError, match="num_samples=1"):
+        generation.OnlineSource(
+            "teacher", pool, config, teacher, SamplingConfig(max_decode_len=LY, num_samples=2), 0
+        )
+    with pytest.raises(ValueError, match="SamplingConfig"):
+        generation.OnlineSource("teacher", pool, config, teacher, LY, 0)

@@ -5,7 +5,6 @@ logits are in test_sampling_strategies.py."""
 
 import itertools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +14,7 @@ import scipy.stats
 
 from thack_jax import models
 from thack_jax.decoding import sampling, scoring
+from thack_jax.decoding.settings import SamplingConfig
 from thack_jax.parallel import partitioning
 
 EOS = 1
@@ -207,6 +207,26 @@ def test_greedy_is_teacher_forced_argmax(tiny):
     np.testing.assert_allclose(out.full_logprobs, want, atol=1e-5)
 
 
+def test_sampling_config_equals_keywords(tiny, tiny_sample):
+    config, params, inputs = tiny
+    ref, _ = tiny_sample
+    settings = SamplingConfig(num_samples=4, max_decode_len=10)
+    before = sampling.trace_count()
+    out = sampling.sample(
+        config, params, inputs, jax.random.key(3), settings, return_full_logprobs=True
+    )
+    assert sampling.trace_count() == before  # the keyword call made the same settings
+    np.testing.assert_array_equal(out.tokens, ref.tokens)
+    with pytest.raises(ValueError, match="not both"):
+        sampling.sample(config, params, inputs, jax.random.key(3), settings, temperature=0.5)
+    with pytest.raises(ValueError, match="needs max_decode_len"):
+        sampling.sample(config, params, inputs, jax.random.key(3), num_samples=2)
+    with pytest.raises(TypeError, match="max_len"):
+        sampling.sample(config, params, inputs, jax.random.key(3), max_len=4)
+    with pytest.raises(ValueError, match="exceeds config.max_target_length=64"):
+        sampling.validate_sample_args(config, (2, 6), SamplingConfig(max_decode_len=65))
+
+
 def test_compiled_once_per_shape(tiny, tiny_sample):
     config, params, inputs = tiny
     out, traces = tiny_sample
@@ -229,9 +249,9 @@ def test_same_tokens_on_8_devices(tiny, tiny_sample, mesh_shape):
     shardings = partitioning.param_shardings(
         mesh, models.param_axes(config), models.param_shapes(config)
     )
-    with nn.logical_axis_rules(partitioning.flax_axis_rules(mesh)):
-        placed = jax.device_put(params, shardings)
-        out = sampling.sample(config, placed, inputs, jax.random.key(3), mesh=mesh, **TINY_KWARGS)
+    placed = jax.device_put(params, shardings)
+    # No context needed: sample(mesh=...) runs under partitioning.activate(mesh) itself.
+    out = sampling.sample(config, placed, inputs, jax.random.key(3), mesh=mesh, **TINY_KWARGS)
     assert len(out.tokens.sharding.device_set) == 8
     assert not out.tokens.sharding.is_fully_replicated  # the 8 rows really are split
     np.testing.assert_array_equal(out.tokens, ref.tokens)

@@ -1,4 +1,9 @@
-"""Tests for thack_jax.parallel.partitioning on 8 virtual CPU devices."""
+"""Tests for thack_jax.parallel.partitioning on 8 virtual CPU devices: meshes, the rules
+table and shardings; `activate` / `jit` (the one way to run under a mesh); and that no other
+module names a mesh axis."""
+
+import ast
+import pathlib
 
 import flax.linen as nn
 import jax
@@ -234,3 +239,144 @@ def test_flax_rules_context_with_model_annotations():
         y = jax.jit(Dense().apply)(variables, x)
     assert shardings["params"]["kernel"].spec == P(None, "model")
     assert y.sharding.is_equivalent_to(pt.logical_to_sharding(mesh, ("batch", "vocab")), 2)
+
+
+# ----------------------------------------------------------------------------- one way in
+
+
+def test_activate_sets_mesh_and_rules_and_none_is_a_no_op():
+    mesh = pt.make_mesh(MESHES["4x2"])
+    with pt.activate(None):
+        assert nn.get_logical_axis_rules() == () and jax.sharding.get_abstract_mesh().empty
+    with pt.activate(mesh):
+        assert dict(nn.get_logical_axis_rules()) == dict(pt.flax_axis_rules(mesh))
+        assert jax.sharding.get_abstract_mesh() == mesh.abstract_mesh
+    assert nn.get_logical_axis_rules() == () and jax.sharding.get_abstract_mesh().empty
+    explicit = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+    with pytest.raises(ValueError, match="Auto mesh axes"), pt.activate(explicit):
+        pass
+
+
+def test_jit_traces_under_the_mesh_rules():
+    """A flax constraint inside a `pt.jit` function is applied with the mesh's rules, which
+    a plain `jax.jit` called outside any context does not do."""
+    mesh = pt.make_mesh(MESHES["4x2"])
+    axes = ("batch", "vocab")
+
+    def f(x):
+        return nn.with_logical_constraint(x * 2.0, axes)
+
+    x = jax.device_put(jnp.ones((8, 6)), pt.replicated(mesh))
+    want = pt.logical_to_sharding(mesh, axes)
+    y = pt.jit(f, mesh)(x)
+    assert y.sharding.is_equivalent_to(want, 2)
+    assert not jax.jit(f)(x).sharding.is_equivalent_to(want, 2)  # no rules: no constraint
+    assert "sharding" in pt.jit(f, mesh).lower(x).as_text()
+    np.testing.assert_allclose(pt.jit(f, None)(jnp.ones((8, 6))), 2.0)
+
+
+def test_put_replicated_keeps_arrays_already_on_the_mesh():
+    mesh = pt.make_mesh(MESHES["4x2"])
+    sharded = jax.device_put(jnp.ones((8, 2)), pt.batch_sharding(mesh))
+    tree = pt.put_replicated({"a": np.ones((3,)), "b": sharded}, mesh)
+    assert tree["a"].sharding == pt.replicated(mesh)
+    assert tree["b"] is sharded
+
+
+def test_named_mesh_shapes():
+    assert pt.DEFAULT_MESH_SHAPE == (("data", -1),)
+    assert pt.make_mesh(dict(pt.DEFAULT_MESH_SHAPE)).shape == pt.make_mesh().shape
+    assert pt.data_parallel_mesh_shape(2) == {"data": -1, "model": 2}
+    assert dict(pt.make_mesh(pt.data_parallel_mesh_shape(2)).shape) == {"data": 4, "model": 2}
+    with pytest.raises(ValueError, match="model_parallel=0"):
+        pt.data_parallel_mesh_shape(0)
+
+
+# Where mesh axes may be named: the partitioning module and its light name module.
+_MESH_AXIS_OWNERS = ("thack_jax/parallel/partitioning.py", "thack_jax/parallel/mesh_names.py")
+
+
+def _is_axis(node) -> bool:
+    return isinstance(node, ast.Constant) and node.value in pt.MESH_AXES
+
+
+def _is_number(node) -> bool:
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+        node = node.operand
+    return isinstance(node, ast.Constant) and type(node.value) is int
+
+
+def _axis_or_axes(node) -> bool:
+    return _is_axis(node) or (
+        isinstance(node, ast.Tuple | ast.List) and node.elts and all(map(_is_axis, node.elts))
+    )
+
+
+def mesh_axis_uses(source: str) -> list[int]:
+    """Line numbers where `source` names a mesh axis as one: a mesh-shape dict
+    ({"data": -1}), an (axis, size) pair, a rules entry (logical name, mesh axis), a
+    PartitionSpec / P / make_mesh argument, or `.shape["model"]`. Docstrings and other
+    strings that happen to read "model" or "data" are not uses."""
+    lines = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Dict):
+            hit = node.keys and all(k is not None and _is_axis(k) for k in node.keys)
+        elif isinstance(node, ast.Tuple | ast.List) and len(node.elts) == 2:
+            first, second = node.elts
+            hit = (_is_axis(first) and _is_number(second)) or (
+                isinstance(first, ast.Constant)
+                and first.value in pt.LOGICAL_AXES
+                and _axis_or_axes(second)
+            )
+        elif isinstance(node, ast.Call):
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            args = list(node.args) + [k.value for k in node.keywords]
+            hit = name in ("PartitionSpec", "P", "make_mesh") and any(
+                _axis_or_axes(a) for a in args
+            )
+        elif isinstance(node, ast.Subscript):
+            hit = (
+                isinstance(node.value, ast.Attribute)
+                and node.value.attr in ("shape", "axis_sizes")
+                and _is_axis(node.slice)
+            )
+        else:
+            hit = False
+        if hit:
+            lines.append(node.lineno)
+    return sorted(set(lines))
+
+
+def test_the_mesh_axis_checker_finds_each_kind_of_use():
+    uses = """
+mesh = make_mesh({"data": -1, "model": 2})
+shape: tuple = (("data", -1),)
+rules = (("batch", ("data", "fsdp")),)
+spec = PartitionSpec("data", None)
+size = mesh.shape["model"]
+axes = jax.make_mesh((8,), ("data",))
+"""
+    assert mesh_axis_uses(uses) == [2, 3, 4, 5, 6, 7]
+    not_uses = '''
+"""mesh_shape: e.g. {'data': 8, 'model': 2}."""
+path = ctx.path("oracle", "model")
+row = {"model": size, "ms": 1.0}
+kind = ("model", "teacher")
+'''
+    assert mesh_axis_uses(not_uses) == []
+
+
+def test_no_module_outside_partitioning_names_a_mesh_axis():
+    root = pathlib.Path(__file__).resolve().parents[2]
+    files = sorted((root / "thack_jax").rglob("*.py")) + sorted((root / "launch").glob("*.py"))
+    assert len(files) > 40
+    found = {}
+    for path in files:
+        rel = path.relative_to(root).as_posix()
+        if rel in _MESH_AXIS_OWNERS:
+            continue
+        lines = mesh_axis_uses(path.read_text())
+        if lines:
+            found[rel] = lines
+    assert not found, f"mesh axes named outside parallel/partitioning.py: {found}"

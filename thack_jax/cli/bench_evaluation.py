@@ -70,7 +70,7 @@ def measure(name: str) -> dict:
     prompts = rng.integers(2, vocab, (spec["prompts"], spec["lx"])).astype(np.int32)
     oracle, teacher = (spec["ref"], init(spec["ref"], 0)), (spec["ref"], init(spec["ref"], 1))
     student = init(spec["student"], 2)
-    mesh = partitioning.make_mesh({"data": -1, "model": 1})
+    mesh = partitioning.make_mesh(partitioning.data_parallel_mesh_shape())
     start = time.perf_counter()
     ev = evaluator.Evaluator(
         oracle,

@@ -28,6 +28,7 @@ import numpy as np
 
 from thack_jax import models  # noqa: E402
 from thack_jax.decoding import sampling
+from thack_jax.decoding.settings import SamplingConfig
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -65,9 +66,8 @@ def time_ours(config, params, inputs, new_tokens: int, repeats: int, draw: str) 
 
     def run():
         rng = jax.random.key(next(keys))
-        return sampling.sample(
-            config, params, inputs, rng, max_decode_len=new_tokens, eos_id=-1, draw=draw
-        ).tokens
+        settings = SamplingConfig(max_decode_len=new_tokens, draw=draw)
+        return sampling.sample(config, params, inputs, rng, settings, eos_id=-1).tokens
 
     return best_time(run, repeats)
 
@@ -86,9 +86,8 @@ def time_breakdown(config, params, inputs, new_tokens: int, repeats: int) -> dic
 
     def greedy():
         rng = jax.random.key(next(keys))
-        return sampling.sample(
-            config, params, inputs, rng, max_decode_len=new_tokens, eos_id=-1, temperature=0.0
-        ).tokens
+        settings = SamplingConfig(max_decode_len=new_tokens, temperature=0.0)
+        return sampling.sample(config, params, inputs, rng, settings, eos_id=-1).tokens
 
     argmax = best_time(greedy, repeats)
     decoder = models.param_shapes(config)["decoder"]

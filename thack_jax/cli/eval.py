@@ -121,7 +121,7 @@ def build_evaluator() -> evaluator.Evaluator:
     student_config = load_config(FLAGS.student_config, "student_config")
     prompts = load_prompts(FLAGS.prompts, "prompts")
     train = load_prompts(FLAGS.train_prompts, "train_prompts") if FLAGS.train_prompts else None
-    mesh = partitioning.make_mesh({"data": -1, "model": FLAGS.model_parallel})
+    mesh = partitioning.make_mesh(partitioning.data_parallel_mesh_shape(FLAGS.model_parallel))
     return evaluator.Evaluator(
         oracle,
         teacher,

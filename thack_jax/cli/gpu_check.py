@@ -55,6 +55,7 @@ import optax  # noqa: E402
 
 from thack_jax import models  # noqa: E402
 from thack_jax.decoding import sampling  # noqa: E402
+from thack_jax.decoding.settings import SamplingConfig  # noqa: E402
 from thack_jax.training import memory, optim, train_step  # noqa: E402
 from thack_jax.training.train_state import create_train_state  # noqa: E402
 
@@ -111,8 +112,7 @@ def correctness(size: str, accel, cpu, batch: int, lx: int, ly: int) -> dict:
                         _on(dev, student),
                         _on(dev, data["inputs"]),
                         jax.random.key(7),
-                        max_decode_len=ly,
-                        temperature=temperature,
+                        SamplingConfig(max_decode_len=ly, temperature=temperature),
                     )
                     tokens.append(np.asarray(s.tokens))
             out[f"{name}_rows_equal"] = float(np.mean(np.all(tokens[0] == tokens[1], axis=1)))
@@ -183,9 +183,8 @@ def sample_speed(size, prompts, lx, ly, repeats) -> dict:
     inputs = jnp.asarray(_toy_batch(config, prompts, lx, 1)["inputs"])
 
     def run():
-        out = sampling.sample(
-            config, params, inputs, jax.random.key(3), max_decode_len=ly, eos_id=-1
-        )
+        settings = SamplingConfig(max_decode_len=ly)
+        out = sampling.sample(config, params, inputs, jax.random.key(3), settings, eos_id=-1)
         out.tokens.block_until_ready()
 
     seconds = _best_seconds(run, repeats)

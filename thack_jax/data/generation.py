@@ -1,38 +1,29 @@
 """Model completions for the data regimes: sampled per step by `OnlineSource` (the online
 regimes) or once into an offline store by `build_offline_store` (numpy + jax, no TensorFlow).
 
-Both call the jitted sampler the same way: under the logical axis rules of `partitioning`
-when given a mesh, with the rows padded by copies of the first prompt to a multiple of the
-data-parallel size (a row's sampling key depends only on its index, so padding never
-changes the kept rows), and with a key folded from the step (online) or the chunk index
-(offline), so that resumed data equals uninterrupted data.
+Both call the jitted sampler the same way: on the mesh when given one (the sampler runs under
+`partitioning.activate(mesh)`), with the rows padded by copies of the first prompt to a
+multiple of the data-parallel size (a row's sampling key depends only on its index, so
+padding never changes the kept rows), and with a key folded from the step (online) or the
+chunk index (offline), so that resumed data equals uninterrupted data.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import math
 
-import flax.linen as nn
 import jax
 import numpy as np
 
 from thack_jax.data.offline_store import OfflineSpec, OfflineStore, prompts_checksum
+from thack_jax.data.regime_names import check_sampler_role
 from thack_jax.data.row_streams import PromptPool, check_batch_size, to_host
 from thack_jax.decoding import sampling
+from thack_jax.decoding.settings import SamplingConfig
 from thack_jax.parallel import partitioning
 
-ROLES = ("teacher", "student")
-
-
 # ----------------------------------------------------------------------------- sampler calls
-
-
-def _sampling_context(mesh):
-    if mesh is None:
-        return contextlib.nullcontext()
-    return nn.logical_axis_rules(partitioning.flax_axis_rules(mesh))
 
 
 def _pad_rows(prompts: np.ndarray, multiple: int, at_least: int = 0) -> np.ndarray:
@@ -49,17 +40,22 @@ def _pad_rows(prompts: np.ndarray, multiple: int, at_least: int = 0) -> np.ndarr
 
 class OnlineSource:
     """Fresh samples every step: {'inputs' [B, Lx] numpy, 'targets' [B, Ly] jax int32,
-    and with `provide_teacher_logprobs` 'teacher_logprobs' [B, Ly, V] jax float32}.
+    and with `targets_temperature` set 'teacher_logprobs' [B, Ly, V] jax float32}.
 
     role='teacher' samples from `params` (the teacher's); role='student' needs params=None
     and samples with the `student_params` given to `next_batch` (the student's current
     params; the trainer calls `next_batch` before the step, with that step's params).
-    Step t samples with key `fold_in(key(seed), t)`; the only state is the prompt pool's.
-    `provide_teacher_logprobs` (teacher role, temperature 1 only) returns the sampler's
-    log_softmax over the vocabulary, which equals `scoring.score` of the samples on the
-    response positions (after EOS they are 0; the trainer masks pads).
-    With a mesh, the logical axis rules of `partitioning` are activated around the sampler
-    and the rows are padded to a multiple of the data-parallel size.
+    settings: the sampler's `SamplingConfig` (one response per prompt: num_samples must be
+    1; its max_decode_len is Ly). Step t samples with key `fold_in(key(seed), t)`; the only
+    state is the prompt pool's.
+    targets_temperature: the train step's distillation temperature T (StepConfig.temperature)
+    when the batch should carry the sampler's full log-probs as the teacher's targets
+    (None: it does not). Allowed only for role 'teacher' and when they equal the step's
+    tempered teacher, log_softmax(logits / T): `settings.gives_distillation_targets(T)`.
+    They equal `scoring.score` of the samples (tempered) on the response positions (after
+    EOS they are 0; the trainer masks pads).
+    With a mesh, the sampler runs on it and the rows are padded to a multiple of the
+    data-parallel size.
     """
 
     def __init__(
@@ -68,14 +64,13 @@ class OnlineSource:
         prompts: PromptPool,
         config,
         params,
-        max_decode_len: int,
+        settings: SamplingConfig,
         seed: int,
-        temperature: float = 1.0,
-        provide_teacher_logprobs: bool = False,
+        *,
+        targets_temperature: float | None = None,
         mesh=None,
     ):
-        if role not in ROLES:
-            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        check_sampler_role(role, "role")
         if role == "teacher" and params is None:
             raise ValueError("role='teacher' needs the teacher's params")
         if role == "student" and params is not None:
@@ -83,31 +78,38 @@ class OnlineSource:
                 "role='student' takes params=None: it samples with the "
                 "student_params passed to next_batch (the current ones)"
             )
-        if provide_teacher_logprobs and (role != "teacher" or temperature != 1):
+        if not isinstance(settings, SamplingConfig) or settings.num_samples != 1:
             raise ValueError(
-                "provide_teacher_logprobs needs role='teacher' and temperature 1 (the sampler's "
-                f"log-probs are then the teacher's own); got role={role!r}, "
-                f"temperature={temperature!r}"
+                f"settings must be a SamplingConfig with num_samples=1 (one response per "
+                f"prompt), got {settings!r}"
+            )
+        if targets_temperature is not None and (
+            role != "teacher" or not settings.gives_distillation_targets(targets_temperature)
+        ):
+            raise ValueError(
+                "targets_temperature needs role='teacher' and sampling at that temperature "
+                "without top-k / top-p (the sampler's log-probs are then the step's tempered "
+                f"teacher); got role={role!r}, targets_temperature={targets_temperature!r}, "
+                f"settings={settings}"
             )
         sampling.validate_sample_args(
-            config,
-            (prompts.batch_size, prompts.prompts.shape[1]),
-            num_samples=1,
-            max_decode_len=max_decode_len,
-            temperature=temperature,
-            top_k=0,
-            top_p=1.0,
+            config, (prompts.batch_size, prompts.prompts.shape[1]), settings
         )
         self.role, self.prompts, self.config, self.params = role, prompts, config, params
-        self.max_decode_len, self.seed, self.temperature = (
-            int(max_decode_len),
-            int(seed),
-            temperature,
-        )
-        self.provide_teacher_logprobs, self.mesh = bool(provide_teacher_logprobs), mesh
+        self.settings, self.seed = settings, int(seed)
+        self.targets_temperature, self.mesh = targets_temperature, mesh
         if mesh is None and jax.process_count() > 1:
             raise ValueError("online sampling with several processes needs a mesh")
         self._multiple = 1 if mesh is None else partitioning.data_parallel_size(mesh)
+
+    @property
+    def provide_teacher_logprobs(self) -> bool:
+        """Whether batches carry 'teacher_logprobs'."""
+        return self.targets_temperature is not None
+
+    @property
+    def max_decode_len(self) -> int:
+        return self.settings.max_decode_len
 
     def _global(self, rows: np.ndarray):
         """Host rows [n, ...] (the same on every process) -> a batch-sharded global array."""
@@ -136,18 +138,15 @@ class OnlineSource:
             )
         prompts = self.prompts.next_rows(num_rows)
         rng = jax.random.fold_in(jax.random.key(self.seed), int(step))
-        with _sampling_context(self.mesh):
-            out = sampling.sample(
-                self.config,
-                params,
-                self._global(_pad_rows(prompts, self._multiple, pad_to)),
-                rng,
-                num_samples=1,
-                max_decode_len=self.max_decode_len,
-                temperature=self.temperature,
-                return_full_logprobs=self.provide_teacher_logprobs,
-                mesh=self.mesh,
-            )
+        out = sampling.sample(
+            self.config,
+            params,
+            self._global(_pad_rows(prompts, self._multiple, pad_to)),
+            rng,
+            self.settings,
+            return_full_logprobs=self.provide_teacher_logprobs,
+            mesh=self.mesh,
+        )
         cut = (lambda x: x) if len(out.tokens) == num_rows else (lambda x: x[:num_rows])
         batch = {"inputs": prompts, "targets": cut(out.tokens)}
         if self.provide_teacher_logprobs:
@@ -213,15 +212,12 @@ def build_offline_store(
         raise ValueError(f"prompts must be integer [N, Lx], got {prompts.dtype} {prompts.shape}")
     prompts = prompts.astype(np.int32)
     chunk = min(check_batch_size(chunk_size), len(prompts))
-    sampling.validate_sample_args(
-        config,
-        (chunk, prompts.shape[1]),
-        num_samples=completions_per_prompt,
+    settings = SamplingConfig(
         max_decode_len=max_decode_len,
+        num_samples=completions_per_prompt,
         temperature=temperature,
-        top_k=0,
-        top_p=1.0,
     )
+    sampling.validate_sample_args(config, (chunk, prompts.shape[1]), settings)
     spec = OfflineSpec(
         num_prompts=len(prompts),
         completions_per_prompt=completions_per_prompt,
@@ -240,17 +236,9 @@ def build_offline_store(
     def generate(chunk_prompts: np.ndarray, chunk_index: int) -> np.ndarray:
         # The short last chunk is padded to the full chunk shape: one compiled sampler.
         rng = jax.random.fold_in(jax.random.key(int(seed)), chunk_index)
-        with _sampling_context(mesh):
-            out = sampling.sample(
-                config,
-                params,
-                _pad_rows(chunk_prompts, multiple),
-                rng,
-                num_samples=completions_per_prompt,
-                max_decode_len=max_decode_len,
-                temperature=temperature,
-                mesh=mesh,
-            )
+        out = sampling.sample(
+            config, params, _pad_rows(chunk_prompts, multiple), rng, settings, mesh=mesh
+        )
         return to_host(out.tokens)[: len(chunk_prompts) * completions_per_prompt]
 
     if progress is True:

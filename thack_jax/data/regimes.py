@@ -5,11 +5,13 @@ Every source follows the trainer's `BatchSource` protocol:
                                        optionally 'teacher_logprobs' [B, Ly, V] float32}
   state_dict() -> dict (JSON-serialisable); load_state_dict(state).
 
-Regimes (`REGIMES`):
+Regimes (`regime_names.Regime`):
   offline         rows of an `OfflineStore` (completions generated once), reshuffled per epoch.
-  online_teacher  fresh teacher samples for each batch of prompts; with temperature 1 the
-                  sampler's full log-probs come along as 'teacher_logprobs', so the trainer
-                  skips its teacher forward.
+  online_teacher  fresh teacher samples for each batch of prompts; when the sampler's full
+                  log-probs are the step's tempered teacher (sampling temperature ==
+                  distillation temperature, no top-k / top-p) they come along as
+                  'teacher_logprobs' and the trainer skips its teacher forward; otherwise
+                  the trainer runs it, as for offline rows.
   online_student  fresh samples of the student under the params passed to `next_batch`. The
                   trainer calls `next_batch(step, params)` BEFORE the train step of `step`,
                   with the params that step starts from: the samples are on-policy for the
@@ -31,8 +33,9 @@ import math
 
 import numpy as np
 
-from thack_jax.data.generation import ROLES, OnlineSource
+from thack_jax.data.generation import OnlineSource
 from thack_jax.data.offline_store import OfflineStore
+from thack_jax.data.regime_names import Regime, check_sampler_role
 from thack_jax.data.row_streams import (
     MIX_SALT,
     OfflineSource,
@@ -41,9 +44,7 @@ from thack_jax.data.row_streams import (
     process_share,
     to_host,
 )
-
-REGIMES = ("offline", "online_teacher", "online_student", "mixed")
-
+from thack_jax.decoding.settings import SamplingConfig
 
 # ----------------------------------------------------------------------------- mixture
 
@@ -138,9 +139,11 @@ def make_source(
     online_role: str = "student",
     num_epochs: int | None = None,
     provide_teacher_logprobs: bool = True,
+    sampling: SamplingConfig | None = None,
+    distill_temperature: float = 1.0,
     mesh=None,
 ):
-    """Builds the batch source of `regime` (one of `REGIMES`).
+    """Builds the batch source of `regime` (a `regime_names.Regime` or its value).
 
     Args:
       offline_store: a complete store; needed by 'offline' and 'mixed'. It also supplies
@@ -153,12 +156,17 @@ def make_source(
       online_fraction: 'mixed' only, in [0, 1]. online_role: who samples the online rows of
         'mixed' ('student' or 'teacher').
       num_epochs: offline epochs before StopIteration (None = endless).
-      provide_teacher_logprobs: 'online_teacher' returns the sampler's log-probs.
+      provide_teacher_logprobs: 'online_teacher' returns the sampler's log-probs, if they
+        are the train step's targets (below).
+      sampling: the online sampler's settings (num_samples 1; default: temperature 1, no
+        top-k / top-p, max_decode_len as above); its max_decode_len must match.
+      distill_temperature: the train step's StepConfig.temperature. The sampler's log-probs
+        are passed as 'teacher_logprobs' only when `sampling.gives_distillation_targets` of
+        it; otherwise the step computes its tempered teacher forward.
     Raises:
       ValueError: unknown regime (lists the valid ones) or a missing / stray argument.
     """
-    if regime not in REGIMES:
-        raise ValueError(f"unknown regime {regime!r}; valid regimes: {', '.join(REGIMES)}")
+    regime = Regime.parse(regime).value
     if online_fraction is not None and regime != "mixed":
         raise ValueError(
             f"online_fraction={online_fraction!r} only applies to regime 'mixed', not {regime!r}"
@@ -169,14 +177,15 @@ def make_source(
         return OfflineSource(offline_store, batch_size, seed, num_epochs)
 
     role = {"online_teacher": "teacher", "online_student": "student"}.get(regime, online_role)
-    if role not in ROLES:
-        raise ValueError(f"online_role must be one of {ROLES}, got {role!r}")
+    check_sampler_role(role)
     if prompts is None:
         if offline_store is None:
             raise ValueError(
                 f"regime {regime!r} needs prompts (or an offline_store to take them from)"
             )
         prompts = offline_store.prompts
+    if max_decode_len is None and sampling is not None:
+        max_decode_len = sampling.max_decode_len
     if max_decode_len is None:
         if offline_store is None:
             raise ValueError(f"regime {regime!r} needs max_decode_len")
@@ -192,15 +201,25 @@ def make_source(
             raise ValueError(f"regime {regime!r} samples from the student: pass student_config")
         config, params = student_config, None
     pool = PromptPool(prompts, batch_size, seed)
-    provide = provide_teacher_logprobs and regime == "online_teacher"
+    if sampling is None:
+        sampling = SamplingConfig(max_decode_len=max_decode_len)
+    elif sampling.max_decode_len != max_decode_len:
+        raise ValueError(
+            f"sampling.max_decode_len={sampling.max_decode_len} != max_decode_len={max_decode_len}"
+        )
+    provide = (
+        provide_teacher_logprobs
+        and regime == "online_teacher"
+        and sampling.gives_distillation_targets(distill_temperature)
+    )
     online = OnlineSource(
         role,
         pool,
         config,
         params,
-        max_decode_len,
+        sampling,
         seed,
-        provide_teacher_logprobs=provide,
+        targets_temperature=distill_temperature if provide else None,
         mesh=mesh,
     )
     if regime != "mixed":

@@ -1,13 +1,14 @@
 """The jitted sampling kernel: num_samples responses per prompt from a T5 encoder-decoder.
 
 Layout of the module:
-  * `validate_sample_args`: argument checks against the config (strategy arguments via
-    `strategies.validate_strategy`);
+  * `validate_sample_args`: the checks of a `settings.SamplingConfig` (validated on its own
+    when made) and of the prompts that need the model config;
   * `sample_with_fn`: the decoding loop, one `jax.lax.while_loop` over `LoopState`, for any
     `tokens_to_logits(cache, token [N], step) -> (logits [N, V], cache)` (tests use fakes);
   * `sample`: validates the arguments (before anything is compiled), encodes each prompt once,
-    repeats the decoding cache `num_samples` times and runs the loop; compiled once per shape
-    and static arguments.
+    repeats the decoding cache `num_samples` times and runs the loop; compiled once per shape,
+    settings and mesh, through `partitioning.jit` (this module has no sharding code of its own:
+    rows are constrained along the logical axis `batch` by `partitioning.with_logical_constraint`).
 
 Conventions (docs/architecture.md): the decoder start token is the pad id 0, the first step
 feeds it at position 0 and its logits predict the first response token. Rows are
@@ -18,7 +19,7 @@ The loop stops when every row has ended or `max_decode_len` tokens were written.
 Randomness: the token of row r at step t is drawn with the key fold_in(fold_in(rng, t), r)
 (r the global row index), so samples do not depend on how the batch is sharded. The token
 choice itself (greedy, temperature, top-k, top-p, and the draw: `inverse_cdf` by default,
-or `gumbel`) is a strategy of `sampling_strategies.py`, called once per step.
+or `gumbel`) is a strategy of `strategies.py`, called once per step.
 
 What the log-probs are (T = temperature):
   * `token_logprobs`: log-prob of the sampled token under the SAMPLING distribution, i.e.
@@ -31,20 +32,20 @@ What the log-probs are (T = temperature):
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import math
-import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from thack_jax import models
 from thack_jax.decoding import strategies
+from thack_jax.decoding.settings import SamplingConfig
 from thack_jax.models.config import T5Config
+from thack_jax.parallel import partitioning
 
 # (cache, token [N] int32, step [] int32) -> (logits [N, V], cache).
 TokensToLogits = Callable[[Any, jax.Array, jax.Array], tuple[jax.Array, Any]]
@@ -83,17 +84,12 @@ class LoopState(NamedTuple):
 
 
 def validate_sample_args(
-    config: T5Config,
-    input_shape: tuple[int, ...],
-    *,
-    num_samples: int,
-    max_decode_len: int,
-    temperature: float,
-    top_k: int,
-    top_p: float,
-    draw: str = "inverse_cdf",
+    config: T5Config, input_shape: tuple[int, ...], settings: SamplingConfig
 ) -> None:
-    """Checks `sample`'s arguments against the config; raises ValueError naming the problem."""
+    """Checks `settings` and the prompts' shape against the model config (what
+    `SamplingConfig` cannot check on its own); raises ValueError naming the problem."""
+    if not isinstance(settings, SamplingConfig):
+        raise ValueError(f"settings must be a SamplingConfig, got {type(settings).__name__}")
     if len(input_shape) != 2 or input_shape[0] < 1 or input_shape[1] < 1:
         raise ValueError(f"inputs must have shape [batch, length] (both >= 1); got {input_shape}")
     if input_shape[1] > config.max_input_length:
@@ -101,35 +97,16 @@ def validate_sample_args(
             f"prompt length {input_shape[1]} exceeds config.max_input_length="
             f"{config.max_input_length} (inputs shape {input_shape})"
         )
-    if not isinstance(num_samples, numbers.Integral) or num_samples < 1:
-        raise ValueError(f"num_samples={num_samples!r} must be an int >= 1")
-    if not isinstance(max_decode_len, numbers.Integral) or max_decode_len < 1:
-        raise ValueError(f"max_decode_len={max_decode_len!r} must be an int >= 1")
-    if max_decode_len > config.max_target_length:
+    if settings.max_decode_len > config.max_target_length:
         raise ValueError(
-            f"max_decode_len={max_decode_len} exceeds config.max_target_length="
+            f"max_decode_len={settings.max_decode_len} exceeds config.max_target_length="
             f"{config.max_target_length}"
         )
-    strategies.validate_strategy(temperature, top_k, top_p, config.vocab_size, draw)
+    if settings.top_k > config.vocab_size:
+        raise ValueError(f"top_k={settings.top_k} exceeds the vocabulary size {config.vocab_size}")
 
 
 # ----------------------------------------------------------------------------- the loop
-
-
-def _constrain(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
-    """Sharding constraint by logical axis names under the active rules and mesh (a no-op
-    without them). A dimension whose size does not divide over its mesh axes is left
-    replicated, so odd batch sizes work on any mesh."""
-    rules = nn.get_logical_axis_rules()
-    mesh = jax.sharding.get_abstract_mesh()
-    if not rules or mesh.empty:
-        return x
-    spec = []
-    for size, mesh_axes in zip(x.shape, nn.logical_to_mesh_axes(axes, rules), strict=True):
-        names = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ())
-        ways = math.prod(mesh.shape[a] for a in names)
-        spec.append(mesh_axes if size % ways == 0 else None)
-    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(*spec))
 
 
 # Logical axes of the LoopState fields (None: not constrained).
@@ -149,7 +126,7 @@ def _constrain_state(state: LoopState) -> LoopState:
     """Keeps every row-indexed field sharded along `batch` across loop iterations."""
     return LoopState(
         *(
-            x if axes is None or x is None else _constrain(x, axes)
+            x if axes is None or x is None else partitioning.with_logical_constraint(x, axes)
             for x, axes in zip(state, _STATE_AXES, strict=True)
         )
     )
@@ -195,14 +172,16 @@ def sample_with_fn(
     strategies.validate_strategy(temperature, top_k, top_p, vocab, draw)
     strategy = strategies.make_strategy(temperature, top_k, top_p, draw)
     full_temperature = temperature if temperature > 0 else 1.0
-    rows = _constrain(jnp.arange(n, dtype=jnp.uint32), ("batch",))
+    rows = partitioning.with_logical_constraint(jnp.arange(n, dtype=jnp.uint32), ("batch",))
 
     def cond(state: LoopState) -> jax.Array:
         return (state.step < length) & ~jnp.all(state.ended)
 
     def body(state: LoopState) -> LoopState:
         logits, cache = tokens_to_logits(state.cache, state.token, state.step)
-        logits = _constrain(logits.astype(jnp.float32), ("batch", "vocab"))
+        logits = partitioning.with_logical_constraint(
+            logits.astype(jnp.float32), ("batch", "vocab")
+        )
         step_key = jax.random.fold_in(rng, state.step)
         token, logprob = strategy(logits, jax.vmap(jax.random.fold_in, (None, 0))(step_key, rows))
         live = ~state.ended
@@ -238,7 +217,9 @@ def sample_with_fn(
         ended=jnp.zeros((n,), bool),
     )
     final = jax.lax.while_loop(cond, body, _constrain_state(init))
-    mask = _constrain(jnp.arange(length)[None, :] < final.lengths[:, None], ("batch", "length"))
+    mask = partitioning.with_logical_constraint(
+        jnp.arange(length)[None, :] < final.lengths[:, None], ("batch", "length")
+    )
     return SampleOutput(
         final.tokens, final.token_logprobs, mask, final.lengths, final.full_logprobs
     )
@@ -262,14 +243,16 @@ def repeat_rows(tree: Any, n: int) -> Any:
     return jax.tree.map(lambda x: jnp.repeat(x, n, axis=0), tree)
 
 
-def _sample_t5(params, inputs, rng, *, config: T5Config, num_samples: int, **kwargs):
+def _sample_t5(
+    params, inputs, rng, *, config: T5Config, settings: SamplingConfig, **loop_kwargs
+) -> SampleOutput:
     global _TRACE_COUNT
     _TRACE_COUNT += 1
-    inputs = _constrain(inputs.astype(jnp.int32), ("batch", "length"))
+    inputs = partitioning.with_logical_constraint(inputs.astype(jnp.int32), ("batch", "length"))
     # Encoder and cross-attention K/V once per prompt, then one cache copy per sample.
     encoded = models.encode(config, params, inputs)
-    cache = models.init_cache(config, params, encoded, inputs, kwargs["max_decode_len"])
-    cache = repeat_rows(cache, num_samples)
+    cache = models.init_cache(config, params, encoded, inputs, settings.max_decode_len)
+    cache = repeat_rows(cache, settings.num_samples)
 
     def tokens_to_logits(cache, token, step):
         return models.decode_step(config, params, cache, token, step)
@@ -278,33 +261,42 @@ def _sample_t5(params, inputs, rng, *, config: T5Config, num_samples: int, **kwa
         tokens_to_logits,
         cache,
         rng,
-        batch_size=inputs.shape[0] * num_samples,
+        batch_size=inputs.shape[0] * settings.num_samples,
+        max_decode_len=settings.max_decode_len,
+        temperature=settings.temperature,
+        top_k=settings.top_k,
+        top_p=settings.top_p,
+        draw=settings.draw,
         start_id=config.pad_id,
         pad_id=config.pad_id,
-        **kwargs,
+        **loop_kwargs,
     )
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled(config: T5Config, mesh, rules, **static):
-    """One jitted sampler per static arguments. The mesh and the axis rules are part of the
-    key because the traced graph depends on them (jax.jit does not see flax's rules)."""
-    del mesh, rules
-    return jax.jit(functools.partial(_sample_t5, config=config, **static))
+def _compiled(config: T5Config, settings: SamplingConfig, mesh, **loop_kwargs):
+    """One jitted sampler per model config, settings, mesh and loop options (eos_id,
+    return_full_logprobs); `partitioning.jit` runs it under the mesh's axis rules."""
+    fn = functools.partial(_sample_t5, config=config, settings=settings, **loop_kwargs)
+    return partitioning.jit(fn, mesh)
 
 
-def _on_mesh(tree: Any, mesh: jax.sharding.Mesh) -> Any:
-    """Leaves not already on `mesh` (numpy, single-device arrays) are replicated on it, so
-    XLA never has to choose (possibly uneven) input shardings."""
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+_SETTING_NAMES = tuple(f.name for f in dataclasses.fields(SamplingConfig))
 
-    def place(x):
-        sharding = getattr(x, "sharding", None)
-        if isinstance(sharding, jax.sharding.NamedSharding) and sharding.mesh == mesh:
-            return x
-        return jax.device_put(x, replicated)
 
-    return jax.tree.map(place, tree)
+def _resolve_settings(settings: SamplingConfig | None, keywords: dict) -> SamplingConfig:
+    """`settings`, or a SamplingConfig of the keyword arguments (those not None); not both."""
+    given = {name: value for name, value in keywords.items() if value is not None}
+    if settings is not None:
+        if given:
+            raise ValueError(
+                f"pass the sampling settings either as a SamplingConfig or as keywords, not "
+                f"both; got settings={settings} and keywords {sorted(given)}"
+            )
+        return settings
+    if "max_decode_len" not in given:
+        raise ValueError("sample needs max_decode_len (or a SamplingConfig)")
+    return SamplingConfig(**given)
 
 
 def sample(
@@ -312,77 +304,49 @@ def sample(
     params: dict,
     inputs: jax.Array,
     rng: jax.Array,
+    settings: SamplingConfig | None = None,
     *,
-    num_samples: int = 1,
-    max_decode_len: int,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
     return_full_logprobs: bool = False,
     mesh: jax.sharding.Mesh | None = None,
     eos_id: int | None = None,
-    draw: str = "inverse_cdf",
+    **keywords,
 ) -> SampleOutput:
-    """Samples `num_samples` responses per prompt.
+    """Samples `settings.num_samples` responses per prompt.
 
     Args:
       config, params: the T5 model.
       inputs: prompts [B, Lx] int, pad 0 (Lx <= config.max_input_length).
       rng: a PRNG key (`jax.random.key` or `jax.random.PRNGKey`).
-      num_samples: n >= 1 samples per prompt; output rows are prompt-major (i * n + j).
-      max_decode_len: Ly, at most config.max_target_length.
-      temperature: 0 = greedy, else logits / temperature.
-      top_k: keep the k most likely tokens (0 = off). top_p: nucleus mass (1 = off).
-        Not both.
+      settings: a `SamplingConfig` (max_decode_len <= config.max_target_length). Instead of
+        it the same fields may be given as keywords (`max_decode_len=...` required, e.g.
+        `sample(config, params, inputs, rng, max_decode_len=8, temperature=0.7)`), not both.
       return_full_logprobs: also return log_softmax(logits / T) [B * n, Ly, V] (see module
         doc; T = 1 for greedy).
-      mesh: run on this mesh (Auto axis types). The caller activates the logical axis rules
-        (`with nn.logical_axis_rules(...)`); rows are then sharded along `batch`. Arguments
-        not already on the mesh are replicated onto it.
+      mesh: run on this mesh (Auto axis types) under its logical axis rules
+        (`partitioning.activate`); rows are sharded along `batch`. Arguments not already on
+        the mesh are replicated onto it. None: the default device.
       eos_id: None = config.eos_id; -1 never occurs (benchmarks: every row runs to Ly).
-      draw: how a token is drawn from the sampling distribution
-        (`strategies.DRAWS`).
     Returns:
-      SampleOutput (see its docstring); positions after EOS hold pad 0 and log-prob 0.
+      SampleOutput (see its docstring); rows prompt-major (i * n + j); positions after EOS
+      hold pad 0 and log-prob 0.
     Raises:
       ValueError: bad arguments (checked before anything is compiled).
     """
-    validate_sample_args(
-        config,
-        tuple(np.shape(inputs)),
-        num_samples=num_samples,
-        max_decode_len=max_decode_len,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        draw=draw,
-    )
+    unknown = sorted(set(keywords) - set(_SETTING_NAMES))
+    if unknown:
+        raise TypeError(f"sample() got unexpected keyword arguments {unknown}")
+    settings = _resolve_settings(settings, keywords)
+    validate_sample_args(config, tuple(np.shape(inputs)), settings)
     dtype = inputs.dtype if hasattr(inputs, "dtype") else np.asarray(inputs).dtype
     if not jnp.issubdtype(dtype, jnp.integer):
         raise ValueError(f"inputs must be integer token ids; got dtype {dtype}")
-    if mesh is not None and any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
-        raise ValueError(
-            f"sample(mesh=...) needs Auto mesh axes (flax logical constraints); got axis types "
-            f"{mesh.axis_types} for axes {mesh.axis_names}"
-        )
-    rules = tuple(
-        (name, tuple(r) if isinstance(r, list) else r)
-        for name, r in nn.get_logical_axis_rules() or ()
-    )
     fn = _compiled(
         config,
+        settings,
         mesh,
-        rules,
-        num_samples=int(num_samples),
-        max_decode_len=int(max_decode_len),
-        temperature=float(temperature),
-        top_k=int(top_k),
-        top_p=float(top_p),
         eos_id=config.eos_id if eos_id is None else int(eos_id),
         return_full_logprobs=bool(return_full_logprobs),
-        draw=draw,
     )
     if mesh is None:
         return fn(params, inputs, rng)
-    with jax.set_mesh(mesh):
-        return fn(*_on_mesh((params, inputs, rng), mesh))
+    return fn(*partitioning.put_replicated((params, inputs, rng), mesh))

@@ -22,17 +22,16 @@ function compiles once per shape. See docs/evaluation.md.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from typing import NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from thack_jax import models
 from thack_jax.decoding import sampling, scoring
+from thack_jax.decoding.settings import SamplingConfig
 from thack_jax.evaluation import divergences
 from thack_jax.models import api as model_api
 from thack_jax.models.config import T5Config
@@ -106,9 +105,12 @@ def _score_batch(params, inputs, samples, *, configs, num_samples):
 
 
 @functools.lru_cache(maxsize=16)
-def _score_fn(configs: tuple, num_samples: int, out_sharding):
+def _score_fn(configs: tuple, num_samples: int, mesh):
+    """The jitted `_score_batch`; with a mesh it runs under the mesh's axis rules and returns
+    replicated arrays (read back on every process)."""
     fn = functools.partial(_score_batch, configs=dict(configs), num_samples=num_samples)
-    return jax.jit(fn, out_shardings=out_sharding)
+    out_sharding = None if mesh is None else partitioning.replicated(mesh)
+    return partitioning.jit(fn, mesh, out_shardings=out_sharding)
 
 
 def _trimmed_rows(prompts: np.ndarray) -> dict[bytes, int]:
@@ -202,6 +204,10 @@ class Evaluator:
         self.student_config = student_config
         self.num_samples = int(num_samples)
         self.max_decode_len = int(max_decode_len)
+        # Every model samples from its own distribution (T = 1, untruncated).
+        self.sampling = SamplingConfig(
+            max_decode_len=self.max_decode_len, num_samples=self.num_samples
+        )
         self.seed = int(seed)
         self.batch_size = int(batch_size)
         self.mesh = mesh
@@ -226,14 +232,6 @@ class Evaluator:
         }
 
     # ------------------------------------------------------------------------ placement
-
-    def _context(self):
-        if self.mesh is None:
-            return contextlib.nullcontext()
-        stack = contextlib.ExitStack()
-        stack.enter_context(jax.set_mesh(self.mesh))
-        stack.enter_context(nn.logical_axis_rules(partitioning.flax_axis_rules(self.mesh)))
-        return stack
 
     def param_shardings(self, config: T5Config):
         """Shardings of a params tree of `config` on the mesh (None without a mesh)."""
@@ -262,18 +260,16 @@ class Evaluator:
         """Responses of one model for every batch: [(tokens [B*n, L], mask [B*n, L])]."""
         key = jax.random.fold_in(self._key, stream)
         out = []
-        with self._context():
-            for b, inputs in enumerate(self._batches):
-                s = sampling.sample(
-                    config,
-                    params,
-                    self._put(inputs, ("batch", "length")),
-                    jax.random.fold_in(key, b),
-                    num_samples=self.num_samples,
-                    max_decode_len=self.max_decode_len,
-                    mesh=self.mesh,
-                )
-                out.append((np.asarray(s.tokens), np.asarray(s.mask)))
+        for b, inputs in enumerate(self._batches):
+            s = sampling.sample(
+                config,
+                params,
+                self._put(inputs, ("batch", "length")),
+                jax.random.fold_in(key, b),
+                self.sampling,
+                mesh=self.mesh,
+            )
+            out.append((np.asarray(s.tokens), np.asarray(s.mask)))
         return out
 
     def _score(self, student, student_samples) -> dict[str, tuple[_Side, _Side]]:
@@ -281,20 +277,18 @@ class Evaluator:
         only; in each side a = the model that sampled."""
         params = {role: p for role, (_, p) in self._refs.items()} | {"student": student[1]}
         configs = {role: c for role, (c, _) in self._refs.items()} | {"student": student[0]}
-        out_sharding = None if self.mesh is None else partitioning.replicated(self.mesh)
-        fn = _score_fn(tuple(sorted(configs.items())), self.num_samples, out_sharding)
+        fn = _score_fn(tuple(sorted(configs.items())), self.num_samples, self.mesh)
         sets = dict(self._ref_samples, student=student_samples)
         parts = {role: ([], []) for role in self._refs}
-        with self._context():
-            for b, inputs in enumerate(self._batches):
-                samples = {
-                    role: tuple(self._put(x, ("batch", "length")) for x in batches[b])
-                    for role, batches in sets.items()
-                }
-                result = fn(params, self._put(inputs, ("batch", "length")), samples)
-                for role, (p_side, q_side) in result.items():
-                    parts[role][0].append([np.asarray(x) for x in p_side] + [sets[role][b][1]])
-                    parts[role][1].append([np.asarray(x) for x in q_side] + [student_samples[b][1]])
+        for b, inputs in enumerate(self._batches):
+            samples = {
+                role: tuple(self._put(x, ("batch", "length")) for x in batches[b])
+                for role, batches in sets.items()
+            }
+            result = fn(params, self._put(inputs, ("batch", "length")), samples)
+            for role, (p_side, q_side) in result.items():
+                parts[role][0].append([np.asarray(x) for x in p_side] + [sets[role][b][1]])
+                parts[role][1].append([np.asarray(x) for x in q_side] + [student_samples[b][1]])
         rows = self.num_prompts * self.num_samples
 
         def side(batches) -> _Side:

@@ -24,6 +24,7 @@ import numpy as np
 
 from thack_jax.data.regime_names import ROLES, SAMPLER_ROLES, Regime, check_role
 from thack_jax.data.tasks import TASK_NAMES
+from thack_jax.parallel.mesh_names import DEFAULT_MESH_SHAPE
 
 if TYPE_CHECKING:
     from thack_jax.models.config import T5Config
@@ -290,7 +291,7 @@ class ExperimentConfig:
     runs: tuple = (RunConfig(),)
     evaluation: EvalConfig = EvalConfig()
     guard_mode: str = "log"
-    mesh_shape: tuple = (("data", -1),)
+    mesh_shape: tuple = DEFAULT_MESH_SHAPE
     seed: int = 0
 
     def __post_init__(self):

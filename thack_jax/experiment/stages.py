@@ -261,6 +261,7 @@ def distill_source(ctx: StageContext, run: RunConfig, teacher, student_config):
         max_decode_len=cfg.max_target_length,
         online_fraction=run.online_fraction if run.regime == "mixed" else None,
         online_role=run.online_role,
+        distill_temperature=tc.temperature,  # the sampler's log-probs only if they match
         mesh=ctx.mesh,
     )
 

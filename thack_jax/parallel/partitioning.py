@@ -1,6 +1,7 @@
 """The device mesh, the one logical-axis rules table, and shardings.
 
-This is the only module that names mesh axes: `data`, `model` and the optional `fsdp`.
+This is the only module (with its light name module `mesh_names.py`) that names mesh axes:
+`data`, `model` and the optional `fsdp` (tests/parallel/test_partitioning.py checks it).
 Everything else speaks logical axis names (params: `vocab, embed, joined_kv, mlp, heads,
 relpos_buckets`; activations: `batch, length, embed, heads, kv, mlp, vocab`).
 
@@ -16,20 +17,24 @@ Indivisible dimensions: when the array shape is known and a dimension's size is 
 by the product of the mesh axis sizes a rule gives it, that rule is skipped and the dimension
 ends up replicated (its mesh axes stay free for later rules). This is deterministic (table
 order, then dimension sizes) and lets tiny test models run on 8 devices.
+
+One way in: every jitted function that runs on a mesh is made with `partitioning.jit(fn,
+mesh, ...)`, which calls (and traces, and lowers) it under `activate(mesh)`: the mesh set
+with `jax.set_mesh` and flax's logical-axis rules of that mesh, so the network's
+`nn.with_logical_constraint` and this module's `with_logical_constraint` see the same table.
+Like t5x's partitioner, the context is entered outside jit, where `jax.set_mesh` is allowed.
 """
 
+import contextlib
 import math
 from collections.abc import Mapping, Sequence
 
+import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-DATA = "data"
-FSDP = "fsdp"
-MODEL = "model"
-# Canonical mesh order: `model` innermost, so model-parallel groups are neighbouring devices.
-MESH_AXES = (DATA, FSDP, MODEL)
+from thack_jax.parallel.mesh_names import DATA, DEFAULT_MESH_SHAPE, FSDP, MESH_AXES, MODEL
 
 MeshAxes = str | tuple[str, ...] | None
 
@@ -47,14 +52,21 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, MeshAxes], ...] = (
 LOGICAL_AXES = tuple(name for name, _ in LOGICAL_AXIS_RULES)
 
 
+def data_parallel_mesh_shape(model_parallel: int = 1) -> dict[str, int]:
+    """The shape of `model_parallel`-way model parallelism, all other devices on `data`."""
+    if not isinstance(model_parallel, (int, np.integer)) or model_parallel < 1:
+        raise ValueError(f"model_parallel={model_parallel!r} must be an int >= 1")
+    return {DATA: -1, MODEL: int(model_parallel)}
+
+
 def make_mesh(shape: Mapping[str, int] | None = None, devices=None) -> Mesh:
     """A mesh with axes (data, [fsdp,] model), e.g. make_mesh({"data": -1, "model": 2}).
 
     shape: axis -> size; one size may be -1 (= all the remaining devices). `data` and `model`
     are always present (size 1 when not given); `fsdp` only when given. Default
-    {"data": -1}. devices: the devices to use (default: all, `jax.devices()`).
+    `DEFAULT_MESH_SHAPE` ({"data": -1}). devices: the devices to use (default: all).
     """
-    shape = dict({DATA: -1} if shape is None else shape)
+    shape = dict(DEFAULT_MESH_SHAPE if shape is None else shape)
     devices = list(jax.devices() if devices is None else devices)
     unknown = sorted(set(shape) - set(MESH_AXES))
     if unknown:
@@ -280,3 +292,73 @@ def with_logical_constraint(x: jax.Array, axes: Sequence[str | None], mesh: Mesh
     if isinstance(mesh, Mesh):
         return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
     return jax.lax.with_sharding_constraint(x, spec)
+
+
+# ----------------------------------------------------------------------------- running on a mesh
+
+
+def check_auto_axes(mesh: Mesh) -> None:
+    """Raises ValueError unless every axis of `mesh` is Auto (GSPMD propagation, which
+    flax's logical constraints and `with_logical_constraint` rely on)."""
+    if not isinstance(mesh, Mesh):
+        raise ValueError(f"expected a jax.sharding.Mesh, got {type(mesh).__name__}")
+    if any(t != AxisType.Auto for t in mesh.axis_types):
+        raise ValueError(
+            f"partitioning needs Auto mesh axes (flax logical constraints); got axis types "
+            f"{mesh.axis_types} for axes {mesh.axis_names}"
+        )
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh | None):
+    """Runs the body on `mesh`: `jax.set_mesh(mesh)` and flax's `logical_axis_rules` of
+    `flax_axis_rules(mesh)`. A no-op for mesh=None. Enter it outside jit (`jax.set_mesh`
+    refuses to run under a trace); `partitioning.jit` does that for a jitted function."""
+    if mesh is None:
+        yield
+        return
+    check_auto_axes(mesh)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(flax_axis_rules(mesh)):
+        yield
+
+
+class MeshFunction:
+    """A `jax.jit` function called, traced and lowered under `activate(mesh)`.
+
+    The logical-axis rules are a function of the mesh, so one compiled function per mesh is
+    enough (jax.jit does not see flax's rules; here they can never differ).
+    """
+
+    def __init__(self, fn, mesh: Mesh | None, **jit_kwargs):
+        if mesh is not None:
+            check_auto_axes(mesh)
+        self.mesh = mesh
+        self._jitted = jax.jit(fn, **jit_kwargs)
+
+    def __call__(self, *args, **kwargs):
+        with activate(self.mesh):
+            return self._jitted(*args, **kwargs)
+
+    def lower(self, *args, **kwargs):
+        with activate(self.mesh):
+            return self._jitted.lower(*args, **kwargs)
+
+
+def jit(fn, mesh: Mesh | None = None, **jit_kwargs) -> MeshFunction:
+    """`jax.jit(fn, **jit_kwargs)` that always runs under `activate(mesh)` (see MeshFunction)."""
+    return MeshFunction(fn, mesh, **jit_kwargs)
+
+
+def put_replicated(tree, mesh: Mesh):
+    """Leaves of `tree` not already on `mesh` (numpy, single-device arrays) are replicated
+    onto it; leaves on `mesh` are kept as they are. So a jitted function never has to choose
+    (possibly uneven) shardings for its inputs."""
+    rep = replicated(mesh)
+
+    def place(x):
+        sharding = getattr(x, "sharding", None)
+        if isinstance(sharding, NamedSharding) and sharding.mesh == mesh:
+            return x
+        return jax.device_put(x, rep)
+
+    return jax.tree.map(place, tree)

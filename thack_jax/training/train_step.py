@@ -9,13 +9,11 @@ gradient of one big batch. The loop that calls the step is trainer.py.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -39,7 +37,10 @@ class StepConfig:
     loss_kwargs: options of the loss as (name, value) pairs (a dict is converted), e.g.
       (('beta', 0.1),) for 'jsd'.
     temperature: divides the teacher's and the student's logits inside the loss. Teacher
-      log-probs given in the batch must already be tempered (the sampler's are).
+      log-probs given in the batch must be log_softmax(teacher logits / temperature): the
+      sampler's full log-probs qualify only when it sampled at this temperature without
+      top-k / top-p (`SamplingConfig.gives_distillation_targets`; the online teacher source
+      checks it).
     num_microbatches: the batch is split into this many microbatches whose gradients are
       accumulated (lax.scan) before one update.
     """
@@ -116,7 +117,8 @@ def make_train_step(
     state: TrainState (donated); batch: {'inputs' [B, Lx] int32, 'targets' [B, Ly] int32,
     optional 'teacher_logprobs' [B, Ly, V] float32}; teacher_params: the frozen teacher's
     tree (None for SFT or when the batch carries teacher log-probs). With a `mesh` the state,
-    batch and teacher follow the partitioning rules (in/out shardings); without one
+    batch and teacher follow the partitioning rules (in/out shardings) and the step runs
+    under `partitioning.activate(mesh)` (a `partitioning.jit` function); without one
     everything runs on the default device. metrics: 'train/loss' (per-token mean),
     'train/tokens', 'train/grad_norm' and, given `learning_rate_fn` (the optimizer's
     schedule), 'train/learning_rate' at this step.
@@ -174,9 +176,7 @@ def make_train_step(
 
     def step(state: TrainState, batch: Batch, teacher_params):
         _check_batch(batch, step_config, student_config, teacher_params is not None)
-        rules = partitioning.flax_axis_rules(mesh) if mesh is not None else ()
-        with _mesh_context(mesh), nn.logical_axis_rules(rules):
-            loss_sum, count, grads = accumulate(state.params, batch, teacher_params)
+        loss_sum, count, grads = accumulate(state.params, batch, teacher_params)
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -192,7 +192,7 @@ def make_train_step(
         return new_state, metrics
 
     if mesh is None:
-        return jax.jit(step, donate_argnums=(0,))
+        return partitioning.jit(step, None, donate_argnums=(0,))
     state_sh = state_shardings(mesh, student_config, optimizer)
     teacher_sh = None
     if teacher_config is not None:
@@ -202,17 +202,12 @@ def make_train_step(
     # One sharding for every batch array: rows over the data axes, other dims replicated.
     batch_sh = partitioning.batch_sharding(mesh, 1)
     rep = partitioning.replicated(mesh)
-    return jax.jit(
+    # Called (and traced) under `partitioning.activate(mesh)`: the network's logical
+    # constraints see the mesh and its axis rules.
+    return partitioning.jit(
         step,
+        mesh,
         in_shardings=(state_sh, batch_sh, teacher_sh),
         out_shardings=(state_sh, rep),
         donate_argnums=(0,),
     )
-
-
-def _mesh_context(mesh):
-    """Makes the mesh visible to flax's logical constraints while tracing under jit
-    (`jax.set_mesh` may not be called inside jit; the abstract mesh may)."""
-    if mesh is None:
-        return contextlib.nullcontext()
-    return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
