@@ -11,7 +11,7 @@ import pytest
 
 from thack_jax.hacking import diagnostics as d
 from thack_jax.hacking import guard as g
-from thack_jax.hacking.simulation import simulate_curve
+from thack_jax.hacking.simulation import CurveSpec, simulate_curve
 
 SCRIPT = Path(__file__).resolve().parents[2] / "launch" / "diagnose.py"
 
@@ -59,7 +59,9 @@ def _write_jsonl(path, steps, proxy, proxy_se, golden=None):
 
 
 def test_jsonl_teacher_hacking_with_golden_and_plot(tmp_path):
-    steps, proxy, proxy_se = simulate_curve(np.random.default_rng(0), "flatten", noise=0.02)
+    steps, proxy, proxy_se = simulate_curve(
+        np.random.default_rng(0), "flatten", CurveSpec(noise=0.02)
+    )
     x = np.log(steps / (0.4 * steps[-1]))
     golden = 0.5 + 0.2 * np.where(x < 0, x**2, 0.0) + 0.15 * np.maximum(x, 0.0)
     metrics = tmp_path / "metrics.jsonl"
@@ -86,7 +88,9 @@ def test_jsonl_teacher_hacking_with_golden_and_plot(tmp_path):
 
 
 def test_min_step_auto_reads_the_guard_settings(tmp_path):
-    steps, proxy, proxy_se = simulate_curve(np.random.default_rng(3), "power_law", noise=0.02)
+    steps, proxy, proxy_se = simulate_curve(
+        np.random.default_rng(3), "power_law", CurveSpec(noise=0.02)
+    )
     run = tmp_path / "runs" / "offline"
     (run / "train").mkdir(parents=True)
     _write_jsonl(run / "train" / "metrics.jsonl", steps, proxy, proxy_se)
@@ -104,7 +108,9 @@ def test_min_step_auto_reads_the_guard_settings(tmp_path):
 
 
 def test_csv_healthy(tmp_path):
-    steps, proxy, proxy_se = simulate_curve(np.random.default_rng(1), "power_law", noise=0.03)
+    steps, proxy, proxy_se = simulate_curve(
+        np.random.default_rng(1), "power_law", CurveSpec(noise=0.03)
+    )
     path = tmp_path / "curve.csv"
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
@@ -134,11 +140,11 @@ def test_csv_healthy(tmp_path):
         ),
         (["--metrics={dir}/m.jsonl", "--min_step=600"], "only 5 evaluations"),
         (["--metrics={dir}/m.jsonl", "--min_step=soon"], "--min_step='soon': expected"),
-        (["--metrics={dir}/bad.jsonl"], "bad.jsonl:2: not JSON"),
+        (["--metrics={dir}/bad.jsonl"], "bad.jsonl:2: not a JSON line"),
     ],
 )
 def test_errors(tmp_path, args, message):
-    steps, proxy, proxy_se = simulate_curve(np.random.default_rng(2), n_points=10)
+    steps, proxy, proxy_se = simulate_curve(np.random.default_rng(2), spec=CurveSpec(n_points=10))
     _write_jsonl(tmp_path / "m.jsonl", steps, proxy, proxy_se)
     (tmp_path / "bad.jsonl").write_text('{"step": 1}\n{"step": \n')
     result = _run(*[a.format(dir=tmp_path) for a in args])
@@ -168,7 +174,9 @@ def test_simulate_prints_table():
 def test_noise_from_per_prompt_values(tmp_path):
     from thack_jax.hacking import noise
 
-    steps, proxy, proxy_se = simulate_curve(np.random.default_rng(4), "power_law", noise=0.02)
+    steps, proxy, proxy_se = simulate_curve(
+        np.random.default_rng(4), "power_law", CurveSpec(noise=0.02)
+    )
     train = tmp_path / "train"
     train.mkdir()
     _write_jsonl(train / "metrics.jsonl", steps, proxy, proxy_se)

@@ -12,7 +12,6 @@ step appears twice (a resumed run), the later line wins.
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 import sys
@@ -28,6 +27,7 @@ from thack_jax.hacking import (
     simulation,
 )
 from thack_jax.reporting import plots
+from thack_jax.training import metrics_io
 
 AUTO = "auto"
 FLAGS = flags.FLAGS
@@ -108,12 +108,9 @@ def read_rows(path: str) -> list[tuple[int, dict]]:
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DiagnoseError(f"{path}:{line_no}: not JSON: {e}") from None
-            if not isinstance(row, dict):
-                raise DiagnoseError(f"{path}:{line_no}: expected a JSON object, got {row!r}")
-            rows.append((line_no, row))
+                rows.append((line_no, metrics_io.json_object(path, line_no, line)))
+            except ValueError as e:
+                raise DiagnoseError(str(e)) from None
     return rows
 
 

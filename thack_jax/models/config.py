@@ -82,6 +82,13 @@ def _v11(d_model, d_ff, num_heads, num_layers, d_kv=64) -> dict:
     )
 
 
+def _v10(d_model: int, d_ff: int, num_heads: int, num_layers: int) -> dict:
+    """Original T5 (1.0): a v1.1 shape with a ReLU feed-forward and tied embeddings."""
+    return dict(
+        _v11(d_model, d_ff, num_heads, num_layers), feed_forward="relu", tie_word_embeddings=True
+    )
+
+
 # Published T5 v1.1 / Flan-T5 sizes (HF google/t5-v1_1-* configs).
 NAMED_CONFIGS: dict[str, dict] = {
     "tiny": dict(
@@ -103,26 +110,8 @@ NAMED_CONFIGS: dict[str, dict] = {
     "xl": _v11(2048, 5120, 32, 24),
     "xxl": _v11(4096, 10240, 64, 24),
     # Original T5 (1.0): ReLU feed-forward, tied input/output embedding.
-    "t5_1_0_small": dict(
-        d_model=512,
-        d_ff=2048,
-        num_heads=8,
-        d_kv=64,
-        num_encoder_layers=6,
-        num_decoder_layers=6,
-        feed_forward="relu",
-        tie_word_embeddings=True,
-    ),
-    "t5_1_0_base": dict(
-        d_model=768,
-        d_ff=3072,
-        num_heads=12,
-        d_kv=64,
-        num_encoder_layers=12,
-        num_decoder_layers=12,
-        feed_forward="relu",
-        tie_word_embeddings=True,
-    ),
+    "t5_1_0_small": _v10(512, 2048, 8, 6),
+    "t5_1_0_base": _v10(768, 3072, 12, 12),
 }
 
 

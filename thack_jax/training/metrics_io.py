@@ -55,6 +55,17 @@ def _to_python(name: str, value):
     raise TypeError(f"metric {name!r} has non-numeric value {value!r}")
 
 
+def json_object(path: str, number: int, line: str) -> dict:
+    """One line of a JSON-lines file as a dict; ValueError naming `path:number` otherwise."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{number}: not a JSON line ({e}): {line[:200]!r}") from e
+    if not isinstance(row, dict):
+        raise ValueError(f"{path}:{number}: expected a JSON object, got {line[:200]!r}")
+    return row
+
+
 def _parse_lines(path: str, text: str) -> list[dict]:
     """Parses metrics.jsonl text. A last line without its newline (a write cut short by a
     crash) is dropped; any other unreadable line is an error naming the file and line."""
@@ -64,11 +75,8 @@ def _parse_lines(path: str, text: str) -> list[dict]:
     for number, line in enumerate(complete, start=1):
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{number}: not a JSON line ({e}): {line[:200]!r}") from e
-        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+        row = json_object(path, number, line)
+        if not isinstance(row.get("step"), int):
             raise ValueError(f"{path}:{number}: expected an object with an int 'step': {line!r}")
         rows.append(row)
     del tail  # half-written: never trusted
