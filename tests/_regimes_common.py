@@ -33,20 +33,24 @@ def tiny_models():
 
 
 def build(directory, config, params, **kw):
-    args = dict(
+    """The store of make_prompts() x C; `kw` overrides GenerationConfig fields or `progress`."""
+    progress = kw.pop("progress", False)
+    settings = dict(
         generating_model="teacher",
-        config=config,
-        params=params,
-        prompts=make_prompts(),
         completions_per_prompt=C,
         max_decode_len=LY,
         seed=SEED,
         vocab_fingerprint="test-vocab",
         chunk_size=5,
-        progress=False,
     )
-    args.update(kw)
-    return generation.build_offline_store(str(directory), **args)
+    settings.update(kw)
+    return generation.build_offline_store(
+        str(directory),
+        model=(config, params),
+        prompts=make_prompts(),
+        generation=generation.GenerationConfig(**settings),
+        progress=progress,
+    )
 
 
 def build_store(tmp_path_factory):

@@ -100,11 +100,10 @@ def test_online_teacher_logprobs_match_score(tiny):
     config, teacher, _ = tiny
     source = regimes.make_source(
         "online_teacher",
-        batch_size=B,
-        seed=SEED,
+        regimes.SourceConfig(batch_size=B, seed=SEED),
         prompts=make_prompts(),
         teacher=(config, teacher),
-        max_decode_len=LY,
+        sampling=SamplingConfig(max_decode_len=LY),
     )
     batch = source.next_batch(0, None)
     assert batch["targets"].shape == (B, LY) and batch["teacher_logprobs"].shape == (B, LY, V)
@@ -122,11 +121,10 @@ def test_online_teacher_resume(tiny):
     config, teacher, _ = tiny
     make = lambda: regimes.make_source(
         "online_teacher",
-        batch_size=B,
-        seed=SEED,
+        regimes.SourceConfig(batch_size=B, seed=SEED),
         prompts=make_prompts(5),
         teacher=(config, teacher),
-        max_decode_len=LY,
+        sampling=SamplingConfig(max_decode_len=LY),
     )
     resume_check(make, steps=3, cut=2)
 
@@ -135,11 +133,10 @@ def test_online_student_uses_passed_params(tiny):
     config, teacher, student = tiny
     make = lambda: regimes.make_source(
         "online_student",
-        batch_size=B,
-        seed=SEED,
+        regimes.SourceConfig(batch_size=B, seed=SEED),
         prompts=make_prompts(),
         student_config=config,
-        max_decode_len=LY,
+        sampling=SamplingConfig(max_decode_len=LY),
     )
     batch = make().next_batch(0, student)
     assert "teacher_logprobs" not in batch
@@ -194,3 +191,25 @@ def test_online_source_bad_inputs(tiny):
         )
     with pytest.raises(ValueError, match="SamplingConfig"):
         generation.OnlineSource("teacher", pool, config, teacher, LY, 0)
+
+
+def test_generation_config_names_the_bad_field():
+    good = dict(
+        generating_model="teacher",
+        completions_per_prompt=C,
+        max_decode_len=LY,
+        seed=SEED,
+        vocab_fingerprint="v",
+    )
+    for kw, field in (
+        (dict(generating_model=""), "generating_model"),
+        (dict(completions_per_prompt=0), "completions_per_prompt"),
+        (dict(max_decode_len=True), "max_decode_len"),
+        (dict(chunk_size=0), "chunk_size"),
+        (dict(seed="1"), "seed"),
+        (dict(temperature=-1.0), "temperature"),
+    ):
+        with pytest.raises(ValueError, match=f"GenerationConfig.{field}"):
+            generation.GenerationConfig(**{**good, **kw})
+    settings = generation.GenerationConfig(**good, temperature=0.5).sampling()
+    assert (settings.num_samples, settings.max_decode_len, settings.temperature) == (C, LY, 0.5)

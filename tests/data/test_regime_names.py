@@ -50,10 +50,11 @@ def test_sources_refuse_with_the_shared_names():
     from thack_jax.data import generation, regimes
 
     with pytest.raises(ValueError, match="regime='nope' is not a regime; valid regimes: offline"):
-        regimes.make_source("nope", batch_size=2, seed=0)
+        regimes.make_source("nope", regimes.SourceConfig(batch_size=2, seed=0))
     with pytest.raises(ValueError, match="online_role='x' must be one of teacher, student"):
         store = object()  # refused before the store is read
-        regimes.make_source("mixed", batch_size=2, seed=0, offline_store=store, online_role="x")
+        source = regimes.SourceConfig(batch_size=2, seed=0, online_role="x")
+        regimes.make_source("mixed", source, offline_store=store)
     with pytest.raises(ValueError, match="role='oracle' must be one of teacher, student"):
         generation.OnlineSource("oracle", None, None, None, 4, 0)
 

@@ -18,6 +18,7 @@ from _regimes_common import (
 
 from thack_jax.data import regimes
 from thack_jax.decoding import sampling
+from thack_jax.decoding.settings import SamplingConfig
 from thack_jax.parallel import partitioning
 
 
@@ -37,11 +38,9 @@ def store(tmp_path_factory):
 def _mixed(store, config, fraction, mesh=None):
     return regimes.make_source(
         "mixed",
-        batch_size=B,
-        seed=SEED,
+        regimes.SourceConfig(batch_size=B, seed=SEED, online_fraction=fraction),
         offline_store=store,
         student_config=config,
-        online_fraction=fraction,
         mesh=mesh,
     )
 
@@ -98,8 +97,9 @@ def test_mixed_under_a_mesh_equals_without(tiny, store):
     # A whole online batch under the mesh: global arrays sharded over the data axis.
     online = [
         regimes.make_source(
-            "online_student", batch_size=B, seed=SEED, prompts=make_prompts(),
-            student_config=config, max_decode_len=LY, mesh=m,
+            "online_student", regimes.SourceConfig(batch_size=B, seed=SEED),
+            prompts=make_prompts(), student_config=config,
+            sampling=SamplingConfig(max_decode_len=LY), mesh=m,
         )
         for m in (None, mesh)
     ]  # fmt: skip
@@ -111,33 +111,51 @@ def test_mixed_under_a_mesh_equals_without(tiny, store):
 # ----------------------------------------------------------------------------- errors
 
 
+SOURCE = regimes.SourceConfig(batch_size=B, seed=0)
+
+
+def test_source_config_names_the_bad_field():
+    for kw, field in (
+        (dict(batch_size=0), "batch_size"),
+        (dict(seed=1.5), "SourceConfig.seed"),
+        (dict(num_epochs=-1), "SourceConfig.num_epochs"),
+        (dict(online_fraction=float("nan")), "SourceConfig.online_fraction"),
+        (dict(online_role="oracle"), "SourceConfig.online_role"),
+        (dict(distill_temperature=0.0), "SourceConfig.distill_temperature"),
+    ):
+        with pytest.raises(ValueError, match=field):
+            regimes.SourceConfig(**{"batch_size": B, "seed": 0, **kw})
+    with pytest.raises(ValueError, match="source must be a SourceConfig"):
+        regimes.make_source("offline", {"batch_size": B, "seed": 0})
+
+
 def test_bad_inputs(tiny, store):
     config, _, _ = tiny
     with pytest.raises(ValueError, match="offline, online_teacher, online_student, mixed"):
-        regimes.make_source("onilne", batch_size=B, seed=0, offline_store=store)
+        regimes.make_source("onilne", SOURCE, offline_store=store)
     with pytest.raises(ValueError, match="1.5"):
         _mixed(store, config, 1.5)
     with pytest.raises(ValueError, match="online_fraction"):
         _mixed(store, config, None)
     with pytest.raises(ValueError, match="needs offline_store"):
-        regimes.make_source("offline", batch_size=B, seed=0)
+        regimes.make_source("offline", SOURCE)
     with pytest.raises(ValueError, match="teacher=\\(config, params\\)"):
-        regimes.make_source("online_teacher", batch_size=B, seed=0, offline_store=store)
+        regimes.make_source("online_teacher", SOURCE, offline_store=store)
     with pytest.raises(ValueError, match="student_config"):
-        regimes.make_source("online_student", batch_size=B, seed=0, offline_store=store)
+        regimes.make_source("online_student", SOURCE, offline_store=store)
     with pytest.raises(ValueError, match="needs prompts"):
-        regimes.make_source("online_student", batch_size=B, seed=0, student_config=config)
+        regimes.make_source("online_student", SOURCE, student_config=config)
     with pytest.raises(ValueError, match="only applies to regime 'mixed'"):
         regimes.make_source(
-            "offline", batch_size=B, seed=0, offline_store=store, online_fraction=0.1
+            "offline",
+            regimes.SourceConfig(batch_size=B, seed=0, online_fraction=0.1),
+            offline_store=store,
         )
     with pytest.raises(ValueError, match="do not match"):
         regimes.make_source(
             "mixed",
-            batch_size=B,
-            seed=0,
+            regimes.SourceConfig(batch_size=B, seed=0, online_fraction=0.1),
             offline_store=store,
             student_config=config,
-            online_fraction=0.1,
-            max_decode_len=LY + 1,
+            sampling=SamplingConfig(max_decode_len=LY + 1),
         )

@@ -52,6 +52,13 @@ def test_task_names_and_unknown_task():
         tasks.load_prompts("cnn_dm", split="train", num_prompts=2, max_input_length=8)
 
 
+def test_task_data_names_the_bad_field():
+    with pytest.raises(ValueError, match="TaskData.tfds_data_dir=3"):
+        tasks.TaskData(tfds_data_dir=3)
+    with pytest.raises(ValueError, match="data must be a TaskData"):
+        tasks.load_prompts("synthetic", split="train", num_prompts=2, max_input_length=8, data={})
+
+
 def test_text_task_needs_vocabulary():
     with pytest.raises(ValueError, match="needs a vocabulary"):
         tasks.get_task("xsum")
@@ -112,8 +119,7 @@ def test_tfds_tasks_on_mock_data(
             max_input_length=24,
             max_target_length=6,
             seed=None,
-            vocabulary=sp_model,
-            tfds_data_dir=str(tmp_path),
+            data=tasks.TaskData(vocabulary=sp_model, tfds_data_dir=str(tmp_path)),
         )
         shuffled = tasks.load_prompts(
             task_name,
@@ -121,8 +127,7 @@ def test_tfds_tasks_on_mock_data(
             num_prompts=6,
             max_input_length=24,
             seed=1,
-            vocabulary=sp_model,
-            tfds_data_dir=str(tmp_path),
+            data=tasks.TaskData(vocabulary=sp_model, tfds_data_dir=str(tmp_path)),
         )
     assert ex["inputs"].shape == (5, 24) and ex["targets"].shape == (5, 6)
     for i in range(5):
@@ -141,7 +146,7 @@ def test_missing_tfds_dataset_says_how_to_prepare(sp_model, tmp_path):
     with pytest.raises(tasks.DatasetNotPreparedError) as e:
         tasks.load_prompts(
             "xsum", split="train", num_prompts=2, max_input_length=8,
-            vocabulary=sp_model, tfds_data_dir=missing,
+            data=tasks.TaskData(vocabulary=sp_model, tfds_data_dir=missing),
         )  # fmt: skip
     msg = str(e.value)
     assert "xsum" in msg and missing in msg and "tfds build xsum" in msg and "manual" in msg
@@ -183,8 +188,7 @@ def test_natural_instructions(sp_model, tmp_path):
         max_input_length=10,  # truncates: rows must still end with EOS
         max_target_length=8,
         seed=None,
-        vocabulary=sp_model,
-        natural_instructions_dir=ni,
+        data=tasks.TaskData(vocabulary=sp_model, natural_instructions_dir=ni),
     )
     for i, e in enumerate(val):
         np.testing.assert_array_equal(ex["inputs"][i], _expected_row(vocab, e["inputs"], 10))
@@ -192,7 +196,8 @@ def test_natural_instructions(sp_model, tmp_path):
     with pytest.raises(ValueError, match="only"):
         tasks.load_prompts(
             "natural_instructions", split="validation", num_prompts=len(val) + 1,
-            max_input_length=10, seed=None, vocabulary=sp_model, natural_instructions_dir=ni,
+            max_input_length=10, seed=None,
+            data=tasks.TaskData(vocabulary=sp_model, natural_instructions_dir=ni),
         )  # fmt: skip
 
 

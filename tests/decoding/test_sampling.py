@@ -50,17 +50,17 @@ def _fake_expected(offsets, length):
     return tokens, lengths
 
 
-def _run_fake(offsets, length, **kwargs):
+def _run_fake(offsets, length, return_full_logprobs=False, **settings):
     cache = {"offset": jnp.asarray(offsets, jnp.int32), "calls": jnp.zeros((), jnp.int32)}
     fn = jax.jit(
         lambda cache, rng: sampling.sample_with_fn(
             _fake_tokens_to_logits,
             cache,
             rng,
+            SamplingConfig(max_decode_len=length, **settings),
             batch_size=len(offsets),
-            max_decode_len=length,
-            eos_id=EOS,
-            **kwargs,
+            token_ids=sampling.TokenIds(eos=EOS),
+            return_full_logprobs=return_full_logprobs,
         )
     )
     return fn(cache, jax.random.key(0))
@@ -113,7 +113,12 @@ def test_loop_stops_when_all_rows_ended():
     cache = {"offset": jnp.asarray(offsets, jnp.int32), "calls": jnp.zeros((), jnp.int32)}
     out = jax.jit(
         lambda c: sampling.sample_with_fn(
-            counting, c, jax.random.key(0), batch_size=len(offsets), max_decode_len=16, eos_id=EOS
+            counting,
+            c,
+            jax.random.key(0),
+            SamplingConfig(max_decode_len=16),
+            batch_size=len(offsets),
+            token_ids=sampling.TokenIds(eos=EOS),
         )
     )(cache)
     jax.block_until_ready(out)
@@ -379,9 +384,9 @@ def _sample_wrapped(config, params, inputs, wrap):
             lambda c, t, s: wrap(step_fn, c, t, s),
             cache,
             rng,
-            batch_size=inputs.shape[0] * STAT_N,
-            max_decode_len=STAT_L,
-            eos_id=EOS,
+            SamplingConfig(max_decode_len=STAT_L, num_samples=STAT_N),
+            batch_size=inputs.shape[0],
+            token_ids=sampling.TokenIds(eos=EOS),
         )
 
     return run(params, inputs, jax.random.key(11))
@@ -416,3 +421,22 @@ def test_empirical_distribution_matches_scoring(stat_model):
     for wrong in (_wrong_temperature, _off_by_one_position):
         bad = _sample_wrapped(config, params, inputs, wrong)
         assert _g_test(bad.tokens, seqs, probs) < 1e-6, wrong.__name__
+
+
+def test_sample_with_fn_bad_arguments():
+    with pytest.raises(ValueError, match="TokenIds.eos"):
+        sampling.TokenIds(eos=1.5)
+    with pytest.raises(ValueError, match="settings must be a SamplingConfig"):
+        sampling.sample_with_fn(
+            _fake_tokens_to_logits, {}, jax.random.key(0), {"max_decode_len": 4}, batch_size=2
+        )
+    # N = batch_size * num_samples rows: a cache of 8 rows with 2 samples needs batch_size 4.
+    eight_rows = lambda cache, token, step: (jnp.zeros((8, FAKE_V)), cache)
+    with pytest.raises(ValueError, match="logits \\[16, V\\]"):
+        sampling.sample_with_fn(
+            eight_rows,
+            {},
+            jax.random.key(0),
+            SamplingConfig(max_decode_len=4, num_samples=2),
+            batch_size=8,
+        )

@@ -10,8 +10,10 @@ chunk index (offline), so that resumed data equals uninterrupted data.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
+import numbers
 
 import jax
 import numpy as np
@@ -178,24 +180,63 @@ def params_fingerprint(params) -> str:
     return h.hexdigest()
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GenerationConfig:
+    """What `build_offline_store` generates (everything but the model and the prompts).
+
+    generating_model: the model's name in the store's spec (e.g. 'teacher').
+    completions_per_prompt: c >= 1 samples per prompt. max_decode_len: Ly >= 1.
+    seed: chunk k is sampled with key fold_in(key(seed), k).
+    vocab_fingerprint: the vocabulary's fingerprint in the store's spec.
+    chunk_size: prompts per sampler call (>= 1; a resume must use the same one).
+    temperature: the sampling temperature (0 = greedy); no top-k / top-p, since the spec
+      records only the temperature.
+    """
+
+    generating_model: str
+    completions_per_prompt: int
+    max_decode_len: int
+    seed: int
+    vocab_fingerprint: str
+    chunk_size: int = 256
+    temperature: float = 1.0
+
+    def __post_init__(self):
+        for name in ("generating_model", "vocab_fingerprint"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"GenerationConfig.{name}={value!r} must be a non-empty str")
+        for name in ("completions_per_prompt", "max_decode_len", "chunk_size"):
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"GenerationConfig.{name}={value!r} must be an int >= 1")
+        if not isinstance(self.seed, numbers.Integral) or isinstance(self.seed, bool):
+            raise ValueError(f"GenerationConfig.seed={self.seed!r} must be an int")
+        t = self.temperature
+        if not isinstance(t, numbers.Real) or isinstance(t, bool) or not t >= 0:
+            raise ValueError(f"GenerationConfig.temperature={t!r} must be a number >= 0")
+
+    def sampling(self) -> SamplingConfig:
+        """The sampler's settings: c samples per prompt at `temperature`, untruncated."""
+        return SamplingConfig(
+            max_decode_len=self.max_decode_len,
+            num_samples=self.completions_per_prompt,
+            temperature=self.temperature,
+        )
+
+
 def build_offline_store(
     directory: str,
     *,
-    generating_model: str,
-    config,
-    params,
+    model: tuple,
     prompts: np.ndarray,
-    completions_per_prompt: int,
-    max_decode_len: int,
-    seed: int,
-    vocab_fingerprint: str,
-    chunk_size: int = 256,
-    temperature: float = 1.0,
+    generation: GenerationConfig,
     progress=True,
     mesh=None,
 ) -> OfflineStore:
     """Generates (or resumes, or reopens) the offline dataset of `prompts` [N, Lx].
 
+    model: (config, params) of the generating model. generation: a `GenerationConfig`.
     Completions: c = completions_per_prompt samples per prompt, prompt-major, targets
     [N*c, max_decode_len]. Chunk k (chunk_size prompts) is sampled with key
     `fold_in(key(seed), k)`, so a resumed generation gives the same arrays as an
@@ -207,24 +248,29 @@ def build_offline_store(
     callable receiving {'chunk', 'num_chunks', 'chunks_per_s', 'eta_s'}.
     Run it in one process: the store's files have a single writer.
     """
+    if not isinstance(generation, GenerationConfig):
+        raise ValueError(f"generation must be a GenerationConfig, got {type(generation).__name__}")
+    if not isinstance(model, tuple | list) or len(model) != 2:
+        raise ValueError(f"model must be a (config, params) pair, got {type(model).__name__}")
+    config, params = model
+    g = generation
+    completions_per_prompt, seed = g.completions_per_prompt, g.seed
     prompts = np.asarray(prompts)
     if prompts.ndim != 2 or not np.issubdtype(prompts.dtype, np.integer):
         raise ValueError(f"prompts must be integer [N, Lx], got {prompts.dtype} {prompts.shape}")
     prompts = prompts.astype(np.int32)
-    chunk = min(check_batch_size(chunk_size), len(prompts))
-    settings = SamplingConfig(
-        max_decode_len=max_decode_len,
-        num_samples=completions_per_prompt,
-        temperature=temperature,
-    )
+    chunk = min(check_batch_size(g.chunk_size), len(prompts))
+    settings = g.sampling()
     sampling.validate_sample_args(config, (chunk, prompts.shape[1]), settings)
     spec = OfflineSpec(
         num_prompts=len(prompts),
         completions_per_prompt=completions_per_prompt,
         max_input_length=prompts.shape[1],
-        max_target_length=max_decode_len,
-        vocab_fingerprint=vocab_fingerprint,
-        generating_model=f"{generating_model}|params={params_fingerprint(params)}|T={temperature:g}",
+        max_target_length=g.max_decode_len,
+        vocab_fingerprint=g.vocab_fingerprint,
+        generating_model=(
+            f"{g.generating_model}|params={params_fingerprint(params)}|T={g.temperature:g}"
+        ),
         seed=int(seed),
         prompts_checksum=prompts_checksum(prompts),
     )

@@ -24,12 +24,15 @@ only its positions in these orders, so a source restored with `load_state_dict` 
 same batch at step t as an uninterrupted one, independent of how it got there.
 
 Modules: `row_streams.py` (the row orders, `PromptPool`, `OfflineSource`), `generation.py`
-(`OnlineSource`, `build_offline_store`), this one (`MixedSource`, `make_source`).
+(`OnlineSource`, `build_offline_store`), this one (`MixedSource`, `SourceConfig`,
+`make_source`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import numbers
 
 import numpy as np
 
@@ -125,48 +128,82 @@ class MixedSource:
 # ----------------------------------------------------------------------------- factory
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SourceConfig:
+    """How a batch source draws its batches (the model-free settings of `make_source`).
+
+    batch_size: B >= 1 rows per batch. seed: the row orders and sampling keys.
+    num_epochs: offline epochs before StopIteration (None = endless).
+    online_fraction: 'mixed' only, in [0, 1] (None for the other regimes).
+    online_role: who samples the online rows of 'mixed' ('student' or 'teacher').
+    provide_teacher_logprobs: 'online_teacher' returns the sampler's log-probs, if they are
+      the train step's targets (see `distill_temperature`).
+    distill_temperature: the train step's StepConfig.temperature (> 0). The sampler's
+      log-probs are passed as 'teacher_logprobs' only when
+      `sampling.gives_distillation_targets` of it; otherwise the step computes its tempered
+      teacher forward.
+    """
+
+    batch_size: int
+    seed: int
+    num_epochs: int | None = None
+    online_fraction: float | None = None
+    online_role: str = "student"
+    provide_teacher_logprobs: bool = True
+    distill_temperature: float = 1.0
+
+    def __post_init__(self):
+        check_batch_size(self.batch_size)
+        if not isinstance(self.seed, numbers.Integral) or isinstance(self.seed, bool):
+            raise ValueError(f"SourceConfig.seed={self.seed!r} must be an int")
+        if self.num_epochs is not None and (
+            not isinstance(self.num_epochs, numbers.Integral) or self.num_epochs < 0
+        ):
+            raise ValueError(f"SourceConfig.num_epochs={self.num_epochs!r} must be >= 0 or None")
+        if self.online_fraction is not None and not (
+            isinstance(self.online_fraction, numbers.Real) and 0 <= self.online_fraction <= 1
+        ):  # also refuses NaN
+            raise ValueError(
+                f"SourceConfig.online_fraction must be a number in [0, 1] or None, got "
+                f"{self.online_fraction!r}"
+            )
+        check_sampler_role(self.online_role, "SourceConfig.online_role")
+        t = self.distill_temperature
+        if not isinstance(t, numbers.Real) or isinstance(t, bool) or not t > 0:
+            raise ValueError(f"SourceConfig.distill_temperature={t!r} must be a number > 0")
+
+
 def make_source(
     regime: str,
+    source: SourceConfig,
     *,
-    batch_size: int,
-    seed: int,
     offline_store: OfflineStore | None = None,
     prompts: np.ndarray | None = None,
     teacher: tuple | None = None,
     student_config=None,
-    max_decode_len: int | None = None,
-    online_fraction: float | None = None,
-    online_role: str = "student",
-    num_epochs: int | None = None,
-    provide_teacher_logprobs: bool = True,
     sampling: SamplingConfig | None = None,
-    distill_temperature: float = 1.0,
     mesh=None,
 ):
     """Builds the batch source of `regime` (a `regime_names.Regime` or its value).
 
     Args:
+      source: batch size, seed, epochs and the regime's options (`SourceConfig`).
       offline_store: a complete store; needed by 'offline' and 'mixed'. It also supplies
         defaults: its unique prompts for the online prompt pool and its target length for
-        max_decode_len.
+        the sampler's max_decode_len.
       prompts: [N, Lx] prompts of the online regimes (default: the store's).
       teacher: (config, params) of the teacher; needed to sample from it.
       student_config: the student's T5Config; needed to sample from the student (its params
         arrive with each `next_batch` call).
-      online_fraction: 'mixed' only, in [0, 1]. online_role: who samples the online rows of
-        'mixed' ('student' or 'teacher').
-      num_epochs: offline epochs before StopIteration (None = endless).
-      provide_teacher_logprobs: 'online_teacher' returns the sampler's log-probs, if they
-        are the train step's targets (below).
       sampling: the online sampler's settings (num_samples 1; default: temperature 1, no
-        top-k / top-p, max_decode_len as above); its max_decode_len must match.
-      distill_temperature: the train step's StepConfig.temperature. The sampler's log-probs
-        are passed as 'teacher_logprobs' only when `sampling.gives_distillation_targets` of
-        it; otherwise the step computes its tempered teacher forward.
+        top-k / top-p, max_decode_len the store's target length).
     Raises:
       ValueError: unknown regime (lists the valid ones) or a missing / stray argument.
     """
     regime = Regime.parse(regime).value
+    if not isinstance(source, SourceConfig):
+        raise ValueError(f"source must be a SourceConfig, got {type(source).__name__}")
+    batch_size, seed, online_fraction = source.batch_size, source.seed, source.online_fraction
     if online_fraction is not None and regime != "mixed":
         raise ValueError(
             f"online_fraction={online_fraction!r} only applies to regime 'mixed', not {regime!r}"
@@ -174,22 +211,24 @@ def make_source(
     if regime in ("offline", "mixed") and offline_store is None:
         raise ValueError(f"regime {regime!r} needs offline_store")
     if regime == "offline":
-        return OfflineSource(offline_store, batch_size, seed, num_epochs)
+        return OfflineSource(offline_store, batch_size, seed, source.num_epochs)
 
-    role = {"online_teacher": "teacher", "online_student": "student"}.get(regime, online_role)
-    check_sampler_role(role)
+    role = {"online_teacher": "teacher", "online_student": "student"}.get(
+        regime, source.online_role
+    )
     if prompts is None:
         if offline_store is None:
             raise ValueError(
                 f"regime {regime!r} needs prompts (or an offline_store to take them from)"
             )
         prompts = offline_store.prompts
-    if max_decode_len is None and sampling is not None:
-        max_decode_len = sampling.max_decode_len
-    if max_decode_len is None:
+    if sampling is None:
         if offline_store is None:
-            raise ValueError(f"regime {regime!r} needs max_decode_len")
-        max_decode_len = offline_store.spec.max_target_length
+            raise ValueError(
+                f"regime {regime!r} needs sampling=SamplingConfig(max_decode_len=...) "
+                "(or an offline_store to take max_decode_len from)"
+            )
+        sampling = SamplingConfig(max_decode_len=offline_store.spec.max_target_length)
     if role == "teacher":
         if teacher is None:
             raise ValueError(
@@ -201,14 +240,9 @@ def make_source(
             raise ValueError(f"regime {regime!r} samples from the student: pass student_config")
         config, params = student_config, None
     pool = PromptPool(prompts, batch_size, seed)
-    if sampling is None:
-        sampling = SamplingConfig(max_decode_len=max_decode_len)
-    elif sampling.max_decode_len != max_decode_len:
-        raise ValueError(
-            f"sampling.max_decode_len={sampling.max_decode_len} != max_decode_len={max_decode_len}"
-        )
+    distill_temperature = source.distill_temperature
     provide = (
-        provide_teacher_logprobs
+        source.provide_teacher_logprobs
         and regime == "online_teacher"
         and sampling.gives_distillation_targets(distill_temperature)
     )
@@ -226,5 +260,5 @@ def make_source(
         return online
     if online_fraction is None:
         raise ValueError("regime 'mixed' needs online_fraction in [0, 1]")
-    offline = OfflineSource(offline_store, batch_size, seed, num_epochs)
+    offline = OfflineSource(offline_store, batch_size, seed, source.num_epochs)
     return MixedSource(offline, online, online_fraction, batch_size, seed=seed)

@@ -11,6 +11,7 @@ configuration (vocabulary fingerprint, data directory, synthetic seed and length
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import hashlib
 import json
@@ -280,6 +281,26 @@ def _to_padded(rows: list[np.ndarray], length: int) -> np.ndarray:
     return out
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TaskData:
+    """Where a task's data and vocabulary come from (`load_examples` / `load_prompts`).
+
+    vocabulary: a seqio vocabulary (None: the task's default; the synthetic task needs a
+      SyntheticVocabulary or None). tfds_data_dir: the TFDS data directory (None: the TFDS
+      default). natural_instructions_dir: the Natural Instructions task files.
+    """
+
+    vocabulary: object = None
+    tfds_data_dir: str | None = None
+    natural_instructions_dir: str | None = None
+
+    def __post_init__(self):
+        for name in ("tfds_data_dir", "natural_instructions_dir"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str | os.PathLike):
+                raise ValueError(f"TaskData.{name}={value!r} must be a path or None")
+
+
 def load_examples(
     task_name: str,
     *,
@@ -288,9 +309,7 @@ def load_examples(
     max_input_length: int,
     max_target_length: int,
     seed: int | None = 0,
-    vocabulary=None,
-    tfds_data_dir: str | None = None,
-    natural_instructions_dir: str | None = None,
+    data: TaskData = TaskData(),
     via_seqio: bool = False,
 ) -> dict[str, np.ndarray]:
     """The first `num_examples` examples of a task as padded numpy arrays.
@@ -301,12 +320,17 @@ def load_examples(
       seed: synthetic task: the prompt-stream seed; other tasks: None keeps the source
         order, an int shuffles through seqio with that seed. Either way the first k rows of
         a larger request equal a request for k rows.
+      data: the vocabulary and data directories (`TaskData`).
       via_seqio: synthetic task only; False (default) generates without TensorFlow.
 
     Returns:
       {'inputs': int32 [N, max_input_length], 'targets': int32 [N, max_target_length]},
       each row EOS-terminated (truncated rows end with EOS), then padded with 0.
     """
+    if not isinstance(data, TaskData):
+        raise ValueError(f"data must be a TaskData, got {type(data).__name__}")
+    vocabulary, tfds_data_dir = data.vocabulary, data.tfds_data_dir
+    natural_instructions_dir = data.natural_instructions_dir
     _check_task_name(task_name)
     if task_name == "synthetic" and not via_seqio:
         inner = getattr(vocabulary, "vocab", vocabulary)  # unwrap the seqio wrapper
@@ -363,9 +387,7 @@ def load_prompts(
     num_prompts: int,
     max_input_length: int,
     seed: int | None = 0,
-    vocabulary=None,
-    tfds_data_dir: str | None = None,
-    natural_instructions_dir: str | None = None,
+    data: TaskData = TaskData(),
     via_seqio: bool = False,
 ) -> np.ndarray:
     """Prompts [num_prompts, max_input_length] int32 of a task (see `load_examples`)."""
@@ -376,8 +398,6 @@ def load_prompts(
         max_input_length=max_input_length,
         max_target_length=1,
         seed=seed,
-        vocabulary=vocabulary,
-        tfds_data_dir=tfds_data_dir,
-        natural_instructions_dir=natural_instructions_dir,
+        data=data,
         via_seqio=via_seqio,
     )["inputs"]

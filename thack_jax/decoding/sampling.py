@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -132,45 +133,67 @@ def _constrain_state(state: LoopState) -> LoopState:
     )
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TokenIds:
+    """The special token ids of the decoding loop.
+
+    eos: ends a row (written, counted in `lengths`); a value outside the vocabulary (e.g.
+      -1) never occurs, so every row runs to max_decode_len (benchmarks).
+    start: the token fed at step 0 (T5: the pad id). pad: written after a row ended.
+    """
+
+    eos: int = 1
+    start: int = 0
+    pad: int = 0
+
+    def __post_init__(self):
+        for name in ("eos", "start", "pad"):
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+                raise ValueError(f"TokenIds.{name}={value!r} must be an int")
+            object.__setattr__(self, name, int(value))
+
+
 def sample_with_fn(
     tokens_to_logits: TokensToLogits,
     cache: Any,
     rng: jax.Array,
+    settings: SamplingConfig,
     *,
     batch_size: int,
-    max_decode_len: int,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    eos_id: int = 1,
-    start_id: int = 0,
-    pad_id: int = 0,
+    token_ids: TokenIds = TokenIds(),
     return_full_logprobs: bool = False,
-    draw: str = "inverse_cdf",
 ) -> SampleOutput:
     """The decoding loop (traceable; call it inside `jax.jit`).
 
     Args:
       tokens_to_logits: (cache, token [N] int32, step [] int32) -> (logits [N, V], cache);
-        called first with `start_id` at step 0, its logits predict the first token.
-      cache: the initial cache pytree (any structure, may be empty) for N = batch_size rows.
+        called first with `token_ids.start` at step 0, its logits predict the first token.
+      cache: the initial cache pytree (any structure, may be empty) for
+        N = batch_size * settings.num_samples rows (already repeated, prompt-major).
       rng: a PRNG key; row r at step t draws with fold_in(fold_in(rng, t), r).
-      eos_id: ends a row (written, counted in `lengths`); a value outside the vocabulary
-        (e.g. -1) never occurs, so every row runs to max_decode_len (benchmarks).
-      draw: "inverse_cdf" (default) or "gumbel" (`jax.random.categorical`), see
-        `strategies.DRAWS`.
+      settings: the strategy (temperature, top_k, top_p, draw: see `strategies.DRAWS`),
+        Ly = settings.max_decode_len and n = settings.num_samples.
+      batch_size: B >= 1 prompts.
+      token_ids: the eos / start / pad ids (`TokenIds`).
     Returns:
-      SampleOutput with N = batch_size rows and Ly = max_decode_len.
+      SampleOutput with N = batch_size * settings.num_samples rows and Ly = max_decode_len.
     """
-    n, length = batch_size, max_decode_len
+    if not isinstance(settings, SamplingConfig):
+        raise ValueError(f"settings must be a SamplingConfig, got {type(settings).__name__}")
+    if not isinstance(token_ids, TokenIds):
+        raise ValueError(f"token_ids must be a TokenIds, got {type(token_ids).__name__}")
+    temperature, top_k, top_p = settings.temperature, settings.top_k, settings.top_p
+    eos_id, start_id, pad_id = token_ids.eos, token_ids.start, token_ids.pad
+    n, length = batch_size * settings.num_samples, settings.max_decode_len
     token0 = jnp.full((n,), start_id, jnp.int32)
     step0 = jnp.zeros((), jnp.int32)
     logits_shape = jax.eval_shape(tokens_to_logits, cache, token0, step0)[0].shape
     if tuple(logits_shape[:1]) != (n,) or len(logits_shape) != 2:
         raise ValueError(f"tokens_to_logits must return logits [{n}, V]; got {logits_shape}")
     vocab = logits_shape[1]
-    strategies.validate_strategy(temperature, top_k, top_p, vocab, draw)
-    strategy = strategies.make_strategy(temperature, top_k, top_p, draw)
+    strategies.validate_strategy(temperature, top_k, top_p, vocab, settings.draw)
+    strategy = strategies.make_strategy(temperature, top_k, top_p, settings.draw)
     full_temperature = temperature if temperature > 0 else 1.0
     rows = partitioning.with_logical_constraint(jnp.arange(n, dtype=jnp.uint32), ("batch",))
 
@@ -244,7 +267,14 @@ def repeat_rows(tree: Any, n: int) -> Any:
 
 
 def _sample_t5(
-    params, inputs, rng, *, config: T5Config, settings: SamplingConfig, **loop_kwargs
+    params,
+    inputs,
+    rng,
+    *,
+    config: T5Config,
+    settings: SamplingConfig,
+    eos_id: int,
+    return_full_logprobs: bool,
 ) -> SampleOutput:
     global _TRACE_COUNT
     _TRACE_COUNT += 1
@@ -261,15 +291,10 @@ def _sample_t5(
         tokens_to_logits,
         cache,
         rng,
-        batch_size=inputs.shape[0] * settings.num_samples,
-        max_decode_len=settings.max_decode_len,
-        temperature=settings.temperature,
-        top_k=settings.top_k,
-        top_p=settings.top_p,
-        draw=settings.draw,
-        start_id=config.pad_id,
-        pad_id=config.pad_id,
-        **loop_kwargs,
+        settings,
+        batch_size=inputs.shape[0],
+        token_ids=TokenIds(eos=eos_id, start=config.pad_id, pad=config.pad_id),
+        return_full_logprobs=return_full_logprobs,
     )
 
 

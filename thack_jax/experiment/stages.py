@@ -21,6 +21,7 @@ import numpy as np
 from thack_jax import models
 from thack_jax.data import generation, regimes, synthetic
 from thack_jax.data.offline_store import OfflineStore
+from thack_jax.decoding.settings import SamplingConfig
 from thack_jax.evaluation.evaluator import Evaluator, metrics_of
 from thack_jax.experiment.config import ExperimentConfig, ModelSpec, RunConfig, TrainConfig
 from thack_jax.hacking import noise
@@ -71,14 +72,15 @@ class StageContext:
                 "(the T5 SentencePiece model file, e.g. gs://t5-data/vocabs/cc_all.32000/"
                 "sentencepiece.model copied locally)"
             )
+        via_seqio = options.pop("via_seqio", False)
         return tasks.load_prompts(
             cfg.task,
             split=split,
             num_prompts=num,
             max_input_length=cfg.max_input_length,
             seed=seed,
-            vocabulary=vocab.sentencepiece_vocabulary(spm),
-            **options,
+            data=tasks.TaskData(vocabulary=vocab.sentencepiece_vocabulary(spm), **options),
+            via_seqio=via_seqio,
         )
 
     def load_model(self, role_dir: str) -> tuple[models.T5Config, dict]:
@@ -140,14 +142,15 @@ def oracle_data(ctx: StageContext) -> None:
     prompts = ctx.prompts("train", cfg.oracle_data_prompts, cfg.seed)
     generation.build_offline_store(
         ctx.path("oracle_data"),
-        generating_model="oracle",
-        config=config,
-        params=params,
+        model=(config, params),
         prompts=prompts,
-        completions_per_prompt=1,
-        max_decode_len=cfg.max_target_length,
-        seed=cfg.seed,
-        vocab_fingerprint=ctx.vocab_fingerprint(),
+        generation=generation.GenerationConfig(
+            generating_model="oracle",
+            completions_per_prompt=1,
+            max_decode_len=cfg.max_target_length,
+            seed=cfg.seed,
+            vocab_fingerprint=ctx.vocab_fingerprint(),
+        ),
         progress=ctx.progress,
         mesh=ctx.mesh,
     )
@@ -236,32 +239,36 @@ def distill_source(ctx: StageContext, run: RunConfig, teacher, student_config):
         prompts = ctx.prompts("train", run.num_prompts, cfg.seed + 1000 + run.seed)
         store = generation.build_offline_store(
             ctx.path("runs", run.name, "offline_data"),
-            generating_model="teacher",
-            config=teacher[0],
-            params=teacher[1],
+            model=teacher,
             prompts=prompts,
-            completions_per_prompt=run.completions_per_prompt,
-            max_decode_len=cfg.max_target_length,
-            seed=cfg.seed + 2000 + run.seed,
-            vocab_fingerprint=ctx.vocab_fingerprint(),
+            generation=generation.GenerationConfig(
+                generating_model="teacher",
+                completions_per_prompt=run.completions_per_prompt,
+                max_decode_len=cfg.max_target_length,
+                seed=cfg.seed + 2000 + run.seed,
+                vocab_fingerprint=ctx.vocab_fingerprint(),
+            ),
             progress=ctx.progress,
             mesh=ctx.mesh,
         )
     pool = None
     if run.regime != "offline":
         pool = ctx.prompts("train", cfg.distill_prompt_pool, cfg.seed + 3000)
-    return regimes.make_source(
-        run.regime,
+    source = regimes.SourceConfig(
         batch_size=tc.batch_size,
         seed=tc.seed + run.seed,
+        online_fraction=run.online_fraction if run.regime == "mixed" else None,
+        online_role=run.online_role,
+        distill_temperature=tc.temperature,  # the sampler's log-probs only if they match
+    )
+    return regimes.make_source(
+        run.regime,
+        source,
         offline_store=store,
         prompts=pool,
         teacher=teacher,
         student_config=student_config,
-        max_decode_len=cfg.max_target_length,
-        online_fraction=run.online_fraction if run.regime == "mixed" else None,
-        online_role=run.online_role,
-        distill_temperature=tc.temperature,  # the sampler's log-probs only if they match
+        sampling=SamplingConfig(max_decode_len=cfg.max_target_length),
         mesh=ctx.mesh,
     )
 
