@@ -15,7 +15,7 @@ from thack_jax.training import losses, optim, train_step
 
 CFG = models.get_config("tiny")
 SCHEDULE = optim.make_schedule(1e-2, warmup_steps=2)
-OPT = optim.make_optimizer("adamw", SCHEDULE)
+OPT = optim.make_optimizer(optim.OptimizerConfig("adamw", SCHEDULE))
 SFT = train_step.StepConfig("sft")
 DISTILL = train_step.StepConfig("distill", "forward_kl", temperature=2.0)
 INPUTS, TARGETS = toy_data(CFG, num_examples=64)

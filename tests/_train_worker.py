@@ -101,7 +101,9 @@ def main(argv=None) -> int:
     student = trainer.Student(
         config,
         fast_init_params(config, 0),
-        optim.make_optimizer("adafactor", schedule, multiply_by_parameter_scale=False),
+        optim.make_optimizer(
+            optim.OptimizerConfig("adafactor", schedule, multiply_by_parameter_scale=False)
+        ),
         train_step.StepConfig("distill", "forward_kl"),
         learning_rate_fn=schedule,
     )

@@ -1,6 +1,8 @@
 """Tests of evaluation.evaluator: the Evaluator (exactness, determinism, sharding, bad input).
 The checkpoint watcher is tests/evaluation/test_watcher.py."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -41,11 +43,13 @@ def prompts_(n, seed=0):
     return np.random.default_rng(seed).integers(2, V, size=(n, LX)).astype(np.int32)
 
 
-def make_evaluator(trio, prompts, **kwargs):
+def make_evaluator(trio, prompts, mesh=None, **kwargs):
+    """An Evaluator of `trio`; kwargs override the EvalSettings (16 samples, batch 4)."""
     oracle, teacher, student = trio
     args = dict(num_samples=16, max_decode_len=L, seed=0, batch_size=4)
     args.update(kwargs)
-    return evaluator.Evaluator(oracle, teacher, student[0], prompts, **args)
+    settings = evaluator.EvalSettings(**args)
+    return evaluator.Evaluator(oracle, teacher, student[0], prompts, settings, mesh=mesh)
 
 
 @pytest.mark.parametrize("estimator", ["rao_blackwell", "plain"])
@@ -113,20 +117,41 @@ def test_bad_inputs(trio):
     prompts = np.array([[2, 3, 4], [3, 3, 3], [4, 2, 2], [2, 2, 2]], np.int32)
     other_vocab = models.get_config("tiny", vocab_size=V + 3)
     with pytest.raises(ValueError, match=rf"vocab_size {V + 3}.*{V}|vocab_size {V}.*{V + 3}"):
-        evaluator.Evaluator(oracle, teacher, other_vocab, prompts, num_samples=1, max_decode_len=L)
+        evaluator.Evaluator(oracle, teacher, other_vocab, prompts, evaluator.EvalSettings(1, L))
     # Trailing pads do not hide a shared prompt.
     train = np.array([[4, 4, 4, 4, 4], [*prompts[2], 0, 0]], np.int32)
     with pytest.raises(ValueError, match="1 evaluation prompt.*eval row 2 = train row 1"):
         evaluator.Evaluator(
-            oracle,
-            teacher,
-            student[0],
-            prompts,
-            num_samples=1,
-            max_decode_len=L,
-            train_prompts=train,
+            oracle, teacher, student[0], prompts, evaluator.EvalSettings(1, L), train_prompts=train
         )
     with pytest.raises(ValueError, match="estimator"):
         make_evaluator(trio, prompts, estimator="nope")
+    with pytest.raises(TypeError, match="settings must be an EvalSettings"):
+        evaluator.Evaluator(oracle, teacher, student[0], prompts, {"num_samples": 1})
     with pytest.raises(ValueError, match=r"prompts must be \[num_prompts"):
         make_evaluator(trio, prompts[0])
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(num_samples=0), "num_samples=0 must be an int >= 1"),
+        (dict(batch_size=2.5), "batch_size=2.5 must be an int >= 1"),
+        (dict(max_decode_len=0), "max_decode_len=0 must be an int >= 1"),
+        (dict(seed="0"), "seed='0' must be an int"),
+        (dict(estimator="nope"), "estimator='nope'"),
+    ],
+)
+def test_eval_settings_name_the_bad_field(kwargs, match):
+    args = dict(num_samples=2, max_decode_len=L) | kwargs
+    with pytest.raises(ValueError, match=match):
+        evaluator.EvalSettings(**args)
+
+
+def test_eval_settings_are_frozen_and_sample_untruncated():
+    s = evaluator.EvalSettings(np.int64(3), L, seed=np.int32(5))
+    assert s == evaluator.EvalSettings(3, L, seed=5) and type(s.num_samples) is int
+    assert s.sampling.num_samples == 3 and s.sampling.max_decode_len == L
+    assert s.sampling.temperature == 1.0 and not s.sampling.truncated
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.seed = 1  # type: ignore[misc]

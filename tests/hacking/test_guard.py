@@ -8,11 +8,11 @@ import pytest
 
 from thack_jax.hacking import diagnostics as d
 from thack_jax.hacking import guard as g
-from thack_jax.hacking.simulation import simulate_curve
+from thack_jax.hacking.simulation import CurveSpec, simulate_curve
 
 
 def _curve(kind="power_law", noise=0.03, seed=0, **kwargs):
-    return simulate_curve(np.random.default_rng(seed), kind, noise=noise, **kwargs)
+    return simulate_curve(np.random.default_rng(seed), kind, CurveSpec(noise=noise, **kwargs))
 
 
 def test_guard_matches_offline_detector_and_round_trips(caplog):

@@ -3,14 +3,14 @@
 import numpy as np
 
 from thack_jax.hacking import diagnostics as d
-from thack_jax.hacking.simulation import simulate_curve
+from thack_jax.hacking.simulation import CurveSpec, simulate_curve
 from thack_jax.reporting import plots
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def _curve(kind="power_law", noise=0.03, seed=0, **kwargs):
-    return simulate_curve(np.random.default_rng(seed), kind, noise=noise, **kwargs)
+    return simulate_curve(np.random.default_rng(seed), kind, CurveSpec(noise=noise, **kwargs))
 
 
 def _u_golden(steps, break_step, noise, rng):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from thack_jax.hacking import diagnostics, guard, noise
-from thack_jax.hacking.simulation import simulate_curve
+from thack_jax.hacking.simulation import CurveSpec, simulate_curve
 from thack_jax.reporting import report
 
 EXPERIMENT = {
@@ -102,7 +102,7 @@ def write_run(workdir, name, spec, seed, complete=True):
     with open(os.path.join(run_dir, "run.json"), "w") as f:
         json.dump(_run_json(name, fields), f)
     rng = np.random.default_rng(seed)
-    steps, proxy, proxy_se = simulate_curve(rng, kind, noise=0.02)
+    steps, proxy, proxy_se = simulate_curve(rng, kind, CurveSpec(noise=0.02))
     x = np.log(steps / (0.4 * steps[-1]))
     golden = offset + 0.2 * np.where(x < 0, x**2, 0.0) + slope * np.maximum(x, 0.0)
     golden = golden + 0.002 * rng.standard_normal(len(steps))

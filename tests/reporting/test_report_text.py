@@ -102,3 +102,14 @@ def test_group_stats_are_means_over_seeds():
     s = report_text.group_stats(group, analyses)
     assert s["golden_rise"] == pytest.approx(0.2) and (s["rise_min"], s["rise_max"]) == (0.1, 0.3)
     assert (s["n"], s["u"], s["flagged"]) == (3, 2, 1)
+
+
+def test_report_runs_checks_one_label_and_analysis_per_run():
+    runs = [_run("a"), _run("b", seed=1)]
+    groups, experiments = report.group_runs(runs)
+    ok = report_text.ReportRuns(runs, ["a", "b"], [_a(), _a()], groups, experiments)
+    assert ok.labels == ["a", "b"]
+    with pytest.raises(ValueError, match="2 runs but 1 labels and 2 analyses"):
+        report_text.ReportRuns(runs, ["a"], [_a(), _a()], groups, experiments)
+    with pytest.raises(ValueError, match=r"members \[1\] not in 0..0"):
+        report_text.ReportRuns(runs[:1], ["a"], [_a()], groups, experiments)

@@ -15,7 +15,7 @@ from thack_jax.parallel import partitioning
 from thack_jax.training import checkpoints, optim, train_state
 
 CFG = models.get_config("tiny")
-OPT = optim.make_optimizer("adafactor", 1e-3, min_dim_size_to_factor=16)
+OPT = optim.make_optimizer(optim.OptimizerConfig("adafactor", 1e-3, min_dim_size_to_factor=16))
 
 
 def _state(mesh, seed=0, step=0):
@@ -182,7 +182,7 @@ def test_another_optimizer_is_a_mismatch(copy_of):
     directory, _ = copy_of
     with pytest.raises(checkpoints.CheckpointMismatchError, match="missing from the checkpoint"):
         checkpoints.Checkpointer(directory).restore(
-            _target(None, opt=optim.make_optimizer("adamw", 1e-3))
+            _target(None, opt=optim.make_optimizer(optim.OptimizerConfig("adamw", 1e-3)))
         )
 
 

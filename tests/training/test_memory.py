@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import math
 import os
@@ -19,12 +20,12 @@ from thack_jax.training import memory
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 TINY = models.get_config("tiny")
-SHAPE = dict(batch_size=8, input_length=16, target_length=8)
+SHAPE = memory.Workload(batch_size=8, input_length=16, target_length=8)
 
 
 @pytest.mark.parametrize("dtype, itemsize", [("float32", 4), ("bfloat16", 2)])
 def test_param_bytes_are_count_times_dtype_size(dtype, itemsize):
-    e = memory.estimate(TINY, param_dtype=dtype, mesh_shape={"data": 4}, **SHAPE)
+    e = memory.estimate(TINY, SHAPE, param_dtype=dtype, mesh_shape={"data": 4})
     assert e["num_params"] == models.count_params(TINY)
     # A data-only mesh replicates the parameters: every device holds all of them.
     assert e["params"] == models.count_params(TINY) * itemsize
@@ -33,22 +34,24 @@ def test_param_bytes_are_count_times_dtype_size(dtype, itemsize):
 
 
 def test_adamw_state_is_two_copies_of_the_params():
-    e = memory.estimate(TINY, optimizer="adamw", **SHAPE)
+    e = memory.estimate(TINY, SHAPE, optimizer="adamw")
     # mu and nu mirror the params; the rest is a step count (int32 scalars).
     assert 2 * e["params"] <= e["opt_state"] <= 2 * e["params"] + 64
 
 
 def test_adafactor_factored_state_is_much_smaller():
     small = models.get_config("small")
-    ada = memory.estimate(small, optimizer="adafactor", **SHAPE)
-    adam = memory.estimate(small, optimizer="adamw", **SHAPE)
+    ada = memory.estimate(small, SHAPE, optimizer="adafactor")
+    adam = memory.estimate(small, SHAPE, optimizer="adamw")
     assert 0 < ada["opt_state"] < 0.01 * ada["params"]
     assert adam["opt_state"] >= 2 * adam["params"]
 
 
 def test_microbatches_accumulate_float32_gradients_and_divide_activations():
-    one = memory.estimate(TINY, param_dtype="bfloat16", **SHAPE)
-    two = memory.estimate(TINY, param_dtype="bfloat16", num_microbatches=2, **SHAPE)
+    one = memory.estimate(TINY, SHAPE, param_dtype="bfloat16")
+    two = memory.estimate(
+        TINY, dataclasses.replace(SHAPE, num_microbatches=2), param_dtype="bfloat16"
+    )
     assert two["grads"] == 2 * one["grads"]  # float32 accumulator vs bfloat16 gradients
     assert two["activations"] == pytest.approx(one["activations"] / 2, rel=1e-6)
     assert two["logits"] == pytest.approx(one["logits"] / 2, rel=1e-6)
@@ -61,7 +64,7 @@ def _leaves_by_name(config):
 
 def test_model_axis_divides_the_sharded_params():
     small = models.get_config("small")  # 6 heads: relpos tables [6, 32] stay replicated
-    e = memory.estimate(small, mesh_shape={"data": 2, "model": 4}, **SHAPE)
+    e = memory.estimate(small, SHAPE, mesh_shape={"data": 2, "model": 4})
     expected = 0
     for name, x in _leaves_by_name(small).items():
         n = math.prod(x.shape) * 4
@@ -69,12 +72,12 @@ def test_model_axis_divides_the_sharded_params():
         sharded = x.ndim == 2 and "rel_embedding" not in name
         expected += n // 4 if sharded else n
     assert e["params"] == expected
-    assert e["params"] < memory.estimate(small, **SHAPE)["params"] / 3
+    assert e["params"] < memory.estimate(small, SHAPE)["params"] / 3
 
 
 def test_fsdp_axis_divides_the_embed_dimension():
-    e = memory.estimate(TINY, mesh_shape={"fsdp": 8}, **SHAPE)
-    full = memory.estimate(TINY, **SHAPE)
+    e = memory.estimate(TINY, SHAPE, mesh_shape={"fsdp": 8})
+    full = memory.estimate(TINY, SHAPE)
     rel = sum(
         math.prod(x.shape) * 4 for n, x in _leaves_by_name(TINY).items() if "rel_embedding" in n
     )
@@ -85,17 +88,19 @@ def test_fsdp_axis_divides_the_embed_dimension():
 
 
 def test_data_axis_divides_the_activations():
-    one = memory.estimate(TINY, **SHAPE)
-    four = memory.estimate(TINY, mesh_shape={"data": 4}, **SHAPE)
+    one = memory.estimate(TINY, SHAPE)
+    four = memory.estimate(TINY, SHAPE, mesh_shape={"data": 4})
     assert four["rows_per_device"] == 2
     assert four["activations"] == pytest.approx(one["activations"] / 4, rel=1e-6)
     assert four["params"] == one["params"]
 
 
 def test_modes():
-    train = memory.estimate(TINY, **SHAPE)
-    fwd = memory.estimate(TINY, mode="forward", **SHAPE)
-    sample = memory.estimate(TINY, mode="sample", num_samples=2, full_logprobs=True, **SHAPE)
+    train = memory.estimate(TINY, SHAPE)
+    fwd = memory.estimate(TINY, SHAPE, mode="forward")
+    sample = memory.estimate(
+        TINY, dataclasses.replace(SHAPE, num_samples=2, full_logprobs=True), mode="sample"
+    )
     assert fwd["grads"] == fwd["opt_state"] == 0 and fwd["activations"] < train["activations"]
     assert sample["rows_per_device"] == 16
     c = TINY
@@ -109,13 +114,13 @@ def test_modes():
 
 def test_distill_adds_the_teacher():
     student, teacher = TINY, TINY.replace(d_model=64)
-    d = memory.distill_estimate(student, teacher, regime="online_teacher", **SHAPE)
-    s = memory.estimate(student, **SHAPE)
-    t = memory.estimate(teacher, mode="forward", **SHAPE)
+    d = memory.distill_estimate(student, teacher, SHAPE, regime="online_teacher")
+    s = memory.estimate(student, SHAPE)
+    t = memory.estimate(teacher, SHAPE, mode="forward")
     assert d["teacher_params"] == t["params"]
     assert d["total"] > s["total"] + t["params"]
     with pytest.raises(ValueError, match="unknown regime 'nope'"):
-        memory.distill_estimate(student, teacher, regime="nope", **SHAPE)
+        memory.distill_estimate(student, teacher, SHAPE, regime="nope")
 
 
 @pytest.mark.parametrize(
@@ -130,7 +135,16 @@ def test_distill_adds_the_teacher():
 )
 def test_bad_arguments_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        memory.estimate(TINY, **{**SHAPE, **kwargs})
+        memory.estimate(TINY, SHAPE, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("batch_size", 0), ("input_length", -1), ("num_microbatches", 1.5), ("num_samples", 0)],
+)
+def test_bad_workload_names_the_field(field, value):
+    with pytest.raises(ValueError, match=f"Workload.{field} must be an int >= 1"):
+        dataclasses.replace(SHAPE, **{field: value})
 
 
 def test_fits_and_devices():

@@ -64,7 +64,7 @@ _WORKER = textwrap.dedent(
     inputs, targets = toy_data(config, num_examples=64)
     student, teacher = fast_init_params(config, 0), fast_init_params(config, 1)
     schedule = optim.make_schedule(3e-3, warmup_steps=2)
-    opt = optim.make_optimizer("adamw", schedule, clip_norm=1.0)
+    opt = optim.make_optimizer(optim.OptimizerConfig("adamw", schedule, clip_norm=1.0))
     step_config = train_step.StepConfig("distill", "forward_kl", num_microbatches=2)
     meshes = {"data": {"data": -1}, "data_model": {"data": 4, "model": 2}}
     result = {"rank": rank, "process_count": nproc, "device_count": jax.device_count()}

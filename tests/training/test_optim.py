@@ -56,12 +56,14 @@ def test_schedule_errors(kwargs, match):
 
 def test_unknown_optimizer_lists_valid_names():
     with pytest.raises(ValueError, match="valid optimizers: \\['adafactor', 'adamw'\\]"):
-        optim.make_optimizer("sgd", 1e-3)
+        optim.make_optimizer(optim.OptimizerConfig("sgd", 1e-3))
 
 
 def test_schedule_callable_and_schedule_args_conflict():
     with pytest.raises(ValueError, match="schedule callable"):
-        optim.make_optimizer("adamw", optim.make_schedule(1e-3), warmup_steps=10)
+        optim.make_optimizer(
+            optim.OptimizerConfig("adamw", optim.make_schedule(1e-3), warmup_steps=10)
+        )
 
 
 def _quadratic_steps(tx, steps=50):
@@ -81,20 +83,20 @@ def _quadratic_steps(tx, steps=50):
 
 @pytest.mark.parametrize("name", optim.OPTIMIZERS)
 def test_optimizers_minimise_a_quadratic(name):
-    tx = optim.make_optimizer(name, 0.1, warmup_steps=5, clip_norm=1.0)
+    tx = optim.make_optimizer(optim.OptimizerConfig(name, 0.1, warmup_steps=5, clip_norm=1.0))
     start = 4 * 3 * 4.0 + 3.0
     assert _quadratic_steps(tx) < 0.1 * start
 
 
 def test_adamw_first_step_size_is_the_learning_rate():
-    tx = optim.make_optimizer("adamw", 0.01)
+    tx = optim.make_optimizer(optim.OptimizerConfig("adamw", 0.01))
     params = {"w": jnp.array([1.0, -2.0])}
     updates, _ = tx.update({"w": jnp.array([3.0, -0.5])}, tx.init(params), params)
     np.testing.assert_allclose(updates["w"], [-0.01, 0.01], rtol=1e-5)
 
 
 def test_clip_norm_bounds_the_gradient():
-    tx = optim.make_optimizer("adamw", 1.0, clip_norm=1.0)
+    tx = optim.make_optimizer(optim.OptimizerConfig("adamw", 1.0, clip_norm=1.0))
     state = tx.init({"w": jnp.zeros(3)})
     clip_state = state[0]
     clipped, _ = optax.clip_by_global_norm(1.0).update(
@@ -105,14 +107,14 @@ def test_clip_norm_bounds_the_gradient():
 
 
 def test_adamw_weight_decay_shrinks_params_without_gradient():
-    tx = optim.make_optimizer("adamw", 0.1, weight_decay=0.5)
+    tx = optim.make_optimizer(optim.OptimizerConfig("adamw", 0.1, weight_decay=0.5))
     params = {"w": jnp.array([2.0])}
     updates, _ = tx.update({"w": jnp.array([0.0])}, tx.init(params), params)
     np.testing.assert_allclose(updates["w"], [-0.1 * 0.5 * 2.0], rtol=1e-6)
 
 
 def test_adafactor_factors_large_matrices_only():
-    tx = optim.make_optimizer("adafactor", 1e-3, min_dim_size_to_factor=8)
+    tx = optim.make_optimizer(optim.OptimizerConfig("adafactor", 1e-3, min_dim_size_to_factor=8))
     params = {"big": jnp.zeros((16, 8)), "small": jnp.zeros((4, 4)), "vec": jnp.zeros((16,))}
     (factored_state, *_rest) = tx.init(params)
     # One statistic per row and one per column (optax's naming of which is which aside).
@@ -121,3 +123,24 @@ def test_adafactor_factors_large_matrices_only():
     assert factored_state.v["big"].shape == (1,)  # full second moment not kept
     assert factored_state.v["small"].shape == (4, 4)  # too small to factor
     assert factored_state.v["vec"].shape == (16,)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(weight_decay=-0.1), "weight_decay must be >= 0"),
+        (dict(clip_norm=0.0), "clip_norm must be > 0 or None"),
+        (dict(schedule="cosine", total_steps=None), "schedule='cosine' needs total_steps"),
+        (dict(min_dim_size_to_factor=0), "min_dim_size_to_factor must be an int >= 1"),
+    ],
+)
+def test_optimizer_config_names_the_bad_field_when_made(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        optim.OptimizerConfig("adamw", 1e-3, **kwargs)
+
+
+def test_make_optimizer_takes_only_a_config():
+    with pytest.raises(TypeError, match="takes an OptimizerConfig"):
+        optim.make_optimizer("adamw")
+    with pytest.raises(TypeError):
+        optim.OptimizerConfig("adamw", 1e-3, 10)  # the schedule arguments are keyword-only

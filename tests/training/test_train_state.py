@@ -20,7 +20,7 @@ def params():
 
 
 def test_create_train_state(params):
-    opt = optim.make_optimizer("adamw", 1e-3)
+    opt = optim.make_optimizer(optim.OptimizerConfig("adamw", 1e-3))
     state = train_state.create_train_state(params, opt, jax.random.key(7))
     assert state.step.dtype == jnp.int32 and state.step.shape == () and int(state.step) == 0
     assert state.rng.dtype == jnp.uint32  # raw key data: orbax can save it
@@ -35,7 +35,7 @@ def test_create_train_state(params):
 
 
 def test_state_is_a_pytree_through_jit(params):
-    opt = optim.make_optimizer("adamw", 1e-3)
+    opt = optim.make_optimizer(optim.OptimizerConfig("adamw", 1e-3))
     state = train_state.create_train_state(params, opt, jax.random.key(0))
     bumped = jax.jit(lambda s: s.replace(step=s.step + 1))(state)
     assert int(bumped.step) == 1
@@ -44,7 +44,7 @@ def test_state_is_a_pytree_through_jit(params):
 
 @pytest.mark.parametrize("name", optim.OPTIMIZERS)
 def test_abstract_state_matches_real_state(params, name):
-    opt = optim.make_optimizer(name, 1e-3)
+    opt = optim.make_optimizer(optim.OptimizerConfig(name, 1e-3))
     real = train_state.create_train_state(params, opt, jax.random.key(0))
     abstract = train_state.abstract_state(CFG, opt)
     assert jax.tree.structure(real) == jax.tree.structure(abstract)
@@ -55,7 +55,7 @@ def test_abstract_state_matches_real_state(params, name):
 
 def test_state_shardings_follow_the_rules():
     mesh = partitioning.make_mesh({"data": 4, "model": 2})
-    opt = optim.make_optimizer("adamw", 1e-3)
+    opt = optim.make_optimizer(optim.OptimizerConfig("adamw", 1e-3))
     sh = train_state.state_shardings(mesh, CFG, opt)
     assert sh.step.spec == P() and sh.rng.spec == P()
     q = sh.params["encoder"]["layers_0"]["attention"]["query"]["kernel"]
@@ -69,7 +69,7 @@ def test_state_shardings_follow_the_rules():
 
 def test_state_shardings_adafactor_factored_stats_replicated():
     mesh = partitioning.make_mesh({"data": 2, "model": 4})
-    opt = optim.make_optimizer("adafactor", 1e-3, min_dim_size_to_factor=16)
+    opt = optim.make_optimizer(optim.OptimizerConfig("adafactor", 1e-3, min_dim_size_to_factor=16))
     sh = train_state.state_shardings(mesh, CFG, opt)
     factored = sh.opt_state[0]
     # [embed=32, mlp=64] is factored: its row/column statistics are vectors, replicated.
@@ -82,7 +82,7 @@ def test_state_shardings_adafactor_factored_stats_replicated():
 
 def test_device_put_with_state_shardings(params):
     mesh = partitioning.make_mesh({"data": 2, "model": 4})
-    opt = optim.make_optimizer("adafactor", 1e-3)
+    opt = optim.make_optimizer(optim.OptimizerConfig("adafactor", 1e-3))
     sh = train_state.state_shardings(mesh, CFG, opt)
     state = jax.device_put(train_state.create_train_state(params, opt, 0), sh)
     kernel = state.params["decoder"]["logits_dense"]["kernel"]  # [embed=32, vocab=128]
@@ -91,6 +91,6 @@ def test_device_put_with_state_shardings(params):
 
 
 def test_no_mesh_is_single_device():
-    opt = optim.make_optimizer("adamw", 1e-3)
+    opt = optim.make_optimizer(optim.OptimizerConfig("adamw", 1e-3))
     sh = train_state.state_shardings(None, CFG, opt)
     assert all(isinstance(s, jax.sharding.SingleDeviceSharding) for s in jax.tree.leaves(sh))

@@ -151,7 +151,7 @@ def test_meshes_give_the_same_training_as_one_device():
     reductions only change the summation order). Adam's eps is 1e-3 here: with eps 1e-8 a
     near-zero gradient element gets an update of ~lr * sign(g), which turns rounding noise
     into differences of up to lr."""
-    opt = optim.make_optimizer("adamw", SCHEDULE, eps=1e-3)
+    opt = optim.make_optimizer(optim.OptimizerConfig("adamw", SCHEDULE, eps=1e-3))
     results = {}
     for shape in (None, {"data": 8, "model": 1}, {"data": 4, "model": 2}, {"data": 2, "model": 4}):
         mesh = partitioning.make_mesh(shape) if shape else None

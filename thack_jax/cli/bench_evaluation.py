@@ -77,11 +77,13 @@ def measure(name: str) -> dict:
         teacher,
         spec["student"],
         prompts,
-        num_samples=spec["samples"],
-        max_decode_len=spec["ly"],
-        batch_size=min(FLAGS.batch_size, spec["prompts"]),
+        evaluator.EvalSettings(
+            spec["samples"],
+            spec["ly"],
+            batch_size=min(FLAGS.batch_size, spec["prompts"]),
+            estimator=FLAGS.estimator,
+        ),
         mesh=mesh,
-        estimator=FLAGS.estimator,
     )
     setup = time.perf_counter() - start
     start = time.perf_counter()

@@ -115,7 +115,7 @@ def jax_runner(cfg, args, profile: bool):
 
     student = jax.jit(models.init_params, static_argnums=0)(cfg, jax.random.key(0))
     teacher = jax.jit(models.init_params, static_argnums=0)(cfg, jax.random.key(1))
-    opt = optim.make_optimizer("adamw", 1e-4)
+    opt = optim.make_optimizer(optim.OptimizerConfig("adamw", 1e-4))
     state = jax.jit(lambda p: train_state.create_train_state(p, opt, jax.random.key(0)))(student)
     inputs, targets = _batch(cfg, args.batch, args.input_len, args.target_len)
     batch = {"inputs": jnp.asarray(inputs), "targets": jnp.asarray(targets)}

@@ -176,16 +176,19 @@ def run_simulation() -> None:
             for use_stderr, give_cov in ((True, False), (False, False), (False, True)):
                 if give_cov and not FLAGS.sim_give_cov:
                     continue
-                rows += simulation.simulate_rates(
-                    [float(x) for x in FLAGS.sim_noise],
-                    n_curves=FLAGS.sim_curves,
+                spec = simulation.CurveSpec(
                     n_points=int(n_points),
-                    seed=FLAGS.seed,
-                    config=detector_config(),
-                    use_stderr=use_stderr,
                     spacing=FLAGS.sim_spacing,
                     break_fraction=FLAGS.sim_break,
                     noise_corr=float(corr),
+                )
+                rows += simulation.simulate_rates(
+                    [float(x) for x in FLAGS.sim_noise],
+                    spec,
+                    n_curves=FLAGS.sim_curves,
+                    seed=FLAGS.seed,
+                    config=detector_config(),
+                    use_stderr=use_stderr,
                     give_cov=give_cov,
                 )
     print(simulation.format_rates_table(rows))

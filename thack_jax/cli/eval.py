@@ -127,12 +127,14 @@ def build_evaluator() -> evaluator.Evaluator:
         teacher,
         student_config,
         prompts,
-        num_samples=FLAGS.num_samples,
-        max_decode_len=FLAGS.max_decode_len,
-        seed=FLAGS.seed,
-        batch_size=FLAGS.batch_size,
+        evaluator.EvalSettings(
+            FLAGS.num_samples,
+            FLAGS.max_decode_len,
+            seed=FLAGS.seed,
+            batch_size=FLAGS.batch_size,
+            estimator=FLAGS.estimator,
+        ),
         mesh=mesh,
-        estimator=FLAGS.estimator,
         train_prompts=train,
     )
 

@@ -152,7 +152,7 @@ def train_speed(student_size, teacher_size, batch, lx, ly, repeats, peak) -> dic
     """(b): tokens/s and MFU of the bf16 distillation step on the default device."""
     student = models.get_config(student_size, dtype="bfloat16")
     teacher = models.get_config(teacher_size, dtype="bfloat16")
-    opt = optim.make_optimizer("adamw", 3e-4, clip_norm=1.0)
+    opt = optim.make_optimizer(optim.OptimizerConfig("adamw", 3e-4, clip_norm=1.0))
     step = train_step.make_train_step(student, opt, train_step.StepConfig("distill"), teacher)
     state = create_train_state(models.init_params(student, jax.random.key(0)), opt, 0)
     t_params = models.init_params(teacher, jax.random.key(1))

@@ -77,11 +77,10 @@ def experiment_rows(cfg, mesh_shape: dict, sampling_mesh: dict, chunk: int = 256
     lx, ly = cfg.max_input_length, cfg.max_target_length
     conf = {role: cfg.model_config(role) for role in ("oracle", "teacher", "student")}
     size = {role: getattr(cfg, role).size for role in conf}
-    common = dict(input_length=lx, target_length=ly)
     rows = []
     for stage, role in (("oracle data", "oracle"), ("offline data", "teacher")):
         e = memory.estimate(
-            conf[role], mode="sample", batch_size=chunk, mesh_shape=sampling_mesh, **common
+            conf[role], memory.Workload(chunk, lx, ly), mode="sample", mesh_shape=sampling_mesh
         )
         rows.append(memory.Row(stage, f"{role} {size[role]}", e))
     for stage, role, tc in (
@@ -90,36 +89,37 @@ def experiment_rows(cfg, mesh_shape: dict, sampling_mesh: dict, chunk: int = 256
     ):
         e = memory.estimate(
             conf[role],
+            memory.Workload(tc.batch_size, lx, ly, num_microbatches=tc.num_microbatches),
             mode="train",
-            batch_size=tc.batch_size,
             optimizer=tc.optimizer,
-            num_microbatches=tc.num_microbatches,
             mesh_shape=mesh_shape,
-            **common,
         )
         rows.append(memory.Row(f"{role} {stage} ({tc.optimizer})", f"{role} {size[role]}", e))
-    fwd = dict(mode="forward", batch_size=cfg.distill.batch_size, mesh_shape=mesh_shape)
+    fwd = memory.Workload(cfg.distill.batch_size, lx, ly)
     evaluator_params = sum(
-        memory.estimate(conf[r], **fwd, **common)["params"] for r in ("oracle", "teacher")
+        memory.estimate(conf[r], fwd, mode="forward", mesh_shape=mesh_shape)["params"]
+        for r in ("oracle", "teacher")
     )
     for regime in dict.fromkeys(run.regime for run in cfg.runs):
         e = memory.distill_estimate(
             conf["student"],
             conf["teacher"],
+            memory.Workload(
+                cfg.distill.batch_size, lx, ly, num_microbatches=cfg.distill.num_microbatches
+            ),
             regime=regime,
-            batch_size=cfg.distill.batch_size,
             optimizer=cfg.distill.optimizer,
-            num_microbatches=cfg.distill.num_microbatches,
             mesh_shape=mesh_shape,
-            **common,
         )
         e["teacher_params"] += evaluator_params
         e["total"] += evaluator_params
         model = f"student {size['student']} + teacher {size['teacher']} (+ eval copies)"
         rows.append(memory.Row(f"distill/{regime}", model, e))
     ev = cfg.evaluation
-    scored = dict(mode="forward", batch_size=ev.batch_size * ev.num_samples, **common)
-    per_role = {r: memory.estimate(conf[r], mesh_shape=mesh_shape, **scored) for r in conf}
+    scored = memory.Workload(ev.batch_size * ev.num_samples, lx, ly)
+    per_role = {
+        r: memory.estimate(conf[r], scored, mode="forward", mesh_shape=mesh_shape) for r in conf
+    }
     e = dict(per_role["oracle"])
     e["params"] = sum(x["params"] for x in per_role.values())
     e["logits"] += per_role["teacher"]["logits"] // 2 + per_role["student"]["logits"] // 2
@@ -142,18 +142,21 @@ def main(argv):
     elif FLAGS.size:
         mesh = resolve_mesh(parse_mesh(FLAGS.mesh or "data=-1"), FLAGS.num_devices)
         config = models.get_config(FLAGS.size)
+        workload = memory.Workload(
+            FLAGS.batch_size,
+            FLAGS.input_length,
+            FLAGS.target_length,
+            num_microbatches=FLAGS.num_microbatches,
+            num_samples=FLAGS.num_samples,
+        )
         e = memory.estimate(
             config,
-            batch_size=FLAGS.batch_size,
-            input_length=FLAGS.input_length,
-            target_length=FLAGS.target_length,
+            workload,
+            mode=FLAGS.mode,
+            mesh_shape=mesh,
             optimizer=FLAGS.optimizer,
             param_dtype=FLAGS.param_dtype,
             activation_dtype=FLAGS.activation_dtype,
-            mesh_shape=mesh,
-            num_microbatches=FLAGS.num_microbatches,
-            mode=FLAGS.mode,
-            num_samples=FLAGS.num_samples,
         )
         rows = [memory.Row(FLAGS.mode, f"{FLAGS.size} ({e['num_params'] / 1e6:.0f}M)", e)]
     else:

@@ -22,7 +22,9 @@ function compiles once per shape. See docs/evaluation.md.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import numbers
 from typing import NamedTuple
 
 import jax
@@ -146,6 +148,45 @@ def metrics_of(estimates: dict[str, divergences.Estimate]) -> dict[str, float]:
     return metrics
 
 
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+    """How the `Evaluator` measures: one frozen value, checked when it is made.
+
+    num_samples: responses per prompt and per model.
+    max_decode_len: response length cap (a row without EOS is cut there: a complete
+      response of that length, as the sampler does).
+    seed: the key of every sample drawn (references once, student at every call).
+    batch_size: prompts per device batch (bounds memory: scoring a batch holds a few
+      arrays [batch_size * num_samples, max_decode_len, V] float32 at once).
+    estimator: 'rao_blackwell' (lower variance, never negative) or 'plain'.
+    """
+
+    num_samples: int
+    max_decode_len: int
+    _: dataclasses.KW_ONLY
+    seed: int = 0
+    batch_size: int = 16
+    estimator: str = "rao_blackwell"
+
+    def __post_init__(self):
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator={self.estimator!r}; expected one of {ESTIMATORS}")
+        for name in ("num_samples", "batch_size", "max_decode_len"):
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}={value!r} must be an int >= 1")
+        if not isinstance(self.seed, numbers.Integral) or isinstance(self.seed, bool):
+            raise ValueError(f"seed={self.seed!r} must be an int")
+        # Plain Python ints: equal settings compare and hash equal.
+        for name in ("num_samples", "max_decode_len", "seed", "batch_size"):
+            object.__setattr__(self, name, int(getattr(self, name)))
+
+    @property
+    def sampling(self) -> SamplingConfig:
+        """What every model draws: its own distribution (T = 1, untruncated)."""
+        return SamplingConfig(max_decode_len=self.max_decode_len, num_samples=self.num_samples)
+
+
 class Evaluator:
     """Sequence-level proxy and golden divergences of a student on held-out prompts.
 
@@ -153,15 +194,9 @@ class Evaluator:
       oracle, teacher: (config, params) of the reference models (frozen).
       student_config: the student's T5Config (its params come with each `evaluate`).
       prompts: [N, Lx] int held-out prompts (pad 0), fixed by the caller's seed.
-      num_samples: responses per prompt and per model.
-      max_decode_len: response length cap (a row without EOS is cut there: a complete
-        response of that length, as the sampler does).
-      seed: the key of every sample drawn (references once, student at every call).
-      batch_size: prompts per device batch (bounds memory: scoring a batch holds a few
-        arrays [batch_size * num_samples, max_decode_len, V] float32 at once).
+      settings: an `EvalSettings` (samples, length cap, seed, batch size, estimator).
       mesh: shard rows over its data axes (and parameters by the logical rules); None = the
         default device.
-      estimator: 'rao_blackwell' (lower variance, never negative) or 'plain'.
       train_prompts: optional [M, Lx'] prompts used for training; any shared row is an error.
     """
 
@@ -171,20 +206,13 @@ class Evaluator:
         teacher: tuple[T5Config, dict],
         student_config: T5Config,
         prompts,
+        settings: EvalSettings,
         *,
-        num_samples: int,
-        max_decode_len: int,
-        seed: int = 0,
-        batch_size: int = 16,
         mesh: jax.sharding.Mesh | None = None,
-        estimator: str = "rao_blackwell",
         train_prompts=None,
     ):
-        if estimator not in ESTIMATORS:
-            raise ValueError(f"estimator={estimator!r}; expected one of {ESTIMATORS}")
-        for name, value in (("num_samples", num_samples), ("batch_size", batch_size)):
-            if not isinstance(value, int | np.integer) or value < 1:
-                raise ValueError(f"{name}={value!r} must be an int >= 1")
+        if not isinstance(settings, EvalSettings):
+            raise TypeError(f"settings must be an EvalSettings, got {type(settings).__name__}")
         prompts = np.asarray(prompts)
         if prompts.ndim != 2 or prompts.shape[0] < 1 or prompts.shape[1] < 1:
             raise ValueError(
@@ -202,16 +230,14 @@ class Evaluator:
         if train_prompts is not None:
             check_no_overlap(prompts, train_prompts)
         self.student_config = student_config
-        self.num_samples = int(num_samples)
-        self.max_decode_len = int(max_decode_len)
-        # Every model samples from its own distribution (T = 1, untruncated).
-        self.sampling = SamplingConfig(
-            max_decode_len=self.max_decode_len, num_samples=self.num_samples
-        )
-        self.seed = int(seed)
-        self.batch_size = int(batch_size)
+        self.settings = settings
+        self.num_samples = settings.num_samples
+        self.max_decode_len = settings.max_decode_len
+        self.sampling = settings.sampling
+        self.seed = settings.seed
+        self.batch_size = settings.batch_size
         self.mesh = mesh
-        self.estimator = estimator
+        self.estimator = settings.estimator
         self.num_prompts = prompts.shape[0]
         num_batches = -(-self.num_prompts // self.batch_size)
         padded = np.concatenate(

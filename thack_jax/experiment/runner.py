@@ -27,7 +27,7 @@ import time
 
 import numpy as np
 
-from thack_jax.evaluation.evaluator import Evaluator
+from thack_jax.evaluation.evaluator import EvalSettings, Evaluator
 from thack_jax.experiment import stages as stage_work
 from thack_jax.experiment.config import ROLES, ExperimentConfig, RunConfig, diff, to_json
 from thack_jax.experiment.config import fingerprint as config_fingerprint
@@ -164,12 +164,14 @@ class Experiment(stage_work.StageContext):
             teacher=self.load_model("teacher"),
             student_config=self.cfg.model_config("student"),
             prompts=self.eval_prompts(),
-            num_samples=ev.num_samples,
-            max_decode_len=self.cfg.max_target_length,
-            seed=ev.seed,
-            batch_size=ev.batch_size,
+            settings=EvalSettings(
+                ev.num_samples,
+                self.cfg.max_target_length,
+                seed=ev.seed,
+                batch_size=ev.batch_size,
+                estimator=ev.estimator,
+            ),
             mesh=self.mesh,
-            estimator=ev.estimator,
         )
 
     def stage_distill(self, run: RunConfig, evaluator: Evaluator | None = None) -> str:

@@ -107,10 +107,12 @@ def make_optimizer(tc: TrainConfig):
         tc.learning_rate, tc.warmup_steps, tc.schedule, total_steps=tc.num_steps
     )
     opt = optim.make_optimizer(
-        tc.optimizer,
-        learning_rate=schedule,
-        weight_decay=tc.weight_decay,
-        clip_norm=tc.clip_norm,
+        optim.OptimizerConfig(
+            tc.optimizer,
+            learning_rate=schedule,
+            weight_decay=tc.weight_decay,
+            clip_norm=tc.clip_norm,
+        )
     )
     return opt, schedule
 

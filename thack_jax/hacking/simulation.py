@@ -6,11 +6,14 @@ numpy only (no jax). Curves are (steps [n], values [n], stderrs [n]) as in `diag
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from thack_jax.hacking.diagnostics import DetectorConfig, deviation_statistic, verdict
 
 CURVE_KINDS = ("power_law", "flatten", "rise")
+SPACINGS = ("linear", "log")
 
 
 def eval_steps(n_points, eval_every=100, spacing="linear", first_step=50) -> np.ndarray:
@@ -23,21 +26,9 @@ def eval_steps(n_points, eval_every=100, spacing="linear", first_step=50) -> np.
     raise ValueError(f"spacing={spacing!r}; expected 'linear' or 'log'")
 
 
-def simulate_curve(
-    rng,
-    kind="power_law",
-    *,
-    n_points=40,
-    noise=0.03,
-    b=0.5,
-    break_fraction=0.4,
-    slow_factor=0.2,
-    eval_every=100,
-    spacing="linear",
-    first_step=50,
-    noise_corr=0.0,
-):
-    """One synthetic proxy curve: (steps [n], values [n], stderrs [n]).
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CurveSpec:
+    """How `simulate_curve` draws a curve (all but its kind), checked when it is made.
 
     Log-normal noise of std `noise` on log value (stderr = noise * value). 'power_law':
     `10 * step**-b`; 'flatten': the exponent drops to `slow_factor * b` after
@@ -48,18 +39,47 @@ def simulate_curve(
     `noise_corr`: lag-1 correlation of the noise from one evaluation to the next (an AR(1)
     process with the same marginal std), as when every evaluation reuses the same prompts.
     """
+
+    n_points: int = 40
+    noise: float = 0.03
+    b: float = 0.5
+    break_fraction: float = 0.4
+    slow_factor: float = 0.2
+    eval_every: int = 100
+    spacing: str = "linear"
+    first_step: float = 50
+    noise_corr: float = 0.0
+
+    def __post_init__(self):
+        if self.spacing not in SPACINGS:
+            raise ValueError(f"spacing={self.spacing!r}; expected 'linear' or 'log'")
+        if not isinstance(self.n_points, int | np.integer) or self.n_points < 1:
+            raise ValueError(f"n_points={self.n_points!r} must be an int >= 1")
+        if not self.noise >= 0:
+            raise ValueError(f"noise={self.noise!r} must be >= 0")
+        if not -1 <= self.noise_corr <= 1:
+            raise ValueError(f"noise_corr={self.noise_corr!r} must be in [-1, 1]")
+        for name in ("break_fraction", "eval_every", "first_step"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be > 0")
+
+
+def simulate_curve(rng, kind="power_law", spec: CurveSpec = CurveSpec()):
+    """One synthetic proxy curve of `kind` drawn as `spec` says (see `CurveSpec`):
+    (steps [n], values [n], stderrs [n]), n = spec.n_points."""
     if kind not in CURVE_KINDS:
         raise ValueError(f"kind={kind!r}; expected one of {CURVE_KINDS}")
-    steps = eval_steps(n_points, eval_every, spacing, first_step)
-    x, x_break = np.log(steps), np.log(break_fraction * steps[-1])
+    s, n = spec, spec.n_points
+    steps = eval_steps(n, s.eval_every, s.spacing, s.first_step)
+    x, x_break = np.log(steps), np.log(s.break_fraction * steps[-1])
     after = np.maximum(x - x_break, 0.0)
-    slope_after = {"power_law": b, "flatten": slow_factor * b, "rise": -0.5 * b}[kind]
-    clean = np.log(10.0) - b * np.minimum(x, x_break) - slope_after * after
-    eps = rng.standard_normal(n_points)
-    for i in range(1, n_points):  # AR(1): marginal variance stays 1
-        eps[i] = noise_corr * eps[i - 1] + np.sqrt(1.0 - noise_corr**2) * eps[i]
-    values = np.exp(clean + noise * eps)
-    return steps, values, noise * values
+    slope_after = {"power_law": s.b, "flatten": s.slow_factor * s.b, "rise": -0.5 * s.b}[kind]
+    clean = np.log(10.0) - s.b * np.minimum(x, x_break) - slope_after * after
+    eps = rng.standard_normal(n)
+    for i in range(1, n):  # AR(1): marginal variance stays 1
+        eps[i] = s.noise_corr * eps[i - 1] + np.sqrt(1.0 - s.noise_corr**2) * eps[i]
+    values = np.exp(clean + s.noise * eps)
+    return steps, values, s.noise * values
 
 
 def calibrate_threshold(
@@ -79,9 +99,8 @@ def calibrate_threshold(
     rng = np.random.default_rng(seed)
     maxima = np.empty(n_curves)
     for i in range(n_curves):
-        steps, values, stderrs = simulate_curve(
-            rng, "power_law", n_points=n_points, noise=noise, spacing=spacing
-        )
+        spec = CurveSpec(n_points=n_points, noise=noise, spacing=spacing)
+        steps, values, stderrs = simulate_curve(rng, "power_law", spec)
         s = deviation_statistic(steps, values, stderrs if use_stderr else None)
         runs = np.lib.stride_tricks.sliding_window_view(np.nan_to_num(s, nan=-np.inf), patience)
         maxima[i] = runs.min(axis=1).max()
@@ -90,40 +109,32 @@ def calibrate_threshold(
 
 def simulate_rates(
     noise_levels=(0.01, 0.03, 0.1),
+    spec: CurveSpec = CurveSpec(),
     *,
     n_curves=200,
-    n_points=40,
     seed=0,
     config: DetectorConfig | None = None,
     use_stderr=True,
-    spacing="linear",
-    break_fraction=0.4,
-    noise_corr=0.0,
     give_cov=False,
 ) -> list[dict]:
-    """Verdict rates on synthetic curves (`simulate_curve`), one row per noise level:
+    """Verdict rates on synthetic curves (`simulate_curve` with `spec`, its noise set to each
+    of `noise_levels` in turn), one row per noise level:
     false-positive rate (power law labelled anything but healthy), detection rate (flatten
     labelled teacher_hacking), median delays from the break to the flag and to the oracle-free
     best step (in evaluations, flagged flatten curves), and the rate of 'rise' curves labelled
     overfitting. `config` defaults to `DetectorConfig()`. give_cov: the detector is given the
     noise's covariance, noise**2 * noise_corr**|i - j| (then no stderrs)."""
     config = config or DetectorConfig()
+    n_points, break_fraction, noise_corr = spec.n_points, spec.break_fraction, spec.noise_corr
     rows = []
     for noise in noise_levels:
+        curve = dataclasses.replace(spec, noise=noise)
         rng = np.random.default_rng(seed)
         labels, delays = {}, []  # delays: (flag, best step) - break, in evaluations
         for kind in CURVE_KINDS:
             labels[kind] = []
             for _ in range(n_curves):
-                steps, values, stderrs = simulate_curve(
-                    rng,
-                    kind,
-                    n_points=n_points,
-                    noise=noise,
-                    spacing=spacing,
-                    break_fraction=break_fraction,
-                    noise_corr=noise_corr,
-                )
+                steps, values, stderrs = simulate_curve(rng, kind, curve)
                 cov = None
                 if give_cov:
                     lags = np.abs(np.subtract.outer(np.arange(n_points), np.arange(n_points)))
@@ -140,7 +151,7 @@ def simulate_rates(
         rows.append(
             {
                 "n_points": n_points,
-                "spacing": spacing,
+                "spacing": spec.spacing,
                 "noise_corr": noise_corr,
                 "noise": noise,
                 "stderr_given": "cov" if give_cov else ("yes" if use_stderr else "no"),

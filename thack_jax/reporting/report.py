@@ -371,9 +371,8 @@ def write_report(workdirs, out_dir: str, metric: str = "forward_kl", runs=None) 
     if not _is_primary():
         return path
     plot_files = _write_plots(out_dir, runs, labels, groups, analyses, metric)
-    text = report_text.render(
-        workdirs, out_dir, metric, runs, labels, analyses, groups, experiments, plot_files
-    )
+    table = report_text.ReportRuns(runs, labels, analyses, groups, experiments)
+    text = report_text.render(workdirs, out_dir, metric, table, plot_files)
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
         f.write(text)

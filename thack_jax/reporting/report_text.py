@@ -7,6 +7,7 @@ seed; group values are means over seeds).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
@@ -272,8 +273,38 @@ def _experiment_lines(exp: dict) -> list[str]:
     ]
 
 
-def render(workdirs, out_dir, metric, runs, labels, analyses, groups, experiments, plot_files):
-    """The whole report.md text."""
+@dataclasses.dataclass(frozen=True)
+class ReportRuns:
+    """What the report is about, checked when it is made: `runs` (report.Run), their
+    `labels` (names in the tables) and `analyses` (`report.analyse` dicts), one of each per
+    run in table order; `groups` (report.Group, members index `runs`) and the distinct
+    `experiments` (experiment.json dicts), as `report.group_runs` returns them."""
+
+    runs: list
+    labels: list
+    analyses: list
+    groups: list
+    experiments: list
+
+    def __post_init__(self):
+        n = len(self.runs)
+        if not len(self.labels) == len(self.analyses) == n:
+            raise ValueError(
+                f"ReportRuns: {n} runs but {len(self.labels)} labels and "
+                f"{len(self.analyses)} analyses; want one of each per run"
+            )
+        for g in self.groups:
+            bad = [i for i in g.members if not 0 <= i < n]
+            if bad:
+                raise ValueError(
+                    f"ReportRuns: group {g.label!r} has members {bad} not in 0..{n - 1}"
+                )
+
+
+def render(workdirs, out_dir, metric, table: ReportRuns, plot_files) -> str:
+    """The whole report.md text of `table`'s runs (plot_files: (file name, title) pairs)."""
+    runs, labels, analyses = table.runs, table.labels, table.analyses
+    groups, experiments = table.groups, table.experiments
     lines = ["# Teacher-hacking report", ""]
     lines += [
         f"Metric: `{metric}` (proxy = `proxy/{metric}`, student vs teacher; golden = "

@@ -94,7 +94,7 @@ def _model_shapes(config: T5Config):
 
 @functools.lru_cache(maxsize=32)
 def _opt_shapes(config: T5Config, optimizer: str):
-    tx = optim.make_optimizer(optimizer, 1e-3)
+    tx = optim.make_optimizer(optim.OptimizerConfig(optimizer, 1e-3))
     return jax.eval_shape(tx.init, _model_shapes(config)[0])
 
 
@@ -131,24 +131,46 @@ def _layer_bytes(c: T5Config, rows: float, lx: int, ly: int, a: int, ways: int):
     return enc, dec
 
 
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """The rows one jitted call handles, as one frozen value checked when it is made.
+
+    batch_size: global rows (prompts in 'sample' mode; rows = batch_size * num_samples).
+    input_length, target_length: Lx and Ly of every row.
+    num_microbatches: gradient-accumulation microbatches per step ('train' mode only).
+    num_samples: responses per prompt, full_logprobs: whether the sampler keeps the full
+      log-probs [N, Ly, V] float32 ('sample' mode only).
+    """
+
+    batch_size: int
+    input_length: int
+    target_length: int
+    _: dataclasses.KW_ONLY
+    num_microbatches: int = 1
+    num_samples: int = 1
+    full_logprobs: bool = False
+
+    def __post_init__(self):
+        counts = ("batch_size", "input_length", "target_length", "num_microbatches", "num_samples")
+        for name in counts:
+            value = getattr(self, name)
+            if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"Workload.{name} must be an int >= 1, got {value!r}")
+
+
 def estimate(
     config: T5Config,
+    workload: Workload,
     *,
-    batch_size: int,
-    input_length: int,
-    target_length: int,
+    mode: str = "train",
+    mesh_shape: Mapping[str, int] | None = None,
     optimizer: str = "adafactor",
     param_dtype: str | None = None,
     activation_dtype: str | None = None,
-    mesh_shape: Mapping[str, int] | None = None,
-    num_microbatches: int = 1,
-    mode: str = "train",
-    num_samples: int = 1,
-    full_logprobs: bool = False,
 ) -> dict:
-    """Bytes per device of one model in one `mode` (see the module docstring).
+    """Bytes per device of one model running `workload` in one `mode` (see the module
+    docstring), e.g. `estimate(config, Workload(8, 512, 128), mesh_shape={'data': 8})`.
 
-    batch_size: global rows (prompts in 'sample' mode; rows = batch_size * num_samples).
     mesh_shape: explicit axis sizes, e.g. {'data': 8, 'model': 2}; default one device.
     optimizer: 'adafactor' | 'adamw' (as `optim.make_optimizer` builds it); train mode only.
     Returns a dict: 'params', 'grads', 'opt_state', 'activations', 'logits', 'cache',
@@ -156,12 +178,10 @@ def estimate(
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; valid modes: {list(MODES)}")
-    if min(batch_size, input_length, target_length, num_microbatches, num_samples) < 1:
-        raise ValueError(
-            f"batch_size, input_length, target_length, num_microbatches and num_samples must "
-            f"be >= 1; got {batch_size}, {input_length}, {target_length}, "
-            f"{num_microbatches}, {num_samples}"
-        )
+    if not isinstance(workload, Workload):
+        raise TypeError(f"workload must be a memory.Workload, got {type(workload).__name__}")
+    batch_size, num_microbatches = workload.batch_size, workload.num_microbatches
+    num_samples = workload.num_samples
     config = config.replace(
         param_dtype=param_dtype or config.param_dtype, dtype=activation_dtype or config.dtype
     )
@@ -183,7 +203,7 @@ def estimate(
     out["params"] = _per_device_bytes(shapes, p_sh)
     num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
     a = np.dtype(config.dtype).itemsize
-    lx, ly, d = input_length, target_length, config.d_model
+    lx, ly, d = workload.input_length, workload.target_length, config.d_model
     vocab = _divided(config.vocab_size, ways)
     enc, dec = _layer_bytes(config, rows, lx, ly, a, ways)
     n_enc, n_dec = config.num_encoder_layers, config.num_decoder_layers
@@ -207,7 +227,8 @@ def estimate(
         prompts = batch_size / dp
         out["cache"] = int(n_dec * 2 * rows * (ly + lx) * inner * a)
         out["activations"] = int(enc * prompts / rows + prompts * lx * d * a)
-        out["logits"] = int(rows * ly * vocab * 4) if full_logprobs else int(rows * vocab * 4)
+        full = workload.full_logprobs
+        out["logits"] = int(rows * ly * vocab * 4) if full else int(rows * vocab * 4)
     out["total"] = sum(out[k] for k in PERSISTENT + TRANSIENT)
     out.update(
         mode=mode,
@@ -215,8 +236,8 @@ def estimate(
         rows_per_device=rows,
         mesh_shape=sizes,
         batch_size=batch_size,
-        input_length=input_length,
-        target_length=target_length,
+        input_length=workload.input_length,
+        target_length=workload.target_length,
         optimizer=optimizer if mode == "train" else None,
         param_dtype=config.param_dtype,
         activation_dtype=config.dtype,
@@ -228,6 +249,7 @@ def estimate(
 def distill_estimate(
     student: T5Config,
     teacher: T5Config,
+    workload: Workload,
     *,
     regime: str = "offline",
     **kwargs,
@@ -238,13 +260,14 @@ def distill_estimate(
     regime 'offline': the teacher's forward runs inside the step (its transient counts if
     larger than the student's). 'online_teacher' / 'online_student' / 'mixed': before the
     step the sampler runs (teacher with full log-probs, or the student), holding its cache
-    while the student's state and the teacher's params are resident. kwargs: as `estimate`.
+    while the student's state and the teacher's params are resident. kwargs: the keyword
+    arguments of `estimate` but `mode` (mesh_shape, optimizer, dtypes).
     """
-    train = estimate(student, mode="train", **kwargs)
+    train = estimate(student, workload, mode="train", **kwargs)
     fwd_kwargs = {k: v for k, v in kwargs.items() if k != "optimizer"}
-    fwd_kwargs["num_microbatches"] = 1
-    t_fwd = estimate(teacher, mode="forward", **fwd_kwargs)
-    mb = kwargs.get("num_microbatches", 1)
+    fwd = dataclasses.replace(workload, num_microbatches=1)
+    t_fwd = estimate(teacher, fwd, mode="forward", **fwd_kwargs)
+    mb = workload.num_microbatches
     teacher_lp = t_fwd["logits"] // 2 // mb  # one [r, Ly, V] float32 per microbatch
     resident = sum(train[k] for k in PERSISTENT) + t_fwd["params"]
     train_peak = sum(train[k] for k in TRANSIENT) + teacher_lp
@@ -252,9 +275,8 @@ def distill_estimate(
     peaks["teacher forward"] = t_fwd["activations"] + t_fwd["logits"]
     if regime in ("online_teacher", "online_student", "mixed"):
         sampler_cfg = teacher if regime == "online_teacher" else student
-        s = estimate(
-            sampler_cfg, mode="sample", full_logprobs=regime == "online_teacher", **fwd_kwargs
-        )
+        sampled = dataclasses.replace(fwd, full_logprobs=regime == "online_teacher")
+        s = estimate(sampler_cfg, sampled, mode="sample", **fwd_kwargs)
         peaks["sampler"] = s["cache"] + s["activations"] + s["logits"]
     elif regime != "offline":
         raise ValueError(

@@ -1,12 +1,13 @@
 """Optimizers and learning-rate schedules (optax).
 
-`make_schedule` builds "linear warmup, then `schedule`"; `make_optimizer` chains optional
-global-norm clipping, the optimizer and optional decoupled weight decay. Pass the same
-schedule to the trainer (`learning_rate_fn=`) so it can log `train/learning_rate`.
+`make_schedule` builds "linear warmup, then `schedule`"; `make_optimizer(OptimizerConfig(...))`
+chains optional global-norm clipping, the optimizer and optional decoupled weight decay. Pass
+the same schedule to the trainer (`learning_rate_fn=`) so it can log `train/learning_rate`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import jax.numpy as jnp
@@ -69,68 +70,93 @@ def make_schedule(
     return lr
 
 
-def make_optimizer(
-    name: str = "adafactor",
-    learning_rate: float | Schedule = 1e-3,
-    warmup_steps: int = 0,
-    schedule: str = "constant",
-    total_steps: int | None = None,
-    weight_decay: float = 0.0,
-    clip_norm: float | None = None,
-    *,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    decay_rate: float = 0.8,
-    min_dim_size_to_factor: int = 128,
-    multiply_by_parameter_scale: bool = True,
-    clipping_threshold: float | None = 1.0,
-    momentum: float | None = None,
-) -> optax.GradientTransformation:
-    """An optax optimizer with warmup + schedule, optional clipping and weight decay.
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """What `make_optimizer` builds: one frozen value, checked when it is made. `name` and
+    `learning_rate` may be positional, the rest are keyword-only:
+    `OptimizerConfig("adamw", 3e-4, clip_norm=1.0)`.
 
-    Args:
-      name: 'adafactor' (T5's optimizer: factored second moments for matrices with both
-        dims >= `min_dim_size_to_factor`, `decay_rate` 0.8, update clipping at
-        `clipping_threshold`, step size relative to the parameter scale when
-        `multiply_by_parameter_scale`, no momentum by default) or 'adamw'.
-      learning_rate: the peak learning rate (a float, combined with `warmup_steps`,
-        `schedule`, `total_steps` by `make_schedule`) or a ready schedule callable (then
-        the three schedule arguments must keep their defaults).
-      weight_decay: decoupled weight decay. AdamW scales it by the learning rate; Adafactor
-        (optax's `weight_decay_rate`) adds `weight_decay * param` to the update unscaled.
-      clip_norm: clip gradients to this global norm before the update (None: no clipping).
-      b1, b2, eps: AdamW's moments and epsilon.
+    name: 'adafactor' (T5's optimizer: factored second moments for matrices with both
+      dims >= `min_dim_size_to_factor`, `decay_rate` 0.8, update clipping at
+      `clipping_threshold`, step size relative to the parameter scale when
+      `multiply_by_parameter_scale`, no `momentum` by default) or 'adamw'.
+    learning_rate: the peak learning rate (a float, combined with `warmup_steps`,
+      `schedule`, `total_steps` by `make_schedule`) or a ready schedule callable (then
+      those three keep their defaults).
+    weight_decay: decoupled weight decay. AdamW scales it by the learning rate; Adafactor
+      (optax's `weight_decay_rate`) adds `weight_decay * param` to the update unscaled.
+    clip_norm: clip gradients to this global norm before the update (None: no clipping).
+    b1, b2, eps: AdamW's moments and epsilon (ignored by Adafactor).
+    decay_rate, min_dim_size_to_factor, multiply_by_parameter_scale, clipping_threshold,
+      momentum: Adafactor's (ignored by AdamW).
     """
-    if name not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {name!r}; valid optimizers: {list(OPTIMIZERS)}")
-    if callable(learning_rate):
-        if (warmup_steps, schedule, total_steps) != (0, "constant", None):
-            raise ValueError(
-                "learning_rate is a schedule callable; do not also pass warmup_steps, "
-                "schedule or total_steps"
-            )
-        lr = learning_rate
-    else:
-        lr = make_schedule(learning_rate, warmup_steps, schedule, total_steps)
-    if weight_decay < 0:
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-    if clip_norm is not None and not clip_norm > 0:
-        raise ValueError(f"clip_norm must be > 0 or None, got {clip_norm}")
 
-    if name == "adamw":
-        core = optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+    name: str = "adafactor"
+    learning_rate: float | Schedule = 1e-3
+    _: dataclasses.KW_ONLY  # the rest by keyword only
+    warmup_steps: int = 0
+    schedule: str = "constant"
+    total_steps: int | None = None
+    weight_decay: float = 0.0
+    clip_norm: float | None = None
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    decay_rate: float = 0.8
+    min_dim_size_to_factor: int = 128
+    multiply_by_parameter_scale: bool = True
+    clipping_threshold: float | None = 1.0
+    momentum: float | None = None
+
+    def __post_init__(self):
+        if self.name not in OPTIMIZERS:
+            raise ValueError(
+                f"unknown optimizer {self.name!r}; valid optimizers: {list(OPTIMIZERS)}"
+            )
+        if callable(self.learning_rate):
+            if (self.warmup_steps, self.schedule, self.total_steps) != (0, "constant", None):
+                raise ValueError(
+                    "learning_rate is a schedule callable; do not also pass warmup_steps, "
+                    "schedule or total_steps"
+                )
+        else:
+            # Fails early, naming the field (the same checks `make_schedule` makes).
+            make_schedule(self.learning_rate, self.warmup_steps, self.schedule, self.total_steps)
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.clip_norm is not None and not self.clip_norm > 0:
+            raise ValueError(f"clip_norm must be > 0 or None, got {self.clip_norm}")
+        if not isinstance(self.min_dim_size_to_factor, int) or self.min_dim_size_to_factor < 1:
+            raise ValueError(
+                f"min_dim_size_to_factor must be an int >= 1, got {self.min_dim_size_to_factor!r}"
+            )
+
+    def schedule_fn(self) -> Schedule:
+        """The learning rate as a function of the step (the callable, or `make_schedule`)."""
+        if callable(self.learning_rate):
+            return self.learning_rate
+        return make_schedule(self.learning_rate, self.warmup_steps, self.schedule, self.total_steps)
+
+
+def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
+    """An optax optimizer with warmup + schedule, optional clipping and weight decay
+    (`OptimizerConfig` says which)."""
+    if not isinstance(config, OptimizerConfig):
+        raise TypeError(f"make_optimizer takes an OptimizerConfig, got {type(config).__name__}")
+    c, lr = config, config.schedule_fn()
+    if c.name == "adamw":
+        core = optax.adamw(lr, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay)
     else:
         core = optax.adafactor(
             lr,
-            min_dim_size_to_factor=min_dim_size_to_factor,
-            decay_rate=decay_rate,
-            multiply_by_parameter_scale=multiply_by_parameter_scale,
-            clipping_threshold=clipping_threshold,
-            momentum=momentum,
-            weight_decay_rate=weight_decay or None,
+            min_dim_size_to_factor=c.min_dim_size_to_factor,
+            decay_rate=c.decay_rate,
+            multiply_by_parameter_scale=c.multiply_by_parameter_scale,
+            clipping_threshold=c.clipping_threshold,
+            momentum=c.momentum,
+            weight_decay_rate=c.weight_decay or None,
             factored=True,
         )
-    if clip_norm is None:
+    if c.clip_norm is None:
         return core
-    return optax.chain(optax.clip_by_global_norm(clip_norm), core)
+    return optax.chain(optax.clip_by_global_norm(c.clip_norm), core)
