@@ -20,6 +20,7 @@ PACKAGE = REPO / "thack_jax"
 
 # Bottom to top. docs/architecture.md's layer table lists the same packages in this order.
 LAYERS = (
+    "core",
     "parallel",
     "models",
     "decoding",

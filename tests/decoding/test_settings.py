@@ -25,7 +25,7 @@ def test_defaults_and_normalised_scalars():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(max_decode_len=0), "max_decode_len=0 must be an int >= 1"),
+        (dict(max_decode_len=0), "max_decode_len=0 must be an integer >= 1"),
         (dict(max_decode_len=2.5), "max_decode_len=2.5"),
         (dict(num_samples=0), "num_samples=0"),
         (dict(num_samples=True), "num_samples=True"),

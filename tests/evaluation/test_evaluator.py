@@ -135,11 +135,11 @@ def test_bad_inputs(trio):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(num_samples=0), "num_samples=0 must be an int >= 1"),
-        (dict(batch_size=2.5), "batch_size=2.5 must be an int >= 1"),
-        (dict(max_decode_len=0), "max_decode_len=0 must be an int >= 1"),
-        (dict(seed="0"), "seed='0' must be an int"),
-        (dict(estimator="nope"), "estimator='nope'"),
+        (dict(num_samples=0), "EvalSettings.num_samples=0 must be an integer >= 1"),
+        (dict(batch_size=2.5), "EvalSettings.batch_size=2.5 must be an integer >= 1"),
+        (dict(max_decode_len=0), "EvalSettings.max_decode_len=0 must be an integer >= 1"),
+        (dict(seed="0"), "EvalSettings.seed='0' must be an integer"),
+        (dict(estimator="nope"), "EvalSettings.estimator='nope' must be one of"),
     ],
 )
 def test_eval_settings_name_the_bad_field(kwargs, match):

@@ -194,7 +194,7 @@ def test_experiment_config_refuses(field, value, expected):
 
 
 def test_experiment_config_refuses_other_runs_tasks_and_roles():
-    with pytest.raises(ValueError, match=r"ExperimentConfig.runs\[1\]=.*must be a RunConfig"):
+    with pytest.raises(ValueError, match=r"ExperimentConfig.runs\[1\]=.*must be of type RunConfig"):
         ExperimentConfig(runs=(RunConfig(), "mixed"))
     spm = r"task='xsum' needs .*task_options\['sentencepiece_model'"
     with pytest.raises(ValueError, match=spm):

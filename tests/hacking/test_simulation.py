@@ -91,12 +91,12 @@ def test_given_the_covariance_correlated_noise_is_calibrated():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(n_points=0), "n_points=0 must be an int >= 1"),
-        (dict(n_points=2.5), "n_points=2.5 must be an int >= 1"),
-        (dict(noise=-0.1), "noise=-0.1 must be >= 0"),
-        (dict(noise_corr=1.5), r"noise_corr=1.5 must be in \[-1, 1\]"),
-        (dict(break_fraction=0.0), "break_fraction=0.0 must be > 0"),
-        (dict(first_step=0), "first_step=0 must be > 0"),
+        (dict(n_points=0), "CurveSpec.n_points=0 must be an integer >= 1"),
+        (dict(n_points=2.5), "CurveSpec.n_points=2.5 must be an integer >= 1"),
+        (dict(noise=-0.1), "CurveSpec.noise=-0.1 must be a number >= 0"),
+        (dict(noise_corr=1.5), r"CurveSpec.noise_corr=1.5 must be a number in \[-1, 1\]"),
+        (dict(break_fraction=0.0), "CurveSpec.break_fraction=0.0 must be a number > 0"),
+        (dict(first_step=0), "CurveSpec.first_step=0 must be a number > 0"),
     ],
 )
 def test_curve_spec_names_the_bad_field(kwargs, match):

@@ -143,7 +143,7 @@ def test_bad_arguments_are_named(kwargs, message):
     [("batch_size", 0), ("input_length", -1), ("num_microbatches", 1.5), ("num_samples", 0)],
 )
 def test_bad_workload_names_the_field(field, value):
-    with pytest.raises(ValueError, match=f"Workload.{field} must be an int >= 1"):
+    with pytest.raises(ValueError, match=f"Workload.{field}={value!r} must be an integer >= 1"):
         dataclasses.replace(SHAPE, **{field: value})
 
 

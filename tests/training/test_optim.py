@@ -55,7 +55,7 @@ def test_schedule_errors(kwargs, match):
 
 
 def test_unknown_optimizer_lists_valid_names():
-    with pytest.raises(ValueError, match="valid optimizers: \\['adafactor', 'adamw'\\]"):
+    with pytest.raises(ValueError, match="name='sgd' must be one of adafactor, adamw"):
         optim.make_optimizer(optim.OptimizerConfig("sgd", 1e-3))
 
 
@@ -128,10 +128,10 @@ def test_adafactor_factors_large_matrices_only():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(weight_decay=-0.1), "weight_decay must be >= 0"),
-        (dict(clip_norm=0.0), "clip_norm must be > 0 or None"),
+        (dict(weight_decay=-0.1), "OptimizerConfig.weight_decay=-0.1 must be a number >= 0"),
+        (dict(clip_norm=0.0), "OptimizerConfig.clip_norm=0.0 must be a number > 0 or None"),
         (dict(schedule="cosine", total_steps=None), "schedule='cosine' needs total_steps"),
-        (dict(min_dim_size_to_factor=0), "min_dim_size_to_factor must be an int >= 1"),
+        (dict(min_dim_size_to_factor=0), "min_dim_size_to_factor=0 must be an integer >= 1"),
     ],
 )
 def test_optimizer_config_names_the_bad_field_when_made(kwargs, match):

@@ -57,7 +57,7 @@ def _run_steps(step, state, num_steps, teacher_params=TEACHER, batches=None):
 def test_step_config_validation():
     assert train_step.StepConfig("distill", "jsd", {"beta": 0.1}).loss_kwargs == (("beta", 0.1),)
     hash(train_step.StepConfig("distill", "jsd", {"beta": 0.1}))
-    with pytest.raises(ValueError, match="unknown objective 'rl'"):
+    with pytest.raises(ValueError, match="StepConfig.objective='rl' must be one of sft, distill"):
         train_step.StepConfig("rl")
     with pytest.raises(ValueError, match="StepConfig.temperature"):
         train_step.StepConfig("distill", loss_kwargs={"temperature": 2.0})

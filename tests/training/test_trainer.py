@@ -238,13 +238,13 @@ def test_sigterm_saves_the_update_in_flight_and_stops(tmp_path):
 
 
 def test_bad_arguments_name_the_field():
-    with pytest.raises(ValueError, match="LoopConfig.num_steps must be >= 0"):
+    with pytest.raises(ValueError, match="LoopConfig.num_steps=-1 must be an integer >= 0"):
         trainer.LoopConfig(-1)
-    with pytest.raises(ValueError, match="LoopConfig.checkpoint_every must be >= 1"):
+    with pytest.raises(ValueError, match="LoopConfig.checkpoint_every=0 must be an integer >= 1"):
         trainer.LoopConfig(5, checkpoint_every=0)
-    with pytest.raises(ValueError, match=r"LoopConfig.eval_steps\[...\] must be >= 0"):
+    with pytest.raises(ValueError, match=r"LoopConfig.eval_steps\[...\]=-1 must be an int"):
         trainer.LoopConfig(5, eval_steps=(3, -1))
-    with pytest.raises(TypeError, match="LoopConfig.log_every must be an integer"):
+    with pytest.raises(TypeError, match="LoopConfig.log_every=1.5 must be an integer"):
         trainer.LoopConfig(5, log_every=1.5)
     assert trainer.LoopConfig(5, eval_steps=[4, 2]).eval_steps == frozenset({2, 4})
     with pytest.raises(ValueError, match="Hooks.stop is given but Hooks.eval_fn is None"):
@@ -253,9 +253,9 @@ def test_bad_arguments_name_the_field():
         trainer.Hooks(eval_fn=lambda s, p: {}, stop=(3,))
     with pytest.raises(ValueError, match="Student.init_params is None"):
         trainer.Student(CFG, None, OPT, SFT)
-    with pytest.raises(TypeError, match="Student.step_config must be a StepConfig"):
+    with pytest.raises(TypeError, match="Student.step_config='sft' must be of type StepConfig"):
         trainer.Student(CFG, STUDENT, OPT, "sft")
-    with pytest.raises(TypeError, match="Teacher.config must be a T5Config"):
+    with pytest.raises(TypeError, match="Teacher.config='tiny' must be of type T5Config"):
         trainer.Teacher("tiny", TEACHER)
     with pytest.raises(TypeError, match="train: loop must be a trainer.LoopConfig"):
         trainer.train(

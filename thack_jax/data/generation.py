@@ -13,11 +13,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-import numbers
 
 import jax
 import numpy as np
 
+from thack_jax.core import checks
 from thack_jax.data.offline_store import OfflineSpec, OfflineStore, prompts_checksum
 from thack_jax.data.regime_names import check_sampler_role
 from thack_jax.data.row_streams import PromptPool, check_batch_size, to_host
@@ -202,19 +202,12 @@ class GenerationConfig:
     temperature: float = 1.0
 
     def __post_init__(self):
-        for name in ("generating_model", "vocab_fingerprint"):
-            value = getattr(self, name)
-            if not isinstance(value, str) or not value:
-                raise ValueError(f"GenerationConfig.{name}={value!r} must be a non-empty str")
+        checks.text(self, "generating_model")
+        checks.text(self, "vocab_fingerprint")
         for name in ("completions_per_prompt", "max_decode_len", "chunk_size"):
-            value = getattr(self, name)
-            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"GenerationConfig.{name}={value!r} must be an int >= 1")
-        if not isinstance(self.seed, numbers.Integral) or isinstance(self.seed, bool):
-            raise ValueError(f"GenerationConfig.seed={self.seed!r} must be an int")
-        t = self.temperature
-        if not isinstance(t, numbers.Real) or isinstance(t, bool) or not t >= 0:
-            raise ValueError(f"GenerationConfig.temperature={t!r} must be a number >= 0")
+            checks.integer(self, name, 1)
+        checks.integer(self, "seed")
+        checks.number(self, "temperature", 0)
 
     def sampling(self) -> SamplingConfig:
         """The sampler's settings: c samples per prompt at `temperature`, untruncated."""

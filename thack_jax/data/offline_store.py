@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
+from thack_jax.core import checks
+
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 _ARRAYS = ("inputs", "targets")
@@ -48,9 +50,7 @@ class OfflineSpec:
     def __post_init__(self):
         sizes = ("num_prompts", "completions_per_prompt", "max_input_length", "max_target_length")
         for f in sizes:
-            value = getattr(self, f)
-            if not isinstance(value, int | np.integer) or value <= 0:
-                raise ValueError(f"OfflineSpec.{f} must be a positive int, got {value!r}")
+            checks.integer(self, f, 1)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -32,10 +32,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 
 import numpy as np
 
+from thack_jax.core import checks
 from thack_jax.data.generation import OnlineSource
 from thack_jax.data.offline_store import OfflineStore
 from thack_jax.data.regime_names import Regime, check_sampler_role
@@ -154,23 +154,11 @@ class SourceConfig:
 
     def __post_init__(self):
         check_batch_size(self.batch_size)
-        if not isinstance(self.seed, numbers.Integral) or isinstance(self.seed, bool):
-            raise ValueError(f"SourceConfig.seed={self.seed!r} must be an int")
-        if self.num_epochs is not None and (
-            not isinstance(self.num_epochs, numbers.Integral) or self.num_epochs < 0
-        ):
-            raise ValueError(f"SourceConfig.num_epochs={self.num_epochs!r} must be >= 0 or None")
-        if self.online_fraction is not None and not (
-            isinstance(self.online_fraction, numbers.Real) and 0 <= self.online_fraction <= 1
-        ):  # also refuses NaN
-            raise ValueError(
-                f"SourceConfig.online_fraction must be a number in [0, 1] or None, got "
-                f"{self.online_fraction!r}"
-            )
+        checks.integer(self, "seed")
+        checks.optional(checks.integer, self, "num_epochs", 0)
+        checks.optional(checks.number, self, "online_fraction", 0, 1)
         check_sampler_role(self.online_role, "SourceConfig.online_role")
-        t = self.distill_temperature
-        if not isinstance(t, numbers.Real) or isinstance(t, bool) or not t > 0:
-            raise ValueError(f"SourceConfig.distill_temperature={t!r} must be a number > 0")
+        checks.positive(self, "distill_temperature")
 
 
 def make_source(

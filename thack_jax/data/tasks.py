@@ -20,6 +20,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from thack_jax.core import checks
 from thack_jax.data import synthetic
 from thack_jax.data.vocab import SyntheticVocabulary, sentencepiece_vocabulary
 
@@ -296,9 +297,7 @@ class TaskData:
 
     def __post_init__(self):
         for name in ("tfds_data_dir", "natural_instructions_dir"):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, str | os.PathLike):
-                raise ValueError(f"TaskData.{name}={value!r} must be a path or None")
+            checks.optional(checks.instance, self, name, (str, os.PathLike))
 
 
 def load_examples(

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -43,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from thack_jax import models
+from thack_jax.core import checks
 from thack_jax.decoding import strategies
 from thack_jax.decoding.settings import SamplingConfig
 from thack_jax.models.config import T5Config
@@ -148,10 +148,8 @@ class TokenIds:
 
     def __post_init__(self):
         for name in ("eos", "start", "pad"):
-            value = getattr(self, name)
-            if not isinstance(value, numbers.Integral) or isinstance(value, bool):
-                raise ValueError(f"TokenIds.{name}={value!r} must be an int")
-            object.__setattr__(self, name, int(value))
+            checks.integer(self, name)
+            object.__setattr__(self, name, int(getattr(self, name)))
 
 
 def sample_with_fn(

@@ -10,8 +10,8 @@ so it keys the sampler's compile cache.
 from __future__ import annotations
 
 import dataclasses
-import numbers
 
+from thack_jax.core import checks
 from thack_jax.decoding import strategies
 
 
@@ -34,10 +34,8 @@ class SamplingConfig:
     draw: str = "inverse_cdf"
 
     def __post_init__(self):
-        for name in ("max_decode_len", "num_samples"):
-            value = getattr(self, name)
-            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}={value!r} must be an int >= 1")
+        checks.integer(self, "max_decode_len", 1)
+        checks.integer(self, "num_samples", 1)
         strategies.validate_strategy(self.temperature, self.top_k, self.top_p, draw=self.draw)
         # Plain Python scalars: equal settings hash equal and trace the same graph.
         for name, kind in (

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import numbers
 from typing import NamedTuple
 
 import jax
@@ -32,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from thack_jax import models
+from thack_jax.core import checks
 from thack_jax.decoding import sampling, scoring
 from thack_jax.decoding.settings import SamplingConfig
 from thack_jax.evaluation import divergences
@@ -169,14 +169,10 @@ class EvalSettings:
     estimator: str = "rao_blackwell"
 
     def __post_init__(self):
-        if self.estimator not in ESTIMATORS:
-            raise ValueError(f"estimator={self.estimator!r}; expected one of {ESTIMATORS}")
+        checks.choice(self, "estimator", ESTIMATORS)
         for name in ("num_samples", "batch_size", "max_decode_len"):
-            value = getattr(self, name)
-            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}={value!r} must be an int >= 1")
-        if not isinstance(self.seed, numbers.Integral) or isinstance(self.seed, bool):
-            raise ValueError(f"seed={self.seed!r} must be an int")
+            checks.integer(self, name, 1)
+        checks.integer(self, "seed")
         # Plain Python ints: equal settings compare and hash equal.
         for name in ("num_samples", "max_decode_len", "seed", "batch_size"):
             object.__setattr__(self, name, int(getattr(self, name)))

@@ -2,7 +2,8 @@
 
 Kept apart from runner.py so that gin files, tests and tools can build and compare
 configurations without importing the stage machinery, or jax: this module imports only
-numpy and the light name modules of data/ (tests/experiment/test_config.py checks it).
+numpy, core/checks.py and the light name modules of data/ (tests/experiment/test_config.py
+checks it).
 
 Every dataclass checks its fields in `__post_init__`, so a bad value is refused when the
 configuration is built (by gin, before any stage runs), with a message naming the
@@ -15,13 +16,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
-import numbers
 import re
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from thack_jax.core import checks
 from thack_jax.data.regime_names import ROLES, SAMPLER_ROLES, Regime, check_role
 from thack_jax.data.tasks import TASK_NAMES
 from thack_jax.parallel.mesh_names import DEFAULT_MESH_SHAPE
@@ -52,49 +52,6 @@ GUARD_MODES = ("log", "warn", "stop")  # hacking/guard.py MODES
 _RUN_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
-# ----------------------------------------------------------------------------- checks
-
-
-def _where(obj, field: str) -> str:
-    return f"{type(obj).__name__}.{field}={getattr(obj, field)!r}"
-
-
-def _check_int(obj, field: str, minimum: int) -> None:
-    """obj.field must be an integer (not a bool) >= minimum."""
-    value = getattr(obj, field)
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{_where(obj, field)} must be an integer >= {minimum}")
-
-
-def _is_real(value) -> bool:
-    return (
-        isinstance(value, numbers.Real)
-        and not isinstance(value, bool)
-        and math.isfinite(float(value))
-    )
-
-
-def _check_positive(obj, field: str) -> None:
-    """obj.field must be a finite number > 0."""
-    value = getattr(obj, field)
-    if not _is_real(value) or not value > 0:
-        raise ValueError(f"{_where(obj, field)} must be a number > 0")
-
-
-def _check_choice(obj, field: str, valid: tuple) -> None:
-    value = getattr(obj, field)
-    if not isinstance(value, str) or value not in valid:
-        raise ValueError(f"{_where(obj, field)} must be one of {', '.join(valid)}")
-
-
-def _check_type(obj, field: str, cls: type) -> None:
-    value = getattr(obj, field)
-    if not isinstance(value, cls):
-        raise ValueError(
-            f"{_where(obj, field)} must be of type {cls.__name__} (in gin: @{cls.__name__}())"
-        )
-
-
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
     """Which network a role uses.
@@ -115,9 +72,9 @@ class ModelSpec:
     def __post_init__(self):
         if isinstance(self.overrides, dict):
             object.__setattr__(self, "overrides", tuple(sorted(self.overrides.items())))
-        _check_choice(self, "size", MODEL_SIZES)
-        _check_choice(self, "checkpoint_format", ("hf", "t5x"))
-        _check_int(self, "init_seed", 0)
+        checks.choice(self, "size", MODEL_SIZES)
+        checks.choice(self, "checkpoint_format", ("hf", "t5x"))
+        checks.integer(self, "init_seed", 0)
 
     def t5_config(self, **extra) -> T5Config:
         # Imported here: thack_jax.models imports jax, which building a config must not.
@@ -145,27 +102,24 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self):
-        _check_int(self, "num_steps", 0)
-        _check_int(self, "batch_size", 1)
-        _check_positive(self, "learning_rate")
-        _check_int(self, "warmup_steps", 0)
-        _check_choice(self, "schedule", SCHEDULE_NAMES)
-        _check_choice(self, "optimizer", OPTIMIZER_NAMES)
-        if not _is_real(self.weight_decay) or self.weight_decay < 0:
-            raise ValueError(f"{_where(self, 'weight_decay')} must be a number >= 0")
-        if self.clip_norm is not None:
-            if not _is_real(self.clip_norm) or not self.clip_norm > 0:
-                raise ValueError(f"{_where(self, 'clip_norm')} must be a number > 0 or None")
-        _check_choice(self, "loss", LOSS_NAMES)
-        _check_positive(self, "temperature")
-        _check_int(self, "num_microbatches", 1)
+        checks.integer(self, "num_steps", 0)
+        checks.integer(self, "batch_size", 1)
+        checks.positive(self, "learning_rate")
+        checks.integer(self, "warmup_steps", 0)
+        checks.choice(self, "schedule", SCHEDULE_NAMES)
+        checks.choice(self, "optimizer", OPTIMIZER_NAMES)
+        checks.number(self, "weight_decay", 0)
+        checks.optional(checks.positive, self, "clip_norm")
+        checks.choice(self, "loss", LOSS_NAMES)
+        checks.positive(self, "temperature")
+        checks.integer(self, "num_microbatches", 1)
         if self.batch_size % self.num_microbatches:
             raise ValueError(
-                f"{_where(self, 'num_microbatches')} must divide "
+                f"{checks.where(self, 'num_microbatches')} must divide "
                 f"TrainConfig.batch_size={self.batch_size}"
             )
-        _check_int(self, "checkpoint_every", 1)
-        _check_int(self, "seed", 0)
+        checks.integer(self, "checkpoint_every", 1)
+        checks.integer(self, "seed", 0)
         if self.schedule == "cosine" and self.num_steps <= self.warmup_steps:
             raise ValueError(
                 f"TrainConfig.schedule='cosine' needs num_steps > warmup_steps; got "
@@ -199,23 +153,21 @@ class RunConfig:
         name = self.name
         if not isinstance(name, str) or not _RUN_NAME.fullmatch(name) or name in (".", ".."):
             raise ValueError(
-                f"{_where(self, 'name')} must be a directory name: non-empty, only letters, "
+                f"{checks.where(self, 'name')} must be a directory name: non-empty, only letters, "
                 "digits, '_', '.' and '-' (it names runs/<name>/)"
             )
         regime = Regime.parse(self.regime, "RunConfig.regime").value
         object.__setattr__(self, "regime", regime)
-        _check_int(self, "num_prompts", 1)
-        _check_int(self, "completions_per_prompt", 1)
-        f = self.online_fraction
-        if not _is_real(f) or not 0 <= f <= 1:
-            raise ValueError(f"{_where(self, 'online_fraction')} must be a number in [0, 1]")
-        if regime != Regime.MIXED.value and f != 0:
+        checks.integer(self, "num_prompts", 1)
+        checks.integer(self, "completions_per_prompt", 1)
+        checks.number(self, "online_fraction", 0, 1)
+        if regime != Regime.MIXED.value and self.online_fraction != 0:
             raise ValueError(
-                f"{_where(self, 'online_fraction')} only applies to regime 'mixed'; regime "
+                f"{checks.where(self, 'online_fraction')} only applies to regime 'mixed'; regime "
                 f"{regime!r} needs online_fraction = 0"
             )
-        _check_choice(self, "online_role", SAMPLER_ROLES)
-        _check_int(self, "seed", 0)
+        checks.choice(self, "online_role", SAMPLER_ROLES)
+        checks.integer(self, "seed", 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,14 +190,14 @@ class EvalConfig:
     estimator: str = "rao_blackwell"
 
     def __post_init__(self):
-        _check_int(self, "num_prompts", 1)
-        _check_int(self, "num_samples", 1)
-        _check_int(self, "every", 0)
-        _check_int(self, "log_points", 0)
-        _check_int(self, "log_start", 1)
-        _check_int(self, "batch_size", 1)
-        _check_int(self, "seed", 0)
-        _check_choice(self, "estimator", ESTIMATOR_NAMES)
+        checks.integer(self, "num_prompts", 1)
+        checks.integer(self, "num_samples", 1)
+        checks.integer(self, "every", 0)
+        checks.integer(self, "log_points", 0)
+        checks.integer(self, "log_start", 1)
+        checks.integer(self, "batch_size", 1)
+        checks.integer(self, "seed", 0)
+        checks.choice(self, "estimator", ESTIMATOR_NAMES)
 
     def steps(self, num_steps: int) -> tuple[int, ...]:
         """The sorted evaluation steps of a run of `num_steps` updates (0 and num_steps
@@ -301,7 +253,7 @@ class ExperimentConfig:
                 object.__setattr__(self, field, tuple(sorted(value.items())))
         if not isinstance(self.runs, tuple | list):
             raise ValueError(
-                f"{_where(self, 'runs')} must be a list of RunConfig, e.g. in gin "
+                f"{checks.where(self, 'runs')} must be a list of RunConfig, e.g. in gin "
                 "[@offline/RunConfig()]"
             )
         object.__setattr__(self, "runs", tuple(self.runs))
@@ -311,36 +263,33 @@ class ExperimentConfig:
             raise ValueError(f"ExperimentConfig.runs has duplicate names: {names}")
 
     def _check_fields(self) -> None:
-        if not isinstance(self.name, str) or not self.name:
-            raise ValueError(f"{_where(self, 'name')} must be a non-empty string")
-        _check_choice(self, "task", TASK_NAMES)
+        checks.text(self, "name")
+        checks.choice(self, "task", TASK_NAMES)
         if self.task != "synthetic" and "sentencepiece_model" not in dict(self.task_options):
             raise ValueError(
                 f"ExperimentConfig.task={self.task!r} needs "
                 "ExperimentConfig.task_options['sentencepiece_model'] (the T5 SentencePiece "
                 "model file)"
             )
-        _check_int(self, "max_input_length", 1)
-        _check_int(self, "max_target_length", 1)
+        checks.integer(self, "max_input_length", 1)
+        checks.integer(self, "max_target_length", 1)
         for role in ROLES:
-            _check_type(self, role, ModelSpec)
-        _check_positive(self, "oracle_logit_scale")
-        _check_positive(self, "teacher_logit_scale")
-        _check_int(self, "oracle_data_prompts", 1)
+            checks.instance(self, role, ModelSpec, "in gin: @ModelSpec()")
+        checks.positive(self, "oracle_logit_scale")
+        checks.positive(self, "teacher_logit_scale")
+        checks.integer(self, "oracle_data_prompts", 1)
         for field in ("teacher_sft", "student_sft", "distill"):
-            _check_type(self, field, TrainConfig)
-        _check_int(self, "student_sft_examples", 0)  # 0: all the oracle data
-        _check_int(self, "teacher_sft_examples", 0)
-        _check_int(self, "distill_prompt_pool", 1)
+            checks.instance(self, field, TrainConfig, "in gin: @TrainConfig()")
+        checks.integer(self, "student_sft_examples", 0)  # 0: all the oracle data
+        checks.integer(self, "teacher_sft_examples", 0)
+        checks.integer(self, "distill_prompt_pool", 1)
         for i, run in enumerate(self.runs):
-            if not isinstance(run, RunConfig):
-                raise ValueError(
-                    f"ExperimentConfig.runs[{i}]={run!r} must be a RunConfig (in gin: "
-                    "@<scope>/RunConfig())"
-                )
-        _check_type(self, "evaluation", EvalConfig)
-        _check_choice(self, "guard_mode", GUARD_MODES)
-        _check_int(self, "seed", 0)
+            checks.instance(
+                self, f"runs[{i}]", RunConfig, "in gin: @<scope>/RunConfig()", value=run
+            )
+        checks.instance(self, "evaluation", EvalConfig, "in gin: @EvalConfig()")
+        checks.choice(self, "guard_mode", GUARD_MODES)
+        checks.integer(self, "seed", 0)
 
     def model_config(self, role: str) -> T5Config:
         """The T5Config of `role` ('oracle', 'teacher' or 'student'), its lengths at least

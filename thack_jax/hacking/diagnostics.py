@@ -14,6 +14,8 @@ import dataclasses
 import numpy as np
 from scipy import special
 
+from thack_jax.core import checks
+
 OVERFIT_Z = 3.0  # significance of a proxy rise above its running minimum
 REL_STDERR_FLOOR = 1e-3  # floor on stderr / value, so no point dominates the weighted fit
 # Cap on one standardized residual in the tested window. Above the threshold, so a window
@@ -44,8 +46,8 @@ class DetectorConfig:
     window: int = 3
 
     def __post_init__(self):
-        if self.patience < 1 or self.window < 1:
-            raise ValueError(f"patience and window must be >= 1: {self}")
+        checks.integer(self, "patience", 1)
+        checks.integer(self, "window", 1)
         if not 0.0 < self.fit_fraction < 1.0:
             raise ValueError(f"fit_fraction must be in (0, 1): {self}")
         n_fit = int(self.fit_fraction * self.min_points)

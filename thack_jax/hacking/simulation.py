@@ -10,6 +10,7 @@ import dataclasses
 
 import numpy as np
 
+from thack_jax.core import checks
 from thack_jax.hacking.diagnostics import DetectorConfig, deviation_statistic, verdict
 
 CURVE_KINDS = ("power_law", "flatten", "rise")
@@ -51,17 +52,12 @@ class CurveSpec:
     noise_corr: float = 0.0
 
     def __post_init__(self):
-        if self.spacing not in SPACINGS:
-            raise ValueError(f"spacing={self.spacing!r}; expected 'linear' or 'log'")
-        if not isinstance(self.n_points, int | np.integer) or self.n_points < 1:
-            raise ValueError(f"n_points={self.n_points!r} must be an int >= 1")
-        if not self.noise >= 0:
-            raise ValueError(f"noise={self.noise!r} must be >= 0")
-        if not -1 <= self.noise_corr <= 1:
-            raise ValueError(f"noise_corr={self.noise_corr!r} must be in [-1, 1]")
+        checks.choice(self, "spacing", SPACINGS)
+        checks.integer(self, "n_points", 1)
+        checks.number(self, "noise", 0)
+        checks.number(self, "noise_corr", -1, 1)
         for name in ("break_fraction", "eval_every", "first_step"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name}={getattr(self, name)!r} must be > 0")
+            checks.positive(self, name)
 
 
 def simulate_curve(rng, kind="power_law", spec: CurveSpec = CurveSpec()):

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from thack_jax.core import checks
+
 FEED_FORWARD_KINDS = ("gated-gelu", "relu")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -41,14 +43,9 @@ class T5Config:
     eos_id: int = 1
 
     def __post_init__(self):
-        if self.feed_forward not in FEED_FORWARD_KINDS:
-            raise ValueError(
-                f"T5Config.feed_forward={self.feed_forward!r}; expected one of {FEED_FORWARD_KINDS}"
-            )
-        for field in ("dtype", "param_dtype"):
-            value = getattr(self, field)
-            if value not in DTYPES:
-                raise ValueError(f"T5Config.{field}={value!r}; expected one of {DTYPES}")
+        checks.choice(self, "feed_forward", FEED_FORWARD_KINDS)
+        checks.choice(self, "dtype", DTYPES)
+        checks.choice(self, "param_dtype", DTYPES)
         for field in (
             "vocab_size",
             "d_model",
@@ -59,8 +56,7 @@ class T5Config:
             "num_decoder_layers",
             "relative_attention_num_buckets",
         ):
-            if getattr(self, field) < 1:
-                raise ValueError(f"T5Config.{field}={getattr(self, field)} must be >= 1")
+            checks.integer(self, field, 1)
 
     def replace(self, **overrides) -> T5Config:
         return dataclasses.replace(self, **overrides)

@@ -11,25 +11,11 @@ import dataclasses
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import optax
 
+from thack_jax.core import checks
 from thack_jax.models.config import T5Config
 from thack_jax.training.train_step import StepConfig
-
-
-def _check_int(owner: str, name: str, value, minimum: int | None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise TypeError(f"{owner}.{name} must be an integer, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{owner}.{name} must be >= {minimum}, got {value!r}")
-
-
-def _check_type(owner: str, name: str, value, kind: type) -> None:
-    if not isinstance(value, kind):
-        raise TypeError(
-            f"{owner}.{name} must be a {kind.__name__}, got {type(value).__name__} {value!r}"
-        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,19 +40,19 @@ class LoopConfig:
     seed: int = 0
 
     def __post_init__(self):
-        _check_int("LoopConfig", "num_steps", self.num_steps, 0)
-        _check_int("LoopConfig", "checkpoint_every", self.checkpoint_every, 1)
-        _check_int("LoopConfig", "keep_checkpoints", self.keep_checkpoints, 1)
-        _check_int("LoopConfig", "log_every", self.log_every, 0)
-        _check_int("LoopConfig", "eval_every", self.eval_every, 0)
-        _check_int("LoopConfig", "seed", self.seed, None)
-        _check_type("LoopConfig", "progress", self.progress, bool)
+        checks.integer(self, "num_steps", 0)
+        checks.integer(self, "checkpoint_every", 1)
+        checks.integer(self, "keep_checkpoints", 1)
+        checks.integer(self, "log_every", 0)
+        checks.integer(self, "eval_every", 0)
+        checks.integer(self, "seed")
+        checks.instance(self, "progress", bool)
         if isinstance(self.eval_steps, str | bytes) or not isinstance(self.eval_steps, Collection):
-            raise TypeError(
-                f"LoopConfig.eval_steps must be a collection of steps, got {self.eval_steps!r}"
+            raise checks.FieldTypeError(
+                f"{checks.where(self, 'eval_steps')} must be a collection of steps"
             )
         for step in self.eval_steps:
-            _check_int("LoopConfig", "eval_steps[...]", step, 0)
+            checks.integer(self, "eval_steps[...]", 0, value=step)
         # Frozen: the normalised value is set through object.__setattr__.
         object.__setattr__(self, "eval_steps", frozenset(int(s) for s in self.eval_steps))
 
@@ -93,8 +79,8 @@ class Student:
     learning_rate_fn: Callable | None = None
 
     def __post_init__(self):
-        _check_type("Student", "config", self.config, T5Config)
-        _check_type("Student", "step_config", self.step_config, StepConfig)
+        checks.instance(self, "config", T5Config)
+        checks.instance(self, "step_config", StepConfig)
         if self.init_params is None:
             raise ValueError("Student.init_params is None; pass the initial parameter tree")
         if not (
@@ -120,7 +106,7 @@ class Teacher:
     params: Any
 
     def __post_init__(self):
-        _check_type("Teacher", "config", self.config, T5Config)
+        checks.instance(self, "config", T5Config)
         if self.params is None:
             raise ValueError("Teacher.params is None; pass the teacher's parameter tree")
 

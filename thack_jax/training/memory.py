@@ -41,6 +41,7 @@ import numpy as np
 from jax.sharding import AbstractMesh, AxisType
 
 from thack_jax import models
+from thack_jax.core import checks
 from thack_jax.models.config import T5Config
 from thack_jax.parallel import partitioning
 from thack_jax.training import optim
@@ -153,9 +154,7 @@ class Workload:
     def __post_init__(self):
         counts = ("batch_size", "input_length", "target_length", "num_microbatches", "num_samples")
         for name in counts:
-            value = getattr(self, name)
-            if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"Workload.{name} must be an int >= 1, got {value!r}")
+            checks.integer(self, name, 1)
 
 
 def estimate(

@@ -13,6 +13,8 @@ from collections.abc import Callable
 import jax.numpy as jnp
 import optax
 
+from thack_jax.core import checks
+
 OPTIMIZERS = ("adafactor", "adamw")
 SCHEDULES = ("constant", "cosine", "rsqrt")
 
@@ -109,10 +111,7 @@ class OptimizerConfig:
     momentum: float | None = None
 
     def __post_init__(self):
-        if self.name not in OPTIMIZERS:
-            raise ValueError(
-                f"unknown optimizer {self.name!r}; valid optimizers: {list(OPTIMIZERS)}"
-            )
+        checks.choice(self, "name", OPTIMIZERS)
         if callable(self.learning_rate):
             if (self.warmup_steps, self.schedule, self.total_steps) != (0, "constant", None):
                 raise ValueError(
@@ -122,14 +121,9 @@ class OptimizerConfig:
         else:
             # Fails early, naming the field (the same checks `make_schedule` makes).
             make_schedule(self.learning_rate, self.warmup_steps, self.schedule, self.total_steps)
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if self.clip_norm is not None and not self.clip_norm > 0:
-            raise ValueError(f"clip_norm must be > 0 or None, got {self.clip_norm}")
-        if not isinstance(self.min_dim_size_to_factor, int) or self.min_dim_size_to_factor < 1:
-            raise ValueError(
-                f"min_dim_size_to_factor must be an int >= 1, got {self.min_dim_size_to_factor!r}"
-            )
+        checks.number(self, "weight_decay", 0)
+        checks.optional(checks.positive, self, "clip_norm")
+        checks.integer(self, "min_dim_size_to_factor", 1)
 
     def schedule_fn(self) -> Schedule:
         """The learning rate as a function of the step (the callable, or `make_schedule`)."""

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from thack_jax import models
+from thack_jax.core import checks
 from thack_jax.models.config import T5Config
 from thack_jax.parallel import partitioning
 from thack_jax.training import losses
@@ -52,18 +53,15 @@ class StepConfig:
     num_microbatches: int = 1
 
     def __post_init__(self):
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"unknown objective {self.objective!r}; valid: {list(OBJECTIVES)}")
+        checks.choice(self, "objective", OBJECTIVES)
         kwargs = self.loss_kwargs
         if isinstance(kwargs, Mapping):
             kwargs = tuple(sorted(kwargs.items()))
             object.__setattr__(self, "loss_kwargs", kwargs)
         if "temperature" in dict(kwargs):
             raise ValueError("set the temperature with StepConfig.temperature, not loss_kwargs")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if not isinstance(self.num_microbatches, int) or self.num_microbatches < 1:
-            raise ValueError(f"num_microbatches must be an int >= 1, got {self.num_microbatches}")
+        checks.positive(self, "temperature")
+        checks.integer(self, "num_microbatches", 1)
         if self.objective == "distill":
             self.loss_fn()  # validates the loss name and options now, not at trace time
 

@@ -1,0 +1,1 @@
+"""Layer 1: helpers every other layer may use (standard library only)."""
