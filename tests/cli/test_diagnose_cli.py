@@ -2,44 +2,18 @@
 
 import csv
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from _cli_common import run_light_script
 
 from thack_jax.hacking import diagnostics as d
 from thack_jax.hacking import guard as g
 from thack_jax.hacking.simulation import CurveSpec, simulate_curve
 
-SCRIPT = Path(__file__).resolve().parents[2] / "launch" / "diagnose.py"
-
-# Runs the script in-process under runpy so the test can see what it imported.
-RUNNER = """
-import runpy, sys
-sys.argv = sys.argv[1:]
-try:
-    runpy.run_path(sys.argv[0], run_name="__main__")
-    code = 0
-except SystemExit as e:
-    code = e.code
-heavy = sorted(m for m in ("jax", "tensorflow", "torch", "flax") if m in sys.modules)
-if heavy:
-    print("imported:", heavy)
-    code = 3
-sys.exit(code)
-"""
-
 
 def _run(*args):
-    return subprocess.run(
-        [sys.executable, "-c", RUNNER, str(SCRIPT), *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=SCRIPT.parents[1],
-    )
+    return run_light_script("diagnose", *args, timeout=120)
 
 
 def _write_jsonl(path, steps, proxy, proxy_se, golden=None):

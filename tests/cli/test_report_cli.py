@@ -1,40 +1,15 @@
 """Runs launch/report.py in a subprocess on synthetic workdirs (see reporting/test_report.py)."""
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from _cli_common import run_light_script
 from test_report import make_workdir
-
-SCRIPT = Path(__file__).resolve().parents[2] / "launch" / "report.py"
-
-# Runs the script in-process under runpy so the test can see what it imported.
-RUNNER = """
-import runpy, sys
-sys.argv = sys.argv[1:]
-try:
-    runpy.run_path(sys.argv[0], run_name="__main__")
-    code = 0
-except SystemExit as e:
-    code = e.code
-heavy = sorted(m for m in ("jax", "tensorflow", "torch", "flax") if m in sys.modules)
-if heavy:
-    print("imported:", heavy)
-    code = 3
-sys.exit(code)
-"""
 
 
 def _run(*args):
-    return subprocess.run(
-        [sys.executable, "-c", RUNNER, str(SCRIPT), *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=SCRIPT.parents[1],
-    )
+    return run_light_script("report", *args, timeout=300)
 
 
 def test_two_workdirs_to_out_dir(tmp_path):
