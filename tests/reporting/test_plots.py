@@ -1,23 +1,12 @@
 """Tests of reporting.plots: every plot writes a non-empty PNG (matplotlib only, seconds)."""
 
 import numpy as np
+from test_diagnostics import _curve, _u_golden
 
 from thack_jax.hacking import diagnostics as d
-from thack_jax.hacking.simulation import CurveSpec, simulate_curve
 from thack_jax.reporting import plots
 
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
-def _curve(kind="power_law", noise=0.03, seed=0, **kwargs):
-    return simulate_curve(np.random.default_rng(seed), kind, CurveSpec(noise=noise, **kwargs))
-
-
-def _u_golden(steps, break_step, noise, rng):
-    """Golden [n] falling until `break_step`, then rising; stderr = noise."""
-    x = np.log(steps / break_step)
-    clean = 0.5 + 0.2 * np.where(x < 0, x**2, 0.0) + 0.15 * np.maximum(x, 0.0)
-    return clean + noise * rng.standard_normal(len(steps)), np.full(len(steps), noise)
 
 
 def _is_png(path):
