@@ -118,3 +118,68 @@ def test_guard_stops_a_hacking_run_and_marks_the_best_step(tmp_path):
     )
     assert steps.tolist() == [r["step"] for r in rows]
     np.testing.assert_allclose(values.mean(axis=1), [r["proxy/forward_kl"] for r in rows])
+
+
+class _Crash(Exception):
+    pass
+
+
+class _CrashingEvaluator(_ScriptedEvaluator):
+    """A scripted evaluator that dies (like a killed process) at `crash_step`."""
+
+    def __init__(self, steps, crash_step):
+        super().__init__(steps)
+        self.crash_step = crash_step
+
+    def estimates(self, params):
+        if self.steps[0] == self.crash_step:
+            raise _Crash(f"killed at the evaluation of step {self.crash_step}")
+        return super().estimates(params)
+
+
+def _guard_run_config(**overrides):
+    return tiny_config(
+        distill=TrainConfig(num_steps=24, batch_size=8, warmup_steps=2, checkpoint_every=8),
+        runs=(RunConfig(name="offline", regime="offline", num_prompts=16),),
+        evaluation=EvalConfig(num_prompts=8, num_samples=2, every=1, batch_size=8),
+        **overrides,
+    )
+
+
+@pytest.mark.slow
+def test_guard_record_names_the_first_firing_step(tmp_path):
+    """guard.json says when guard/fired became 1, not the last evaluation (mode 'log' keeps
+    training after the guard fires)."""
+    cfg = _guard_run_config(guard_mode="log")
+    exp = runner.Experiment(cfg, str(tmp_path / "wd"), progress=False)
+    exp.run(stages=("oracle", "oracle_data", "teacher", "student_init"))
+    metrics_path = exp.stage_distill(cfg.runs[0], _ScriptedEvaluator(cfg.evaluation.steps(24)))
+    rows = [r for r in read_metrics(metrics_path) if r.get("guard/fired") == 1.0]
+    assert rows and rows[-1]["step"] == 24 and rows[0]["step"] < 24
+    with open(os.path.join(os.path.dirname(os.path.dirname(metrics_path)), "guard.json")) as f:
+        record = json.load(f)
+    assert record["fired_at_eval_step"] == rows[0]["step"]
+    assert record["last_eval_step"] == 24
+
+
+@pytest.mark.slow
+def test_first_resume_after_a_crash_between_checkpoints_finishes(tmp_path):
+    """Killed after evaluations were logged past the last checkpoint (step 8), the first
+    rerun restores step 8, repeats steps 9-10 and finishes; every step is logged once and
+    the metrics equal an uninterrupted run's (the guard replays only evaluations <= 8)."""
+    cfg = _guard_run_config(guard_mode="log")
+    steps = cfg.evaluation.steps(24)
+    clean = runner.Experiment(cfg, str(tmp_path / "clean"), progress=False)
+    clean.run(stages=("oracle", "oracle_data", "teacher", "student_init"))
+    expected = read_metrics(clean.stage_distill(cfg.runs[0], _ScriptedEvaluator(steps)))
+
+    exp = runner.Experiment(cfg, str(tmp_path / "wd"), progress=False)
+    exp.run(stages=("oracle", "oracle_data", "teacher", "student_init"))
+    with pytest.raises(_Crash):
+        exp.stage_distill(cfg.runs[0], _CrashingEvaluator(steps, crash_step=11))
+    logged = [r["step"] for r in read_metrics(exp.path("runs", "offline", "train"))]
+    assert logged[-1] == 10  # evaluations 9 and 10 were logged after the checkpoint at 8
+    metrics_path = exp.stage_distill(cfg.runs[0], _ScriptedEvaluator([s for s in steps if s > 8]))
+    rows = read_metrics(metrics_path)
+    assert [r["step"] for r in rows] == [r["step"] for r in expected]
+    assert rows == expected

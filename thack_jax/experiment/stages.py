@@ -297,16 +297,27 @@ def distill(ctx: StageContext, run: RunConfig, evaluator: Evaluator) -> float:
         if step >= first_step and metrics[GUARD_KEY] > 0:
             last["result"] = guard.update(step, metrics[GUARD_KEY], per_prompt=per_prompt)
             last["step"] = step
+            if last["result"].fired and "fired_at" not in last:
+                last["fired_at"] = step  # the first evaluation with guard/fired = 1
             return last["result"]
         return None
 
-    if os.path.exists(metrics_path):  # Resume: the guard's state is the logged curve.
+    def replay_logged_evaluations(before_step):
+        # Resume: the guard's state is the logged curve up to the restored checkpoint. Read
+        # at the first evaluation after the restore, when the trainer has already dropped
+        # the lines logged after that checkpoint (a crash between two checkpoints leaves
+        # evaluations the rerun repeats; replaying those too broke the first resume).
+        last["replayed"] = True
+        if not os.path.exists(metrics_path):
+            return
         for row in read_metrics(metrics_path):
-            if GUARD_KEY in row:
+            if GUARD_KEY in row and row["step"] < before_step:
                 saved = noise.read_per_prompt(per_prompt_dir, row["step"])
                 update_guard(row["step"], row, saved[GUARD_KEY])
 
     def eval_fn(step, params):
+        if "replayed" not in last:
+            replay_logged_evaluations(step)
         estimates = evaluator.estimates(params)
         metrics = metrics_of(estimates)
         per_prompt = {key: est.per_prompt for key, est in estimates.items()}
@@ -326,7 +337,11 @@ def distill(ctx: StageContext, run: RunConfig, evaluator: Evaluator) -> float:
         # The oracle-free rule's best checkpoint, for the user (guard_mode 'stop' keeps it).
         write_json(
             os.path.join(out, "guard.json"),
-            {"fired_at_eval_step": last["step"], "best_step": result.best_step},
+            {
+                "fired_at_eval_step": last["fired_at"],
+                "best_step": result.best_step,
+                "last_eval_step": last["step"],
+            },
         )
         return bool(result.should_stop)
 
