@@ -38,7 +38,7 @@ import numpy as np
 from thack_jax.core import checks
 from thack_jax.data.generation import OnlineSource
 from thack_jax.data.offline_store import OfflineStore
-from thack_jax.data.regime_names import Regime, check_sampler_role
+from thack_jax.data.regime_names import SAMPLER_ROLES, Regime
 from thack_jax.data.row_streams import (
     MIX_SALT,
     OfflineSource,
@@ -157,7 +157,7 @@ class SourceConfig:
         checks.integer(self, "seed")
         checks.optional(checks.integer, self, "num_epochs", 0)
         checks.optional(checks.number, self, "online_fraction", 0, 1)
-        check_sampler_role(self.online_role, "SourceConfig.online_role")
+        checks.choice(self, "online_role", SAMPLER_ROLES)
         checks.positive(self, "distill_temperature")
 
 

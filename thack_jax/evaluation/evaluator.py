@@ -35,9 +35,7 @@ from thack_jax.core import checks
 from thack_jax.decoding import sampling, scoring
 from thack_jax.decoding.settings import SamplingConfig
 from thack_jax.evaluation import divergences
-from thack_jax.models import api as model_api
 from thack_jax.models.config import T5Config
-from thack_jax.models.network import T5
 from thack_jax.parallel import partitioning
 
 ESTIMATORS = ("rao_blackwell", "plain")
@@ -66,9 +64,7 @@ def _encode(config, params, inputs, num_samples):
 
 def _decode_logprobs(config, params, encoded, inputs, targets):
     """Teacher-forced full log-probs [B*n, L, V] of targets [B*n, L] from encoded prompts."""
-    logits = model_api.module(config).apply(
-        {"params": params}, encoded, inputs, models.shift_right(targets), method=T5.decode
-    )
+    logits = models.decode_logits(config, params, encoded, inputs, targets)
     return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
 
 

@@ -2,6 +2,7 @@
 
 from thack_jax.models.api import (
     count_params,
+    decode_logits,
     decode_step,
     encode,
     init_cache,
@@ -17,6 +18,7 @@ __all__ = [
     "NAMED_CONFIGS",
     "T5Config",
     "count_params",
+    "decode_logits",
     "decode_step",
     "encode",
     "get_config",

@@ -74,6 +74,17 @@ def logits(config: T5Config, params: dict, inputs: jax.Array, targets: jax.Array
     return module(config).apply({"params": params}, inputs, shift_right(targets))
 
 
+def decode_logits(
+    config: T5Config, params: dict, encoded: jax.Array, inputs: jax.Array, targets: jax.Array
+) -> jax.Array:
+    """Teacher-forced logits from already encoded prompts: encoded [B, Lx, D], inputs
+    [B, Lx] (their padding mask), targets [B, Ly] -> [B, Ly, V]. `logits` without the
+    encoder, for callers that decode several response sets of one encoding."""
+    return module(config).apply(
+        {"params": params}, encoded, inputs, shift_right(targets), method=T5.decode
+    )
+
+
 def init_cache(
     config: T5Config, params: dict, encoded: jax.Array, inputs: jax.Array, max_decode_len: int
 ) -> dict:
