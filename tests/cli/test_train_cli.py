@@ -1,6 +1,8 @@
 """launch/train.py refuses a bad configuration before any stage runs: one line naming the
 field, a non-zero exit status, and nothing written to the workdir."""
 
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -65,3 +67,32 @@ def test_existing_workdir_is_left_untouched(tmp_path):
     assert result.returncode != 0
     assert "EvalConfig.estimator='rb' must be one of rao_blackwell, plain" in result.stderr
     assert sorted(p.name for p in workdir.iterdir()) == ["notes.txt"]
+
+
+@pytest.mark.slow
+def test_sigterm_exits_non_zero_saying_rerun_to_resume(tmp_path):
+    workdir = tmp_path / "wd"
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT), "--gin_file=experiments/default.gin", f"--workdir={workdir}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        for line in proc.stdout:  # the signal lands in oracle_data or the teacher's SFT
+            if line.startswith("[thack_jax] stage oracle done"):
+                proc.send_signal(signal.SIGTERM)
+                break
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    assert re.fullmatch(
+        r"train\.py: interrupted by SIGTERM (before stage teacher|during the teacher SFT at "
+        r"step \d+ of \d+ \(checkpoint saved\)); rerun the same command to resume",
+        last,
+    ), last
+    assert "Traceback" not in stderr
+    assert not (workdir / "teacher" / "COMPLETE.json").exists()
+    assert not (workdir / "student_init").exists()  # no later stage ran

@@ -8,9 +8,16 @@ Gin files are looked up in --gin_search_paths, then in the repository's gin_conf
 A configuration error (a gin file that does not parse, a field the config dataclasses
 refuse, an unknown stage or run) stops it before anything is written to the workdir, with
 one line `train.py: error: <dataclass>.<field>=<value> ...` and exit status 1.
+
+SIGTERM (preemption, `timeout`) or SIGINT (Ctrl-C): the running training step finishes and
+is checkpointed, no stage is marked complete, no later stage runs, and it exits with status
+128 + the signal (143 / 130) and `train.py: interrupted by SIGTERM during distillation run
+<name> at step <k> of <n> (checkpoint saved); rerun the same command to resume`.
 """
 
 from __future__ import annotations
+
+import sys
 
 from absl import app, flags, logging
 
@@ -56,7 +63,14 @@ def main(argv):
     except ValueError as e:
         raise SystemExit(f"train.py: error: {e}") from None
     print(f"[thack_jax] experiment {cfg.name} -> {FLAGS.workdir}, stages {stages}", flush=True)
-    runner.Experiment(cfg, FLAGS.workdir).run(stages, runs=FLAGS.runs)
+    from thack_jax.core import interrupt
+
+    try:
+        runner.Experiment(cfg, FLAGS.workdir).run(stages, runs=FLAGS.runs)
+    except interrupt.Interrupted as e:
+        # Preemption is not success: no stage was marked complete, the status says so.
+        print(f"train.py: {e}", file=sys.stderr, flush=True)
+        sys.exit(e.exit_code)
 
 
 def run() -> None:

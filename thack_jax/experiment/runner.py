@@ -20,13 +20,12 @@ bookkeeping; the work of each stage is in stages.py. Workdir layout:
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 
 import numpy as np
 
+from thack_jax.core import interrupt, storage
 from thack_jax.evaluation.evaluator import EvalSettings, Evaluator
 from thack_jax.experiment import stages as stage_work
 from thack_jax.experiment.config import ROLES, ExperimentConfig, RunConfig, diff, to_json
@@ -39,8 +38,28 @@ SHARED_STAGES = ("oracle", "oracle_data", "teacher", "student_init")
 STAGES = (*SHARED_STAGES, "distill", "report")
 
 
+# The artifact each shared stage leaves for later stages, and the stages each one reads.
+STAGE_OUTPUTS = {
+    "oracle": "oracle/model",
+    "oracle_data": "oracle_data",
+    "teacher": "teacher/model",
+    "student_init": "student_init/model",
+}
+STAGE_INPUTS = {
+    "oracle": (),
+    "oracle_data": ("oracle",),
+    "teacher": ("oracle_data",),
+    "student_init": ("oracle_data",),
+    "distill": ("oracle", "teacher", "student_init"),
+}
+
+
 class ExperimentMismatchError(ValueError):
     """The workdir holds stages of an experiment with another configuration."""
+
+
+class ChangedInputError(ExperimentMismatchError):
+    """A file a finished stage wrote was changed (or damaged) before a later stage read it."""
 
 
 def _shared_section(cfg: ExperimentConfig) -> dict:
@@ -75,12 +94,11 @@ def check_models(cfg: ExperimentConfig) -> None:
 
 def check_workdir(cfg: ExperimentConfig, workdir: str) -> None:
     """Writes experiment.json, or refuses a workdir made under another configuration."""
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, "experiment.json")
+    storage.makedirs(workdir)
+    path = storage.join(workdir, "experiment.json")
     requested = _shared_section(cfg)
-    if os.path.exists(path):
-        with open(path) as f:
-            stored = json.load(f)
+    if storage.exists(path):
+        stored = storage.read_json(path)
         differences = diff(stored, requested)
         if differences:
             raise ExperimentMismatchError(
@@ -92,11 +110,10 @@ def check_workdir(cfg: ExperimentConfig, workdir: str) -> None:
 
 
 def _is_complete(directory: str, fp: str) -> bool:
-    path = os.path.join(directory, "COMPLETE.json")
-    if not os.path.exists(path):
+    path = storage.join(directory, "COMPLETE.json")
+    if not storage.exists(path):
         return False
-    with open(path) as f:
-        stored = json.load(f).get("fingerprint")
+    stored = storage.read_json(path).get("fingerprint")
     if stored != fp:
         raise ExperimentMismatchError(
             f"{path} was written under configuration {stored}, this run is {fp}; the stage "
@@ -106,55 +123,119 @@ def _is_complete(directory: str, fp: str) -> bool:
 
 
 def _mark_complete(directory: str, fp: str, **info) -> None:
-    stage_work.write_json(os.path.join(directory, "COMPLETE.json"), {"fingerprint": fp, **info})
+    stage_work.write_json(storage.join(directory, "COMPLETE.json"), {"fingerprint": fp, **info})
+
+
+def file_digests(root: str) -> dict[str, str]:
+    """{path relative to `root`: sha256} of every file under the folder `root` (but the
+    stage's own COMPLETE.json, where a stage's output is its whole folder)."""
+    digests = {}
+    for name in storage.listdir(root):
+        if name == "COMPLETE.json":
+            continue
+        path = storage.join(root, name)
+        if storage.isdir(path):
+            digests.update({f"{name}/{k}": v for k, v in file_digests(path).items()})
+        else:
+            digests[name] = storage.file_digest(path)
+    return digests
 
 
 class Experiment(stage_work.StageContext):
     """Runs the stages of one ExperimentConfig in one workdir: skips the complete ones (their
-    COMPLETE.json fingerprint must match) and marks the ones it finishes."""
+    COMPLETE.json fingerprint must match) and marks the ones it finishes.
+
+    A finished shared stage records the sha256 of every file it left for later stages
+    (`STAGE_OUTPUTS`) in its COMPLETE.json; a stage that reads them first checks that they
+    are unchanged (ChangedInputError naming the file otherwise), and its own fingerprint
+    covers those digests, so a retrained teacher invalidates the distillation runs made
+    from the old one instead of being silently mixed with them."""
 
     def __init__(self, cfg: ExperimentConfig, workdir: str, progress: bool = True):
         super().__init__(cfg, workdir, partitioning.make_mesh(dict(cfg.mesh_shape)), progress)
         check_models(cfg)
         check_workdir(cfg, workdir)
+        self._verified: dict[str, dict[str, str]] = {}  # stage -> its checked output digests
+
+    # ------------------------------------------------------------- bookkeeping
+    def stage_outputs(self, stage: str) -> dict[str, str]:
+        """The digests `stage` recorded for its output, checked against the files now."""
+        if stage in self._verified:
+            return self._verified[stage]
+        marker = self.path(stage, "COMPLETE.json")
+        output = STAGE_OUTPUTS[stage]
+        if not storage.exists(marker):
+            raise ExperimentMismatchError(
+                f"{self.path(output)} is read by a later stage but stage {stage!r} is not "
+                f"complete ({marker} missing); run --stages={stage} first"
+            )
+        recorded = storage.read_json(marker).get("outputs")
+        if recorded is None:
+            raise ExperimentMismatchError(
+                f"{marker} records no output digests (written by an older thack_jax); "
+                "use a new workdir"
+            )
+        current = file_digests(self.path(output))
+        for name in sorted(set(recorded) | set(current)):
+            if recorded.get(name) != current.get(name):
+                path = self.path(output, name)
+                what = "is missing" if name not in current else "was changed or damaged"
+                if name not in recorded:
+                    what = "was added"
+                raise ChangedInputError(
+                    f"{path} {what} after stage {stage!r} finished (sha256 recorded "
+                    f"{recorded.get(name)}, now {current.get(name)}); restore it, or delete "
+                    f"{marker} to redo the stage (and the stages after it)"
+                )
+        self._verified[stage] = recorded
+        return recorded
+
+    def inputs_of(self, stage: str) -> dict[str, dict[str, str]]:
+        """{producing stage: its checked output digests} for everything `stage` reads."""
+        return {producer: self.stage_outputs(producer) for producer in STAGE_INPUTS[stage]}
+
+    def _run_shared(self, stage: str, fp_parts: list, work) -> None:
+        """Skips `stage` if complete under this configuration and these inputs, else runs
+        `work()` (returning extra COMPLETE.json fields) and marks it complete."""
+        out = self.path(stage)
+        fp = config_fingerprint([*fp_parts, self.inputs_of(stage)])
+        if _is_complete(out, fp):
+            self.stage_outputs(stage)  # a damaged output is found now, not by its reader
+            return
+        info = work() or {}
+        outputs = file_digests(self.path(STAGE_OUTPUTS[stage]))
+        _mark_complete(out, fp, outputs=outputs, **info)
+        self._verified[stage] = outputs
 
     # ------------------------------------------------------------------ stages
     def stage_oracle(self) -> None:
-        cfg, out = self.cfg, self.path("oracle")
-        fp = config_fingerprint([cfg.oracle, cfg.oracle_logit_scale])
-        if _is_complete(out, fp):
-            return
-        stage_work.oracle(self)
-        _mark_complete(out, fp)
+        cfg = self.cfg
+        self._run_shared(
+            "oracle", [cfg.oracle, cfg.oracle_logit_scale], lambda: stage_work.oracle(self)
+        )
 
     def stage_oracle_data(self) -> None:
-        cfg, out = self.cfg, self.path("oracle_data")
-        fp = config_fingerprint([cfg.oracle, cfg.oracle_logit_scale, cfg.oracle_data_prompts])
-        if _is_complete(out, fp):
-            return
-        stage_work.oracle_data(self)
-        _mark_complete(out, fp)
+        cfg = self.cfg
+        parts = [cfg.oracle, cfg.oracle_logit_scale, cfg.oracle_data_prompts]
+        self._run_shared("oracle_data", parts, lambda: stage_work.oracle_data(self))
 
     def stage_sft(self, role: str) -> None:
         """SFT of `role` ('teacher' or 'student') on the oracle data -> <dir>/model."""
         cfg, s = self.cfg, stage_work.sft_settings(self.cfg, role)
-        fp = config_fingerprint([s.spec, s.train, s.limit, cfg.oracle_data_prompts, s.logit_scale])
-        if _is_complete(self.path(s.directory), fp):
-            return
-        n = stage_work.sft(self, role)
-        _mark_complete(self.path(s.directory), fp, sft_examples=n)
+        parts = [s.spec, s.train, s.limit, cfg.oracle_data_prompts, s.logit_scale]
+        self._run_shared(s.directory, parts, lambda: {"sft_examples": stage_work.sft(self, role)})
 
     def eval_prompts(self) -> np.ndarray:
         """Held-out prompts (validation split, fixed by the eval seed), cached as .npy."""
         path = self.path("eval_prompts.npy")
         ev = self.cfg.evaluation
         prompts = self.prompts("validation", ev.num_prompts, ev.seed)
-        if os.path.exists(path):
-            stored = np.load(path, allow_pickle=False)
+        if storage.exists(path):
+            stored = storage.load_npy(path)
             if not np.array_equal(stored, prompts):
                 raise ExperimentMismatchError(f"{path} differs from the configured eval prompts")
         else:
-            np.save(path, prompts, allow_pickle=False)
+            storage.save_npy(path, prompts)
         return prompts
 
     def evaluator(self) -> Evaluator:
@@ -178,41 +259,50 @@ class Experiment(stage_work.StageContext):
         """One distillation run with periodic evaluation; returns its metrics path."""
         cfg = self.cfg
         out = self.path("runs", run.name)
-        fp = config_fingerprint([run, cfg.distill, cfg.evaluation, cfg.guard_mode])
-        metrics_path = os.path.join(out, "train", "metrics.jsonl")
+        inputs = self.inputs_of("distill")
+        fp = config_fingerprint([run, cfg.distill, cfg.evaluation, cfg.guard_mode, inputs])
+        metrics_path = storage.join(out, "train", "metrics.jsonl")
         stage_work.write_guard_settings(self, out)  # also for a finished run: the report reads it
         if _is_complete(out, fp):
             return metrics_path
-        stage_work.write_json(os.path.join(out, "run.json"), to_json(run))
+        stage_work.write_json(storage.join(out, "run.json"), to_json(run))
         seconds = stage_work.distill(self, run, evaluator or self.evaluator())
         _mark_complete(out, fp, wall_seconds=round(seconds, 1))
         return metrics_path
 
     # --------------------------------------------------------------------- run
     def run(self, stages=STAGES, runs: tuple[str, ...] | None = None) -> None:
+        """Runs the selected stages in order. SIGTERM / SIGINT: the current step is saved,
+        no stage is marked complete, no later stage runs, and interrupt.Interrupted is
+        raised (the entry point turns it into exit status 128 + the signal)."""
         check_selection(self.cfg, stages, runs)
-        timings = {}
-        for stage in STAGES:
-            if stage not in stages:
-                continue
-            start = time.time()
-            logger.info("stage %s", stage)
-            if stage == "oracle":
-                self.stage_oracle()
-            elif stage == "oracle_data":
-                self.stage_oracle_data()
-            elif stage == "teacher":
-                self.stage_sft("teacher")
-            elif stage == "student_init":
-                self.stage_sft("student")
-            elif stage == "distill":
-                selected = [r for r in self.cfg.runs if runs is None or r.name in runs]
-                evaluator = self.evaluator() if selected else None
-                for run in selected:
-                    self.stage_distill(run, evaluator)
-            elif stage == "report":
-                from thack_jax.reporting import report
+        with interrupt.handling():
+            for stage in STAGES:
+                if stage in stages:
+                    interrupt.check(f"before stage {stage}")
+                    self._run_stage(stage, runs)
 
-                report.write_report([self.workdir], self.workdir)
-            timings[stage] = round(time.time() - start, 1)
-            print(f"[thack_jax] stage {stage} done in {timings[stage]} s", flush=True)
+    def _run_stage(self, stage: str, runs: tuple[str, ...] | None) -> None:
+        start = time.time()
+        logger.info("stage %s", stage)
+        if stage == "oracle":
+            self.stage_oracle()
+        elif stage == "oracle_data":
+            self.stage_oracle_data()
+        elif stage == "teacher":
+            self.stage_sft("teacher")
+        elif stage == "student_init":
+            self.stage_sft("student")
+        elif stage == "distill":
+            selected = [r for r in self.cfg.runs if runs is None or r.name in runs]
+            self.inputs_of("distill")  # the models are checked before the evaluator loads them
+            evaluator = self.evaluator() if selected else None
+            for run in selected:
+                interrupt.check(f"before distillation run {run.name}")
+                self.stage_distill(run, evaluator)
+        elif stage == "report":
+            from thack_jax.reporting import report
+
+            report.write_report([self.workdir], self.workdir)
+        seconds = round(time.time() - start, 1)
+        print(f"[thack_jax] stage {stage} done in {seconds} s", flush=True)

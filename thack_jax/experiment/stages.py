@@ -10,8 +10,6 @@ last chunk. The workdir layout is in experiment.py's docstring.
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from typing import NamedTuple
 
@@ -19,6 +17,7 @@ import jax
 import numpy as np
 
 from thack_jax import models
+from thack_jax.core import interrupt, storage
 from thack_jax.data import generation, regimes, synthetic
 from thack_jax.data.offline_store import OfflineStore
 from thack_jax.decoding.settings import SamplingConfig
@@ -35,11 +34,18 @@ GUARD_KEY = "proxy/forward_kl"
 
 
 def write_json(path: str, value) -> None:
-    """Writes `value` to `path` atomically (temporary file + os.replace)."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(value, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    """Writes `value` to `path` atomically, local or gs:// (core/storage.py)."""
+    storage.write_json(path, value)
+
+
+def stop_if_interrupted(result: trainer.TrainResult, what: str, num_steps: int) -> None:
+    """Raises Interrupted when SIGTERM/SIGINT stopped `result`'s training: its checkpoint is
+    saved, and nothing after it (export, completion marker, later stages) may run."""
+    if result.interrupted:
+        raise interrupt.Interrupted(
+            interrupt.requested(),
+            f"during {what} at step {int(result.state.step)} of {num_steps} (checkpoint saved)",
+        )
 
 
 class StageContext:
@@ -53,7 +59,7 @@ class StageContext:
         self.progress = progress
 
     def path(self, *parts) -> str:
-        return os.path.join(self.workdir, *parts)
+        return storage.join(self.workdir, *parts)
 
     def prompts(self, split: str, num: int, seed: int) -> np.ndarray:
         """[num, max_input_length] int32 prompts of the task."""
@@ -211,6 +217,7 @@ def sft(ctx: StageContext, role: str) -> int:
         ),
         mesh=ctx.mesh,
     )
+    stop_if_interrupted(result, f"the {role} SFT", tc.num_steps)
     params = jax.tree.map(np.array, result.state.params)
     if s.logit_scale != 1.0:
         if config.tie_word_embeddings:
@@ -228,9 +235,8 @@ def write_guard_settings(ctx: StageContext, run_dir: str) -> None:
     launch/diagnose.py, so it is written even for a finished run)."""
     guard = HackingGuard(mode=ctx.cfg.guard_mode)
     first_step = fit_start_step(ctx.cfg.distill.warmup_steps)
-    os.makedirs(run_dir, exist_ok=True)
     settings = guard_settings(first_step, GUARD_KEY, guard.config)
-    write_json(os.path.join(run_dir, GUARD_FILE), settings)
+    write_json(storage.join(run_dir, GUARD_FILE), settings)
 
 
 def distill_source(ctx: StageContext, run: RunConfig, teacher, student_config):
@@ -281,13 +287,13 @@ def distill(ctx: StageContext, run: RunConfig, evaluator: Evaluator) -> float:
     to the end of training."""
     cfg, tc = ctx.cfg, ctx.cfg.distill
     out = ctx.path("runs", run.name)
-    metrics_path = os.path.join(out, "train", "metrics.jsonl")
+    metrics_path = storage.join(out, "train", "metrics.jsonl")
     guard = HackingGuard(mode=cfg.guard_mode)
     first_step = fit_start_step(tc.warmup_steps)
     teacher = ctx.load_model("teacher")
     student_config, student_params = ctx.load_model("student_init")
     last = {}
-    per_prompt_dir = os.path.join(out, "train", noise.PER_PROMPT_DIR)
+    per_prompt_dir = storage.join(out, "train", noise.PER_PROMPT_DIR)
 
     def update_guard(step, metrics, per_prompt):
         # The law holds after warmup; a non-positive estimate has no place in log-log axes.
@@ -308,7 +314,7 @@ def distill(ctx: StageContext, run: RunConfig, evaluator: Evaluator) -> float:
         # the lines logged after that checkpoint (a crash between two checkpoints leaves
         # evaluations the rerun repeats; replaying those too broke the first resume).
         last["replayed"] = True
-        if not os.path.exists(metrics_path):
+        if not storage.exists(metrics_path):
             return
         for row in read_metrics(metrics_path):
             if GUARD_KEY in row and row["step"] < before_step:
@@ -336,7 +342,7 @@ def distill(ctx: StageContext, run: RunConfig, evaluator: Evaluator) -> float:
             return False
         # The oracle-free rule's best checkpoint, for the user (guard_mode 'stop' keeps it).
         write_json(
-            os.path.join(out, "guard.json"),
+            storage.join(out, "guard.json"),
             {
                 "fired_at_eval_step": last["fired_at"],
                 "best_step": result.best_step,
@@ -353,8 +359,8 @@ def distill(ctx: StageContext, run: RunConfig, evaluator: Evaluator) -> float:
         temperature=tc.temperature,
         num_microbatches=tc.num_microbatches,
     )
-    trainer.train(
-        workdir=os.path.join(out, "train"),
+    result = trainer.train(
+        workdir=storage.join(out, "train"),
         student=trainer.Student(student_config, student_params, opt, step_config, schedule),
         source=distill_source(ctx, run, teacher, student_config),
         loop=trainer.LoopConfig(
@@ -368,4 +374,5 @@ def distill(ctx: StageContext, run: RunConfig, evaluator: Evaluator) -> float:
         hooks=trainer.Hooks(eval_fn, stop=(stop_hook,)),
         mesh=ctx.mesh,
     )
+    stop_if_interrupted(result, f"distillation run {run.name}", tc.num_steps)
     return time.time() - start

@@ -1,9 +1,10 @@
 """The training loop: `train` runs the jitted step of train_step.py over a batch source.
 
 `train` resumes from the newest good checkpoint, writes one metrics line per step,
-evaluates, runs stop hooks, saves periodically and on SIGTERM, and refuses to go on (or
-save) after a non-finite loss. It dispatches each update before reading the previous
-update's metrics, so the host prepares batches while the device computes. Its arguments
+evaluates, runs stop hooks, saves periodically and on SIGTERM / SIGINT (core/interrupt.py),
+and refuses to go on (or save) after a non-finite loss. It dispatches each update before
+reading the previous update's metrics, so the host prepares batches while the device
+computes. Its arguments
 are the frozen values of loop_config.py (re-exported here): `Student`, `LoopConfig`,
 `Teacher`, `Hooks`. Batches come from a `BatchSource` (`ArraySource` here, the
 distillation regimes of data/, built by `regimes.make_source`).
@@ -13,9 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import signal
-import threading
 from collections.abc import Mapping
 from typing import Protocol
 
@@ -24,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from thack_jax import models
+from thack_jax.core import interrupt, storage
 from thack_jax.parallel import partitioning
 from thack_jax.training import checkpoints
 from thack_jax.training.loop_config import Hooks, LoopConfig, Student, Teacher
@@ -148,7 +147,8 @@ class NonFiniteLossError(FloatingPointError):
 class TrainResult:
     state: TrainState
     metrics_path: str
-    stopped_early: bool
+    stopped_early: bool  # by a stop hook or a signal
+    interrupted: bool = False  # by SIGTERM / SIGINT: the caller must not call the run done
 
 
 def _place_batch(mesh, batch: Mapping) -> dict[str, jax.Array]:
@@ -182,30 +182,6 @@ def _check_params(params, shapes, what: str) -> None:
 def _run_hooks(hooks, step: int, metrics: Mapping[str, float]) -> bool:
     """Calls every hook (none is skipped); True when any asks to stop."""
     return any([bool(hook(step, metrics)) for hook in hooks])
-
-
-class _StopSignal:
-    """Sets a flag on SIGTERM (finish the step, save, exit); restores the old handler."""
-
-    def __init__(self):
-        self.received = False
-        self._old = None
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGTERM, self._handle)
-        else:
-            logger.warning("not in the main thread: SIGTERM will not checkpoint")
-        return self
-
-    def _handle(self, signum, frame):
-        logger.warning("SIGTERM received: finishing this step, then checkpointing")
-        self.received = True
-
-    def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
-        return False
 
 
 class _Steps:
@@ -301,7 +277,8 @@ def train(
     holds the train metrics of update k, plus eval metrics when `hooks.eval_fn(k, params)`
     ran at k (the steps of `LoopConfig`, and step 0 before training, which gets its own
     line; `hooks=None`: no evaluations). `hooks.stop` (called after each eval) can stop the
-    run early; so can SIGTERM. Either way a checkpoint of the current step is saved and the
+    run early; so can SIGTERM / SIGINT (then also `interrupted=True`: the caller must not
+    treat the run as finished). Either way a checkpoint of the current step is saved and the
     result has `stopped_early=True`. Checkpoints: every `loop.checkpoint_every` steps and at
     the end, newest `loop.keep_checkpoints` kept. Raises NonFiniteLossError naming the
     first update with a NaN/Inf loss or gradient norm; no checkpoint includes that update.
@@ -312,9 +289,9 @@ def train(
     """
     hooks = Hooks() if hooks is None else hooks
     _check_arguments(student, source, loop, teacher, hooks)
-    os.makedirs(workdir, exist_ok=True)
+    storage.makedirs(workdir)
     shardings = state_shardings(mesh, student.config, student.optimizer)
-    ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), loop.keep_checkpoints)
+    ckpt = checkpoints.Checkpointer(storage.join(workdir, "checkpoints"), loop.keep_checkpoints)
     writer = MetricsWriter(workdir)
     try:
         state, resumed = _initial_state(student, source, ckpt, shardings, loop.seed)
@@ -332,7 +309,7 @@ def train(
         bar = Progress(loop.num_steps, start, enabled=loop.progress and jax.process_index() == 0)
         steps = _Steps(loop, ckpt, writer, bar)
         stopped = False
-        with _StopSignal() as sigterm:
+        with interrupt.handling():
             if start == 0 and hooks.eval_fn is not None:
                 metrics = dict(hooks.eval_fn(0, state.params))
                 writer.write(0, metrics)
@@ -342,7 +319,7 @@ def train(
             done = start
             pending = None  # (step, device metrics) of the newest update, not yet read
             while done < loop.num_steps and not stopped:
-                if pending is not None and sigterm.received:
+                if pending is not None and interrupt.requested():
                     # Update `done` is dispatched and its state not yet given to the next
                     # one: finish it and save it, as if the signal came after it.
                     steps.finish(*pending)
@@ -370,11 +347,15 @@ def train(
                 if evaluate:
                     metrics.update(hooks.eval_fn(done, state.params))
                 steps.log(done, metrics, always=evaluate or final)
-                stopped = (evaluate and _run_hooks(hooks.stop, done, metrics)) or sigterm.received
+                stopped = (evaluate and _run_hooks(hooks.stop, done, metrics)) or bool(
+                    interrupt.requested()
+                )
                 if final or stopped or done % loop.checkpoint_every == 0:
                     ckpt.save(done, state, source.state_dict())
             ckpt.wait_until_finished()
     finally:
         ckpt.close()
         writer.close()
-    return TrainResult(state=state, metrics_path=writer.path, stopped_early=stopped)
+    # A signal that came after the last update stopped nothing: the run is complete.
+    interrupted = interrupt.requested() is not None and done < loop.num_steps
+    return TrainResult(state, writer.path, stopped_early=stopped, interrupted=interrupted)
