@@ -30,7 +30,7 @@ from thack_jax.evaluation.evaluator import EvalSettings, Evaluator
 from thack_jax.experiment import stages as stage_work
 from thack_jax.experiment.config import ROLES, ExperimentConfig, RunConfig, diff, to_json
 from thack_jax.experiment.config import fingerprint as config_fingerprint
-from thack_jax.parallel import partitioning
+from thack_jax.parallel import distributed, partitioning
 
 logger = logging.getLogger(__name__)
 
@@ -155,6 +155,7 @@ class Experiment(stage_work.StageContext):
         super().__init__(cfg, workdir, partitioning.make_mesh(dict(cfg.mesh_shape)), progress)
         check_models(cfg)
         check_workdir(cfg, workdir)
+        distributed.check_shared_workdir(workdir)  # multi-process: one workdir, or refuse
         self._verified: dict[str, dict[str, str]] = {}  # stage -> its checked output digests
 
     # ------------------------------------------------------------- bookkeeping

@@ -328,3 +328,47 @@ def barrier(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+
+
+class WorkdirNotSharedError(RuntimeError):
+    """The processes of a multi-process run do not see the same workdir."""
+
+
+SHARED_CHECK_DIR = ".shared_check"
+
+
+def check_shared_workdir(workdir: str) -> None:
+    """Refuses a workdir that the processes of this run do not share; a no-op for one process.
+
+    Every process saves its shards of the same checkpoints and reads the stage outputs that
+    process 0 wrote, so a folder on each host's local disk silently splits the run into
+    copies that vanish with the VMs. Process 0 writes a random token file into the workdir;
+    every process must read the same token back. Costs one small write and read.
+    """
+    if jax.process_count() == 1:
+        return
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    from thack_jax.core import storage
+
+    token = multihost_utils.broadcast_one_to_all(np.frombuffer(os.urandom(8), np.uint8))
+    name = bytes(np.asarray(token, np.uint8)).hex()
+    path = storage.join(workdir, SHARED_CHECK_DIR, name)
+    if jax.process_index() == 0:
+        storage.write_atomic(path, name)
+    barrier(f"shared_workdir_write_{name}")
+    sees = storage.exists(path) and storage.read_text(path) == name
+    seen = np.asarray(multihost_utils.process_allgather(np.asarray([sees])))
+    barrier(f"shared_workdir_read_{name}")
+    if jax.process_index() == 0:
+        storage.remove(path)
+    blind = [i for i, ok in enumerate(seen.reshape(-1)) if not ok]
+    if blind:
+        raise WorkdirNotSharedError(
+            f"workdir {workdir} is not shared by the {jax.process_count()} processes of this "
+            f"run: process(es) {blind} cannot read {path}, which process 0 wrote. Every "
+            "process writes the same checkpoints and reads the same stage outputs, so a "
+            "folder on each host's own disk splits the run into copies that are lost with "
+            "the VMs. Use a gs:// workdir (or a filesystem mounted on every host)."
+        )
