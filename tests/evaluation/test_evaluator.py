@@ -155,3 +155,70 @@ def test_eval_settings_are_frozen_and_sample_untruncated():
     assert s.sampling.temperature == 1.0 and not s.sampling.truncated
     with pytest.raises(dataclasses.FrozenInstanceError):
         s.seed = 1  # type: ignore[misc]
+
+
+def _poisoned(model, path="encoder/layers_0/attention/query/kernel", value=np.nan):
+    """A copy of `model` with one parameter set to `value` (as damaged bytes would)."""
+    params = jax.tree.map(np.array, model[1])
+    node = params
+    *parents, leaf = path.split("/")
+    for key in parents:
+        node = node[key]
+    node[leaf].flat[3] = value
+    return model[0], params
+
+
+@pytest.mark.parametrize("estimator", ["rao_blackwell", "plain"])
+def test_nan_poisoned_oracle_is_an_error_naming_metric_and_step(trio, estimator):
+    oracle, teacher, student = trio
+    ev = make_evaluator((_poisoned(oracle), teacher, student), prompts_(5), estimator=estimator)
+    with pytest.raises(evaluator.DegenerateEvaluationError) as info:
+        ev.evaluate(student[1], step=300)
+    message = str(info.value)
+    assert info.value.metric == "golden/forward_kl" and info.value.step == 300
+    assert message.startswith("evaluation of golden/forward_kl at step 300: ")
+    assert "likely cause: non-finite or degenerate weights" in message
+    if estimator == "rao_blackwell":  # NaN log-probs of the sampler: every term drops to 0
+        assert "exactly 0.0 +- 0.0 between the student and the oracle" in message
+        assert "the oracle has 1 non-finite parameters" in message
+    else:
+        assert "non-finite per-sequence values" in message
+
+
+def test_nan_poisoned_student_is_an_error(trio):
+    oracle, teacher, student = trio
+    ev = make_evaluator(trio, prompts_(5))
+    with pytest.raises(evaluator.DegenerateEvaluationError, match="^evaluation of golden/"):
+        ev.estimates(_poisoned(student, "decoder/logits_dense/kernel")[1])
+
+
+def test_same_model_against_itself_is_not_an_error(trio):
+    oracle, teacher, student = trio
+    ev = make_evaluator((oracle, teacher, student), prompts_(5))
+    metrics = ev.evaluate(jax.tree.map(np.copy, oracle[1]), step=1)  # equal, not the same object
+    for div in ("forward_kl", "reverse_kl", "js"):
+        assert abs(metrics[f"golden/{div}"]) < 1e-6
+        assert metrics[f"proxy/{div}"] > 0.05
+
+
+def _zero(token_kl_values, mask, prompt_ids):
+    """A stand-in estimator that returns exactly 0 +- 0."""
+    n = len(np.unique(prompt_ids))
+    per = np.zeros(len(prompt_ids))
+    return evaluator.divergences.Estimate(0.0, 0.0, 0.0, 0.0, per, n, np.zeros(n))
+
+
+def test_exact_zero_is_an_error_only_between_models_that_differ(trio, monkeypatch):
+    """Whatever makes it (here a stubbed estimator), 0 +- 0 for models that differ is refused;
+    for equal parameters (the same model thrice, copied) it is the right answer."""
+    monkeypatch.setattr(evaluator.divergences, "rao_blackwell_kl", _zero)
+    oracle = trio[0]
+    same = [(oracle[0], jax.tree.map(np.copy, oracle[1])) for _ in range(3)]
+    metrics = make_evaluator(same, prompts_(5)).evaluate(oracle[1])
+    assert metrics["golden/forward_kl"] == metrics["proxy/reverse_kl"] == 0.0
+    ev = make_evaluator(trio, prompts_(5))
+    with pytest.raises(
+        evaluator.DegenerateEvaluationError,
+        match=r"golden/forward_kl: exactly 0.0 \+- 0.0 .*\(all parameters are finite\)",
+    ):
+        ev.evaluate(trio[2][1])

@@ -77,7 +77,7 @@ class _ScriptedEvaluator:
     def __init__(self, steps):
         self.steps = list(steps)
 
-    def estimates(self, params):
+    def estimates(self, params, step=None):
         step = self.steps.pop(0)
         value = 10.0 * max(step, 1) ** -0.5 if step <= 10 else 10.0 * 10**-0.5
         per_prompt = value * np.array([0.5, 1.5])
@@ -131,7 +131,7 @@ class _CrashingEvaluator(_ScriptedEvaluator):
         super().__init__(steps)
         self.crash_step = crash_step
 
-    def estimates(self, params):
+    def estimates(self, params, step=None):
         if self.steps[0] == self.crash_step:
             raise _Crash(f"killed at the evaluation of step {self.crash_step}")
         return super().estimates(params)

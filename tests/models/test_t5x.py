@@ -8,6 +8,7 @@ import pytest
 import tensorstore as ts
 
 from thack_jax import models
+from thack_jax.models.hf_files import DamagedCheckpointError
 from thack_jax.models.mapping import CheckpointMismatchError, flatten, unflatten
 from thack_jax.models.t5x import PLACEHOLDER, load_t5x_checkpoint
 
@@ -216,3 +217,38 @@ def test_bad_paths_and_files(tmp_path):
     (tmp_path / "other" / "checkpoint").write_bytes(flax.serialization.msgpack_serialize(other))
     with pytest.raises(ValueError, match="no 'target' or 'params' tree"):
         load_t5x_checkpoint(tmp_path / "other", CONFIG)
+
+
+def _poison(params, path, index, value):
+    flat = flatten(jax.tree.map(np.copy, params))
+    flat[path].flat[index] = value
+    return unflatten(flat)
+
+
+@pytest.mark.parametrize("inline", [False, True])
+def test_non_finite_weights_are_refused_and_named(tmp_path, inline):
+    name = "encoder/layers_0/attention/query/kernel"
+    params = _poison(_params(), name, 5, np.nan)
+    params = _poison(params, name, 9, np.inf)
+    params = _poison(params, "decoder/decoder_norm/scale", 0, 3e38)  # finite but impossible
+    path = write_t5x_checkpoint(tmp_path, params, inline=lambda n: inline)
+    with pytest.raises(DamagedCheckpointError) as info:
+        load_t5x_checkpoint(path, CONFIG)
+    message = str(info.value)
+    size = params["encoder"]["layers_0"]["attention"]["query"]["kernel"].size
+    where = f"inline in {path / 'checkpoint'}" if inline else "array at "
+    assert f"{name} ({where}" in message
+    assert f"2 of {size} values are NaN/inf (first at flat index 5)" in message
+    assert "decoder/decoder_norm/scale" in message and "1 of 32 have |x| >= 1e+30" in message
+    assert "2 array(s)" in message and str(tmp_path) in message
+    if not inline:
+        assert f"array at {path / 'target.encoder.layers_0.attention.query.kernel'}" in message
+
+
+def test_damaged_chunk_names_the_array(tmp_path):
+    path = write_t5x_checkpoint(tmp_path, _params())
+    array_dir = path / "target.encoder.encoder_norm.scale"
+    chunk = next(p for p in sorted(array_dir.iterdir()) if not p.name.startswith("."))
+    chunk.write_bytes(chunk.read_bytes()[:5])  # a truncated gzip chunk
+    with pytest.raises(ValueError, match=r"encoder/encoder_norm/scale: cannot read the array at"):
+        load_t5x_checkpoint(path, CONFIG)

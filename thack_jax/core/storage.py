@@ -171,10 +171,10 @@ def read_text(path: str) -> str:
 
 def read_json(path: str):
     """The parsed JSON of `path`; ValueError naming the file when it is not valid JSON."""
-    text = read_text(path)
+    data = read_bytes(path)
     try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
+        return json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e}); the file is damaged") from e
 
 

@@ -45,6 +45,10 @@ import numpy as np
 LOG2 = math.log(2.0)
 
 
+class NonFiniteValuesError(ValueError):
+    """Per-sequence values with NaN/inf: a model with non-finite outputs (or weights)."""
+
+
 class Estimate(NamedTuple):
     """A divergence estimate over prompts.
 
@@ -129,7 +133,7 @@ def _prompt_means(values, lengths, prompt_ids, what: str):
         raise ValueError(f"{what} prompt_ids has shape {prompt_ids.shape}; want [{n}]")
     if not np.all(np.isfinite(values)):
         bad = np.flatnonzero(~np.isfinite(values))[:5]
-        raise ValueError(f"{what}: non-finite per-sequence values at rows {bad.tolist()}")
+        raise NonFiniteValuesError(f"{what}: non-finite per-sequence values at rows {bad.tolist()}")
     ids, inverse, counts = np.unique(prompt_ids, return_inverse=True, return_counts=True)
     mean_v = np.bincount(inverse, weights=values) / counts
     mean_l = np.bincount(inverse, weights=lengths) / counts

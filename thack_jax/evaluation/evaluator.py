@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -41,6 +42,19 @@ from thack_jax.parallel import partitioning
 ESTIMATORS = ("rao_blackwell", "plain")
 DIVERGENCES = ("forward_kl", "reverse_kl", "js")
 REFERENCES = {"golden": "oracle", "proxy": "teacher"}  # metric prefix -> reference role
+
+
+class DegenerateEvaluationError(ValueError):
+    """A non-finite estimate, or exactly 0 +- 0 between models whose parameters differ (NaN
+    log-probs of the sampler make every `token_kl` term 0: NaN > -inf is False)."""
+
+    def __init__(self, metric: str, step: int | None, problem: str):
+        self.metric, self.step = metric, step
+        at = f" at step {step}" if step is not None else ""
+        super().__init__(
+            f"evaluation of {metric}{at}: {problem}; likely cause: non-finite or degenerate "
+            "weights (a damaged checkpoint or a diverged model)"
+        )
 
 
 class _Side(NamedTuple):
@@ -100,6 +114,21 @@ def _score_batch(params, inputs, samples, *, configs, num_samples):
         q_side = _side(q_on_q, logprobs(role, y_q), y_q, m_q)
         out[role] = (p_side, q_side)
     return out
+
+
+@functools.lru_cache(maxsize=16)
+def _compare_fn(mesh):
+    """Jitted (tree a, tree b of equal shapes) -> (every leaf equal, non-finite values of a,
+    of b), replicated. Runs only when an estimate is exactly 0 +- 0."""
+
+    def compare(a, b):
+        la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+        same = jnp.stack([jnp.array_equal(x, y) for x, y in zip(la, lb, strict=True)])
+        bad = [sum(jnp.sum(~jnp.isfinite(x)) for x in leaves) for leaves in (la, lb)]
+        return jnp.all(same), *bad
+
+    out_sharding = None if mesh is None else partitioning.replicated(mesh)
+    return partitioning.jit(compare, mesh, out_shardings=out_sharding)
 
 
 @functools.lru_cache(maxsize=16)
@@ -314,18 +343,26 @@ class Evaluator:
 
         return {role: (side(p), side(q)) for role, (p, q) in parts.items()}
 
-    def evaluate(self, student_params: dict) -> dict[str, float]:
+    def evaluate(self, student_params: dict, *, step: int | None = None) -> dict[str, float]:
         """Divergences of the student (params of `student_config`) from both references.
 
         Returns {'<prefix>/<div>', '<prefix>/<div>_stderr', '<prefix>/<div>_per_token',
         '<prefix>/<div>_per_token_stderr'} for prefix in (proxy, golden) and div in
         (forward_kl, reverse_kl, js): nats per response (per token for `_per_token`).
+        `step` names the step in a DegenerateEvaluationError (see `estimates`).
         """
-        return metrics_of(self.estimates(student_params))
+        return metrics_of(self.estimates(student_params, step=step))
 
-    def estimates(self, student_params: dict) -> dict[str, divergences.Estimate]:
+    def estimates(
+        self, student_params: dict, *, step: int | None = None
+    ) -> dict[str, divergences.Estimate]:
         """'<prefix>/<div>' -> the full `divergences.Estimate` (with its per-prompt values
-        [num_prompts], which a bootstrap over prompts resamples; see `noise.py`)."""
+        [num_prompts], which a bootstrap over prompts resamples; see `noise.py`).
+
+        Raises DegenerateEvaluationError for a non-finite estimate, or one exactly 0 with
+        stderr exactly 0 while the student's parameters differ from the reference's (a model
+        against itself may give 0; parameters are compared only when such a 0 occurs).
+        """
         student = (self.student_config, self.place_params(self.student_config, student_params))
         # Common random numbers: the same key at every call (stream 2).
         student_samples = self._sample(*student, stream=2)
@@ -334,25 +371,59 @@ class Evaluator:
         out = {}
         for prefix, role in REFERENCES.items():
             p_side, q_side = sides[role]  # y ~ reference, y ~ student
-            for div, est in self._estimates(p_side, q_side, ids).items():
-                out[f"{prefix}/{div}"] = est
+            for div, compute in self._estimators(p_side, q_side, ids).items():
+                key = f"{prefix}/{div}"
+                try:
+                    out[key] = compute()
+                except divergences.NonFiniteValuesError as e:
+                    raise DegenerateEvaluationError(key, step, str(e)) from e
+                self._check_estimate(key, out[key], role, student, step)
         return out
 
-    def _estimates(self, p: _Side, q: _Side, ids) -> dict[str, divergences.Estimate]:
-        """p: reference samples (a = reference, b = student); q: student samples (a = student)."""
+    def _estimators(self, p: _Side, q: _Side, ids) -> dict:
+        """div -> a thunk computing its Estimate. p: reference samples (a = reference, b =
+        student); q: student samples (a = student)."""
         if self.estimator == "rao_blackwell":
             return {
-                "forward_kl": divergences.rao_blackwell_kl(p.kl, p.mask, ids),
-                "reverse_kl": divergences.rao_blackwell_kl(q.kl, q.mask, ids),
-                "js": divergences.rao_blackwell_js(p.mix, p.mask, ids, q.mix, q.mask, ids),
+                "forward_kl": lambda: divergences.rao_blackwell_kl(p.kl, p.mask, ids),
+                "reverse_kl": lambda: divergences.rao_blackwell_kl(q.kl, q.mask, ids),
+                "js": lambda: divergences.rao_blackwell_js(p.mix, p.mask, ids, q.mix, q.mask, ids),
             }
         p_len, q_len = p.mask.sum(1), q.mask.sum(1)
         p_a, p_b, q_a, q_b = (x.sum(1) for x in (p.a_tok, p.b_tok, q.a_tok, q.b_tok))
         return {
-            "forward_kl": divergences.plain_kl(p_a, p_b, p_len, ids),
-            "reverse_kl": divergences.plain_kl(q_a, q_b, q_len, ids),
-            "js": divergences.plain_js(p_a, p_b, p_len, ids, q_b, q_a, q_len, ids),
+            "forward_kl": lambda: divergences.plain_kl(p_a, p_b, p_len, ids),
+            "reverse_kl": lambda: divergences.plain_kl(q_a, q_b, q_len, ids),
+            "js": lambda: divergences.plain_js(p_a, p_b, p_len, ids, q_b, q_a, q_len, ids),
         }
+
+    # ------------------------------------------------------------------------ sanity
+
+    def _check_estimate(self, key: str, est, role: str, student, step) -> None:
+        """Raises DegenerateEvaluationError for a non-finite estimate, or an exact 0 +- 0
+        between `role` and a student whose parameters (tree, shapes, values) differ."""
+        numbers = {"value": est.value, "per_token": est.per_token}
+        if est.num_prompts >= 2:  # with one prompt the stderrs are nan by definition
+            numbers |= {"stderr": est.stderr, "per_token_stderr": est.per_token_stderr}
+        bad = {name: x for name, x in numbers.items() if not math.isfinite(x)}
+        if bad:
+            raise DegenerateEvaluationError(key, step, f"non-finite estimate {bad}")
+        if est.value != 0.0 or est.stderr != 0.0:
+            return
+        ref, mine = self._refs[role][1], student[1]
+        found = ["different parameter shapes"]
+        if jax.tree.map(np.shape, ref) == jax.tree.map(np.shape, mine):
+            same, *counts = (int(x) for x in _compare_fn(self.mesh)(ref, mine))
+            if same:
+                return  # the same model against itself
+            found = [
+                f"the {n} has {c} non-finite parameters"
+                for n, c in zip((role, "student"), counts, strict=True)
+                if c
+            ]
+        why = "; ".join(found) or "all parameters are finite"
+        problem = f"exactly 0.0 +- 0.0 between the student and the {role}, whose parameters"
+        raise DegenerateEvaluationError(key, step, f"{problem} differ ({why})")
 
     def reference_samples(self, role: str) -> tuple[np.ndarray, np.ndarray]:
         """The cached responses of 'oracle' or 'teacher': (tokens, mask) [N*n, L], prompt-major."""

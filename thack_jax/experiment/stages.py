@@ -324,7 +324,7 @@ def distill(ctx: StageContext, run: RunConfig, evaluator: Evaluator) -> float:
     def eval_fn(step, params):
         if "replayed" not in last:
             replay_logged_evaluations(step)
-        estimates = evaluator.estimates(params)
+        estimates = evaluator.estimates(params, step=step)
         metrics = metrics_of(estimates)
         per_prompt = {key: est.per_prompt for key, est in estimates.items()}
         if jax.process_index() == 0:  # kept for the report and launch/diagnose.py

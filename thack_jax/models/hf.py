@@ -30,19 +30,21 @@ from __future__ import annotations
 
 import os
 import re
-from pathlib import Path
 
 import numpy as np
 
+from thack_jax.core import storage
 from thack_jax.models.config import T5Config
 from thack_jax.models.hf_config import HF_FIELD_NAMES, config_from_hf, config_to_hf
 from thack_jax.models.hf_files import (
     SAFETENSORS_DTYPES,
+    DamagedCheckpointError,
     checkpoint_dir,
+    is_file,
     read_json,
     read_tensors,
-    tensor_headers,
-    weight_files,
+    tensor_index,
+    value_problem,
     write_checkpoint,
 )
 from thack_jax.models.mapping import (
@@ -126,7 +128,7 @@ def load_hf_checkpoint(
 
     Args:
       path: directory with config.json and model.safetensors (or the sharded
-        model.safetensors.index.json and its shards).
+        model.safetensors.index.json and its shards); local or a URI (gs://...).
       config: use this config instead of config.json (the weights are checked against it).
       dtype: parameter dtype ('float32', 'bfloat16', 'float16'); default config.param_dtype.
 
@@ -138,11 +140,13 @@ def load_hf_checkpoint(
       FileNotFoundError: the path, config.json or the weight files are missing.
       CheckpointMismatchError (a ValueError): every missing, unexpected or mis-shaped
         tensor and unsupported dtype, at once, and the config fields the weights contradict.
+      DamagedCheckpointError (a ValueError): a truncated or damaged file, or tensors with
+        NaN/inf or |x| >= 1e30 (every such tensor listed, with its file and counts).
       ValueError: an unsupported config.json value, or only a pickle (.bin) checkpoint.
     """
     directory = checkpoint_dir(path)
-    config_file = directory / "config.json"
-    hf_config = read_json(config_file) if config_file.is_file() else None
+    config_file = storage.join(directory, "config.json")
+    hf_config = read_json(config_file) if is_file(config_file) else None
     if config is None:
         if hf_config is None:
             raise FileNotFoundError(f"{directory} has no config.json; pass config=")
@@ -153,11 +157,10 @@ def load_hf_checkpoint(
         numpy_dtype(dtype)
         config = config.replace(param_dtype=dtype)
     target = numpy_dtype(config.param_dtype)
-    files = weight_files(directory)
-    headers = tensor_headers(files)
+    index = tensor_index(directory)
 
     found, sources, unknown, problems = {}, {}, [], []
-    for name, (shape, stored) in sorted(headers.items()):
+    for name, (_, stored, shape, _, _) in sorted(index.items()):
         if stored not in SAFETENSORS_DTYPES:
             problems.append(f"unsupported dtype {stored} for {name}; expected {SAFETENSORS_DTYPES}")
         if name in EMBEDDING_COPIES or name in IGNORED:
@@ -171,7 +174,7 @@ def load_hf_checkpoint(
         sources[ours] = name
     head, embedding = "decoder/logits_dense/kernel", "token_embedder/embedding"
     # A tied lm_head (absent, or equal to shared.weight) is checked against shared.weight.
-    copies = [n for n in EMBEDDING_COPIES if n in headers]
+    copies = [n for n in EMBEDDING_COPIES if n in index]
     if config.tie_word_embeddings and head in found:
         copies.append(sources.pop(head))
         del found[head]
@@ -191,7 +194,8 @@ def load_hf_checkpoint(
         extra_problems=problems,
     )
 
-    arrays = read_tensors(files, sorted(set(sources.values()) | set(copies)))
+    arrays = read_tensors(index, sorted(set(sources.values()) | set(copies)))
+    _check_values(directory, arrays, sources, index)
     for name in copies:
         if not np.array_equal(arrays[name], arrays["shared.weight"]):
             problems.append(f"{name} differs from shared.weight (the model ties them)")
@@ -204,11 +208,33 @@ def load_hf_checkpoint(
     return config, unflatten(flat)
 
 
+def _check_values(directory: str, arrays: dict, sources: dict, index: dict) -> None:
+    """Raises DamagedCheckpointError listing every tensor with NaN/inf or implausibly large
+    values (file's name, ours, file, counts): damaged bytes inside the tensor data leave the
+    format valid, and such weights would make every later number NaN or silently 0."""
+    ours: dict[str, list[str]] = {}
+    for path, name in sorted(sources.items()):
+        ours.setdefault(name, []).append(path)
+    problems = []
+    for name, array in sorted(arrays.items()):
+        if (problem := value_problem(array)) is not None:
+            label = ", ".join(ours.get(name, ["a copy of token_embedder/embedding"]))
+            problems.append(f"{name} (ours: {label}) in {index[name].file}: {problem}")
+    if problems:
+        lines = "\n  - ".join(problems)
+        raise DamagedCheckpointError(
+            directory,
+            f"{len(problems)} tensor(s) hold non-finite or implausible values (a damaged file "
+            f"or a diverged model):\n  - {lines}",
+        )
+
+
 def save_hf_checkpoint(
     path: str | os.PathLike, config: T5Config, params: dict, dtype: str = "float32"
 ) -> None:
     """Writes config.json + model.safetensors that transformers' T5ForConditionalGeneration
-    loads with `from_pretrained(path)`. Existing files of those names are replaced.
+    loads with `from_pretrained(path)` (local or a URI, each file written atomically).
+    Existing files of those names are replaced.
 
     Raises:
       CheckpointMismatchError: params do not match config (every problem listed).
@@ -223,4 +249,4 @@ def save_hf_checkpoint(
         name, transposed = to_hf(ours)
         array = np.asarray(value)
         tensors[name] = np.ascontiguousarray((array.T if transposed else array).astype(target))
-    write_checkpoint(Path(path), config_to_hf(config, dtype), tensors)
+    write_checkpoint(os.fspath(path), config_to_hf(config, dtype), tensors)

@@ -9,10 +9,10 @@ holds a different `lm_head.weight`, and decides the d_model**-0.5 output scaling
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
+from thack_jax.core import storage
 from thack_jax.models.config import T5Config
-from thack_jax.models.hf_files import read_json
+from thack_jax.models.hf_files import is_file, read_json
 
 FEED_FORWARD_ACTIVATION = {"gated-gelu": "gelu_new", "relu": "relu"}
 # T5Config field -> config.json key, for messages.
@@ -38,7 +38,8 @@ def _scales_decoder_outputs(c: dict, source: str) -> bool:
 
 
 def config_from_hf(config_json: dict | str | os.PathLike, **overrides) -> T5Config:
-    """A T5Config from a Hugging Face T5 `config.json` (a dict, the file, or its directory).
+    """A T5Config from a Hugging Face T5 `config.json` (a dict, the file, or its directory;
+    local or a URI).
 
     Absent fields take transformers' defaults (e.g. feed_forward_proj='relu',
     tie_word_embeddings=True). `overrides` (e.g. dtype='bfloat16') are applied last.
@@ -50,12 +51,12 @@ def config_from_hf(config_json: dict | str | os.PathLike, **overrides) -> T5Conf
     if isinstance(config_json, dict):
         c, source = config_json, "config.json"
     else:
-        path = Path(config_json)
-        if path.is_dir():
-            path = path / "config.json"
-        if not path.is_file():
+        path = os.fspath(config_json)
+        if storage.isdir(path):
+            path = storage.join(path, "config.json")
+        if not is_file(path):
             raise FileNotFoundError(f"no Hugging Face config file at {path}")
-        c, source = read_json(path), str(path)
+        c, source = read_json(path), path
     model_type = c.get("model_type", "t5")
     if model_type != "t5":
         raise ValueError(f"{source} model_type={model_type!r} is not supported; expected 't5'")

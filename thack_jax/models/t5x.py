@@ -31,6 +31,7 @@ import numpy as np
 import tensorstore as ts
 
 from thack_jax.models.config import T5Config
+from thack_jax.models.hf_files import DamagedCheckpointError, value_problem
 from thack_jax.models.mapping import flatten, numpy_dtype, unflatten, validate
 
 PLACEHOLDER = "PLACEHOLDER://"
@@ -161,6 +162,8 @@ def load_t5x_checkpoint(
       FileNotFoundError: no such path, or no `checkpoint` file.
       CheckpointMismatchError (a ValueError): every missing, unexpected, mis-shaped,
         unreadable or non-float array at once, and the config fields the weights contradict.
+      DamagedCheckpointError (a ValueError): arrays with NaN/inf or |x| >= 1e30, each named
+        with where it is stored and how many values are bad.
       ValueError: not a msgpack T5X checkpoint (e.g. a TensorFlow one), no 'target' tree.
     """
     target = numpy_dtype(dtype or config.param_dtype)
@@ -182,8 +185,36 @@ def load_t5x_checkpoint(
         problems.append("the checkpoint stacks its layers (scan_layers): not supported")
     found = {name: tuple(a.shape) for name, a in arrays.items()}
     validate(config, found, str(file), lambda p: (p, False), extra_problems=problems)
-    flat = {}
+    flat, damaged = {}, []
     for name, array in arrays.items():
-        value = array if isinstance(array, np.ndarray) else array.read().result()
+        value = _read(array, name, file)
+        # Checked as stored, before the cast: damaged chunks or a diverged model.
+        if (problem := value_problem(value)) is not None:
+            damaged.append(f"{name} ({_where(array, file)}): {problem}")
         flat[name] = np.asarray(value, dtype=target)
+    if damaged:
+        lines = "\n  - ".join(damaged)
+        raise DamagedCheckpointError(
+            str(directory),
+            f"{len(damaged)} array(s) hold non-finite or implausible values (a damaged "
+            f"checkpoint or a diverged model):\n  - {lines}",
+        )
     return unflatten(flat)
+
+
+def _where(array, file: Path) -> str:
+    """Where an array's values are stored, for messages."""
+    if isinstance(array, np.ndarray):
+        return f"inline in {file}"
+    return f"array at {array.kvstore.path}" if array.kvstore is not None else "tensorstore array"
+
+
+def _read(array, name: str, file: Path) -> np.ndarray:
+    """The values of an inline array or an opened tensorstore; a chunk that cannot be read
+    (truncated, damaged compression) raises ValueError naming the array and its path."""
+    if isinstance(array, np.ndarray):
+        return array
+    try:
+        return np.asarray(array.read().result())
+    except ValueError as e:  # tensorstore reports I/O and decoding errors as ValueError
+        raise ValueError(f"{name}: cannot read the {_where(array, file)}: {e}") from e
