@@ -12,3 +12,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+# The local GCS server fixtures (gcs_server, gcs_bucket) for any test that asks for them.
+pytest_plugins = ["_gcs"]

@@ -2,6 +2,7 @@
 (in-process, fast; launch/eval.py in subprocesses is tests/cli/test_eval_cli.py)."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ from test_divergences import EOS, V, random_params  # noqa: E402
 from test_evaluator import make_evaluator, make_trio, prompts_  # noqa: E402
 
 from thack_jax import models
+from thack_jax.core import storage
 from thack_jax.evaluation import watcher
 from thack_jax.training import checkpoints
 from thack_jax.training.metrics_io import read_metrics
@@ -143,3 +145,66 @@ def test_watch_with_the_real_evaluator(tmp_path, saved_steps, trio):
     )
     assert rows[1] == {"step": 20, **ev.evaluate(params)}
     assert EOS == config.eos_id
+
+
+# ------------------------------------------------------------- gs:// (tests/_gcs.py)
+
+
+@pytest.fixture
+def gcs_run(gcs_bucket, tmp_path, monkeypatch):
+    """A gs:// workdir with student checkpoints at steps 10, 20, 30, written by orbax into
+    the local GCS server; the cwd is tmp_path, where no `gs:` folder may appear."""
+    monkeypatch.chdir(tmp_path)
+    workdir = gcs_bucket + "/run"
+    config = models.get_config("tiny", vocab_size=V)
+    ckpt = checkpoints.Checkpointer(workdir + "/checkpoints", max_to_keep=None, async_save=False)
+    sums = {}
+    for step in (10, 20, 30):
+        params = random_params(config, step)
+        ckpt.save(step, {"params": params})
+        sums[step] = float(np.asarray(params["decoder"]["logits_dense"]["kernel"]).sum())
+    ckpt.close()
+    yield workdir, config, sums
+    assert not os.path.exists(tmp_path / "gs:")
+
+
+def _remote_logged(workdir):
+    return [row["step"] for row in read_metrics(storage.join(workdir, watcher.EVAL_METRICS_FILE))]
+
+
+def _remote_state(workdir):
+    return storage.read_json(storage.join(workdir, watcher.EVAL_STATE_FILE))["evaluated_steps"]
+
+
+def test_watch_on_gcs_evaluates_each_step_once_across_interruptions(gcs_run):
+    workdir, config, sums = gcs_run
+    interrupted = CountingEvaluator(config, fail_on_call=2)
+    with pytest.raises(KeyboardInterrupt):
+        watcher.watch(workdir, interrupted, poll_seconds=0.01, timeout=0.2)
+    # Step 10's line is in the bucket (uploaded before the state), step 20 was never done.
+    assert _remote_logged(workdir) == [10] and _remote_state(workdir) == [10]
+    ev = CountingEvaluator(config)
+    assert watcher.watch(workdir, ev, poll_seconds=0.01, timeout=0.2) == [10, 20, 30]
+    assert ev.calls == [sums[20], sums[30]]  # each step's own params, read from the bucket
+    assert _remote_logged(workdir) == [10, 20, 30] and _remote_state(workdir) == [10, 20, 30]
+    rows = read_metrics(storage.join(workdir, watcher.EVAL_METRICS_FILE))
+    assert [r["proxy/forward_kl"] for r in rows] == [sums[10], sums[20], sums[30]]
+
+
+def test_watch_on_gcs_waits_for_an_unfinished_step(gcs_run):
+    workdir, config, sums = gcs_run
+    marker = workdir + "/checkpoints/30/commit_success.txt"
+    content = storage.read_bytes(marker)
+    storage.remove(marker)  # what step 30 looks like on GCS while orbax still writes it
+    ev = CountingEvaluator(config)
+    assert watcher.watch(workdir, ev, poll_seconds=0.01, timeout=0.1) == [10, 20]
+    storage.write_atomic(marker, content)  # the save finished
+    done = watcher.watch(workdir, ev, poll_seconds=0.01, timeout=5, stop_after_step=30)
+    assert done == [10, 20, 30] and ev.calls == [sums[10], sums[20], sums[30]]
+
+
+def test_watch_on_gcs_names_a_damaged_state_file(gcs_run):
+    workdir, config, _ = gcs_run
+    storage.write_atomic(storage.join(workdir, watcher.EVAL_STATE_FILE), '{"evaluated_st')
+    with pytest.raises(ValueError, match=r"gs://.*/run/eval_state.json: not valid JSON"):
+        watcher.watch(workdir, CountingEvaluator(config), poll_seconds=0.01, timeout=0.1)

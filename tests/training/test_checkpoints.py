@@ -11,6 +11,7 @@ import pytest
 from _train_worker import fast_init_params
 
 from thack_jax import models
+from thack_jax.core import storage
 from thack_jax.parallel import partitioning
 from thack_jax.training import checkpoints, optim, train_state
 
@@ -214,3 +215,68 @@ def test_restore_params_for_the_evaluator(copy_of):
         checkpoints.restore_params(directory, 5, shapes)
     with pytest.raises(checkpoints.CheckpointMismatchError, match="mlp.wo.kernel"):
         checkpoints.restore_params(directory, 6, models.param_shapes(CFG.replace(d_ff=8)))
+
+
+# ------------------------------------------------------------- gs:// (tests/_gcs.py)
+
+
+@pytest.fixture
+def gcs_saved(gcs_bucket, tmp_path, monkeypatch):
+    """Checkpoints at steps 2, 4, 6 (from a (4, 2) mesh) in a bucket of the local GCS
+    server; the cwd is tmp_path, where no `gs:` folder may appear."""
+    monkeypatch.chdir(tmp_path)
+    directory = gcs_bucket + "/run/checkpoints"
+    mesh = partitioning.make_mesh({"data": 4, "model": 2})
+    ckpt = checkpoints.Checkpointer(directory, max_to_keep=3)
+    states = {step: _state(mesh, seed=step, step=step) for step in (2, 4, 6)}
+    for step, state in states.items():
+        assert ckpt.save(step, state, {"epoch": 0, "index": step})
+    ckpt.wait_until_finished()
+    ckpt.close()
+    yield directory, states
+    assert not os.path.exists(tmp_path / "gs:")
+
+
+def test_gcs_round_trip_keep_last_n_and_restore_params(gcs_saved):
+    directory, states = gcs_saved
+    assert checkpoints.all_steps(directory) == [2, 4, 6]
+    assert storage.exists(directory + "/6/commit_success.txt")  # orbax's mark on GCS
+    assert storage.exists(directory + "/6/state/manifest.ocdbt")  # tensorstore's data
+    ckpt = checkpoints.Checkpointer(directory)
+    assert ckpt.directory == directory  # a URI is not made "absolute"
+    state, source, step = ckpt.restore(_target(None))
+    assert step == 6 and source == {"epoch": 0, "index": 6}
+    _assert_trees_equal(state, states[6])
+    assert ckpt.save(8, states[6], {})  # keep-last-3 deletes step 2 from the bucket
+    ckpt.wait_until_finished()
+    ckpt.close()
+    assert checkpoints.all_steps(directory) == [4, 6, 8]
+    assert not storage.exists(directory + "/2")
+    params = checkpoints.restore_params(directory, 4, models.param_shapes(CFG))
+    _assert_trees_equal(params, states[4].params)
+    with pytest.raises(FileNotFoundError, match="step 2 is not finalized"):
+        checkpoints.restore_params(directory, 2, models.param_shapes(CFG))
+
+
+def test_gcs_half_written_and_corrupted_steps_are_moved_aside(gcs_saved, caplog):
+    directory, states = gcs_saved
+    # On GCS a save cut short is a step folder without orbax's commit_success.txt.
+    storage.remove(directory + "/6/commit_success.txt")
+    storage.remove(directory + "/4/state/manifest.ocdbt")  # and step 4 is damaged
+    assert checkpoints.list_finalized_steps(directory) == [2, 4]
+    ckpt = checkpoints.Checkpointer(directory)
+    with caplog.at_level(logging.WARNING, logger="thack_jax.training.checkpoints"):
+        state, source, step = ckpt.restore(_target(None))
+    assert step == 2 and source["index"] == 2
+    _assert_trees_equal(state, states[2])
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(f"{directory}/6" in m and "half-written" in m for m in messages)
+    assert any(f"{directory}/4" in m and "corrupted" in m for m in messages)
+    quarantined = storage.listdir(directory + "_corrupt")
+    assert [name.split(".")[0] for name in quarantined] == ["4", "6"]
+    assert storage.listdir(directory) == ["2"]
+    # The resumed run saves those steps again.
+    assert ckpt.save(4, states[4], {}) and ckpt.save(6, states[6], {})
+    ckpt.wait_until_finished()
+    ckpt.close()
+    assert checkpoints.all_steps(directory) == [2, 4, 6]

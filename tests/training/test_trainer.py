@@ -105,18 +105,6 @@ def test_loop_resume_eval_and_corrupted_checkpoint(tmp_path, caplog):
     assert {"train/loss", "train/tokens", "train/grad_norm", "train/learning_rate"} <= set(rows[5])
 
 
-def test_sigterm_handler_sets_a_flag_and_is_restored():
-    before = signal.getsignal(signal.SIGTERM)
-    with trainer._StopSignal() as stop:
-        assert signal.getsignal(signal.SIGTERM) is not before
-        os.kill(os.getpid(), signal.SIGTERM)
-        deadline = time.time() + 5
-        while not stop.received and time.time() < deadline:
-            time.sleep(0.01)
-        assert stop.received
-    assert signal.getsignal(signal.SIGTERM) is before
-
-
 def test_hook_stops_after_an_eval(tmp_path):
     calls = []
 

@@ -140,14 +140,13 @@ def move(src: str, dst: str) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
         shutil.move(src, dst)
         return
-    import fsspec
+    from etils.epath import backend
 
-    fs, src_path = fsspec.core.url_to_fs(src)
-    dst_path = fsspec.core.url_to_fs(dst)[1]
+    fs = backend.fsspec_backend.fs(src)  # the filesystem epath uses for this URI
     # Server-side copies, then the deletes (gcsfs's mv tries a per-object moveTo first,
     # which GCS emulators reject with a logged error before it falls back to the same).
-    fs.copy(src_path, dst_path, recursive=True)
-    fs.rm(src_path, recursive=True)
+    fs.copy(str(src), str(dst), recursive=True)
+    fs.rm(str(src), recursive=True)
 
 
 def open_file(path: str, mode: str = "r"):

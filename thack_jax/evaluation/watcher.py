@@ -5,19 +5,19 @@
 step orbax has finalized, calls `evaluator.evaluate(params)` (an `evaluation.Evaluator`,
 or anything with `student_config`, `param_shardings(config)` and `evaluate(params)`), and
 records the result so that a restarted watcher neither skips nor repeats a step. See
-docs/evaluation.md.
+docs/evaluation.md. `workdir` may be a gs:// URI (all I/O goes through core.storage; the
+metrics file is then uploaded whole after each evaluated step).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 
 import jax
 
 from thack_jax import models
+from thack_jax.core import storage
 from thack_jax.evaluation.evaluator import Evaluator
 from thack_jax.training import checkpoints
 from thack_jax.training.metrics_io import MetricsWriter, read_metrics
@@ -29,31 +29,25 @@ EVAL_METRICS_FILE = "eval_metrics.jsonl"
 
 
 def _read_state(path: str) -> list[int]:
-    if not os.path.exists(path):
+    if not storage.exists(path):
         return []
+    state = storage.read_json(path)  # ValueError naming the file when damaged
     try:
-        with open(path, encoding="utf-8") as f:
-            steps = json.load(f)["evaluated_steps"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        steps = state["evaluated_steps"]
+        return sorted(int(s) for s in steps)
+    except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{path}: not an eval state file ({e}); expected evaluated_steps") from e
-    return sorted(int(s) for s in steps)
 
 
 def _write_state(path: str, steps) -> None:
     """Atomic: a crash leaves either the old or the new file, never a partial one."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump({"evaluated_steps": sorted(int(s) for s in steps)}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    storage.write_json(path, {"evaluated_steps": sorted(int(s) for s in steps)})
 
 
 def _open_metrics(workdir: str) -> tuple[MetricsWriter, set[int]]:
     """The eval metrics writer, after dropping a half-written last line; steps already there."""
-    writer = MetricsWriter(workdir, tensorboard=False)
-    writer.path = os.path.join(workdir, EVAL_METRICS_FILE)  # MetricsWriter has no name arg
-    if not os.path.exists(writer.path):
+    writer = MetricsWriter(workdir, tensorboard=False, filename=EVAL_METRICS_FILE)
+    if not storage.exists(writer.path):
         return writer, set()
     steps = {row["step"] for row in read_metrics(writer.path)}
     writer.truncate_after(max(steps, default=-1))
@@ -71,19 +65,19 @@ def watch(
     """Evaluates every finalized checkpoint of `workdir/ckpt_subdir` exactly once, in order.
 
     Protocol (restartable): per step, evaluate -> append one line to
-    `workdir/eval_metrics.jsonl` (fsynced) -> add the step to `workdir/eval_state.json`
-    (atomic replace). On start, steps found in either file count as evaluated (a crash
-    between the two writes does not evaluate a step twice) and a half-written metrics line
-    is dropped. Only steps orbax has finalized are read; one being written is picked up at
-    a later poll. One watcher per workdir.
+    `workdir/eval_metrics.jsonl` (fsynced; remote: the object rewritten) -> add the step
+    to `workdir/eval_state.json` (atomic replace). On start, steps found in either file
+    count as evaluated (a crash between the two writes does not evaluate a step twice) and
+    a half-written metrics line is dropped. Only steps orbax has finalized are read; one
+    being written is picked up at a later poll. One watcher per workdir.
 
     Returns the sorted evaluated steps when a step >= `stop_after_step` has been evaluated,
     or after `timeout` seconds without a new checkpoint (None: wait forever).
     Raises FileNotFoundError when it times out and the directory does not exist or holds no
     checkpoint.
     """
-    ckpt_dir = os.path.join(workdir, ckpt_subdir)
-    state_path = os.path.join(workdir, EVAL_STATE_FILE)
+    ckpt_dir = storage.join(workdir, ckpt_subdir)
+    state_path = storage.join(workdir, EVAL_STATE_FILE)
     writer, logged = _open_metrics(workdir)
     done = set(_read_state(state_path)) | logged
     is_writer = jax.process_index() == 0
@@ -96,7 +90,7 @@ def watch(
     while True:
         steps = checkpoints.list_finalized_steps(ckpt_dir)
         if not steps and not said_waiting:
-            where = "does not exist yet" if not os.path.isdir(ckpt_dir) else "has no checkpoint yet"
+            where = "does not exist yet" if not storage.isdir(ckpt_dir) else "has no checkpoint yet"
             logger.warning("waiting: checkpoint directory %s %s", ckpt_dir, where)
             said_waiting = True
         todo = [s for s in steps if s not in done]
@@ -116,6 +110,7 @@ def watch(
             done.add(step)
             if is_writer:  # the metrics line first: see the protocol above
                 writer.write(step, metrics)
+                writer.flush()  # a remote metrics file is written here, before the state
                 _write_state(state_path, done)
             logger.info("evaluated step %d in %.1fs", step, time.monotonic() - start)
             last_progress = time.monotonic()
@@ -123,7 +118,7 @@ def watch(
             return sorted(done)
         if timeout is not None and time.monotonic() - last_progress > timeout:
             if not steps and not done:
-                where = "does not exist" if not os.path.isdir(ckpt_dir) else "holds no checkpoint"
+                where = "does not exist" if not storage.isdir(ckpt_dir) else "holds no checkpoint"
                 raise FileNotFoundError(
                     f"checkpoint directory {ckpt_dir} {where} (waited {timeout:.0f}s)"
                 )

@@ -330,6 +330,16 @@ def barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def any_process(flag: bool) -> bool:
+    """True when `flag` is True on any process (an all-gather; no-op for one process)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.asarray([bool(flag)]))))
+
+
 class WorkdirNotSharedError(RuntimeError):
     """The processes of a multi-process run do not see the same workdir."""
 

@@ -5,6 +5,11 @@ Layout: `<directory>/<step>/state` (the TrainState pytree, OCDBT/tensorstore) an
 temporary directory and renames it when complete, so a step directory that exists under its
 plain name is finalized; `list_finalized_steps` never returns a step still being written.
 
+On gs:// orbax cannot rename a folder: it writes a step under its plain name and marks it
+finalized with a `commit_success.txt` written last, and a step folder without it is the
+unfinished one. `directory` may be a local path or a gs:// URI (orbax and tensorstore
+write the bucket directly; the listing and the quarantine go through core.storage).
+
 Restore (`Checkpointer.restore`) takes the newest step that reads back, warning about and
 moving aside (to `<directory>_corrupt/`) every newer one that does not (half-written or
 corrupted files), so that training can later save those steps again. A checkpoint whose
@@ -16,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
 from typing import Any
 
@@ -24,6 +28,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import type_handlers
+
+from thack_jax.core import storage
 
 logger = logging.getLogger(__name__)
 
@@ -79,10 +85,16 @@ def _restore_args(target):
     )
 
 
+def _absolute(directory: str) -> str:
+    """A local path made absolute (orbax wants one); a URI as it is (abspath would turn
+    'gs://b/x' into '<cwd>/gs:/b/x')."""
+    return directory if storage.is_remote(directory) else os.path.abspath(directory)
+
+
 def list_finalized_steps(directory: str) -> list[int]:
     """Steps in `directory` that orbax has committed, ascending. Safe to call from another
     process while training writes: a step being written is never listed."""
-    if not os.path.isdir(directory):
+    if not storage.isdir(directory):
         return []
     return sorted(ocp.step.checkpoint_steps(directory))
 
@@ -98,13 +110,11 @@ def latest_step(directory: str) -> int | None:
 
 def _unfinished_paths(directory: str) -> list[str]:
     """Step directories orbax left unfinished (temporary names of interrupted saves)."""
-    if not os.path.isdir(directory):
-        return []
-    return sorted(
-        os.path.join(directory, name)
-        for name in os.listdir(directory)
-        if ocp.step.is_tmp_checkpoint(os.path.join(directory, name))
-    )
+    return [
+        storage.join(directory, name)
+        for name in storage.listdir(directory)
+        if ocp.step.is_tmp_checkpoint(storage.join(directory, name))
+    ]
 
 
 def _flat_by_name(tree) -> dict[str, Any]:
@@ -152,7 +162,7 @@ class Checkpointer:
     """
 
     def __init__(self, directory: str, max_to_keep: int | None = 3, async_save: bool = True):
-        self.directory = os.path.abspath(directory)
+        self.directory = _absolute(directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save
         )
@@ -186,7 +196,7 @@ class Checkpointer:
         metadata = self._manager.item_metadata(step)[STATE]
         if metadata is None:
             raise FileNotFoundError(f"no '{STATE}' item metadata in step {step}")
-        check_matches(metadata.tree, target, os.path.join(self.directory, str(step)))
+        check_matches(metadata.tree, target, storage.join(self.directory, str(step)))
         args = ocp.args.Composite(
             **{
                 STATE: ocp.args.PyTreeRestore(target, restore_args=_restore_args(target)),
@@ -210,7 +220,7 @@ class Checkpointer:
             logger.warning("ignoring half-written checkpoint %s (an interrupted save)", path)
         result = None
         for step in reversed(self.all_steps()):
-            path = os.path.join(self.directory, str(step))
+            path = storage.join(self.directory, str(step))
             try:
                 state, source = self._restore_step(step, target)
             except CheckpointMismatchError:
@@ -230,7 +240,7 @@ class Checkpointer:
         if result is None and self.all_steps():
             raise NoUsableCheckpointError(
                 f"none of the checkpoints in {self.directory} could be read: "
-                f"{[os.path.basename(p) for p in bad]}"
+                f"{[storage.basename(p) for p in bad]}"
             )
         self._move_aside(bad)
         return result
@@ -239,12 +249,12 @@ class Checkpointer:
         if not paths or jax.process_index() != 0:
             return
         quarantine = self.directory.rstrip("/") + "_corrupt"
-        os.makedirs(quarantine, exist_ok=True)
+        storage.makedirs(quarantine)
         stamp = time.strftime("%Y%m%d-%H%M%S")
         for path in paths:
-            dest = os.path.join(quarantine, f"{os.path.basename(path)}.{stamp}")
+            dest = storage.join(quarantine, f"{storage.basename(path)}.{stamp}")
             logger.warning("moving bad checkpoint %s to %s", path, dest)
-            shutil.move(path, dest)
+            storage.move(path, dest)
         self._manager.reload()
 
 
@@ -266,13 +276,13 @@ def restore_params(directory: str, step: int, target_shapes, shardings=None):
         shardings = jax.tree.map(lambda _: device, target_shapes)
     target = {"params": abstract_target(target_shapes, shardings)}
     manager = ocp.CheckpointManager(
-        os.path.abspath(directory),
+        _absolute(directory),
         options=ocp.CheckpointManagerOptions(read_only=True, create=False),
         item_handlers=_item_handlers(with_source=False),
     )
     try:
         metadata = manager.item_metadata(step)[STATE]
-        check_matches(metadata.tree, target, os.path.join(directory, str(step)), partial=True)
+        check_matches(metadata.tree, target, storage.join(directory, str(step)), partial=True)
         args = ocp.args.Composite(
             **{
                 STATE: ocp.args.PyTreeRestore(

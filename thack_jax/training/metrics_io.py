@@ -4,6 +4,14 @@ Each line of metrics.jsonl is one JSON object `{"step": int, "<name>": float, ..
 flushed and fsynced when written, so a crash loses at most the line being written. After a
 restart from a checkpoint at step s, `truncate_after(s)` drops every line with step > s (and
 a half-written last line), so that once the run finishes each step appears exactly once.
+
+A remote workdir (gs://...) cannot be appended to: the writer keeps the file's lines in
+memory and rewrites the whole object at each `flush()` (the trainer flushes at every
+evaluation and checkpoint step) and at `close()`. A crash loses the lines written since
+the last flush; that is harmless, since the resumed run truncates the metrics after its
+restored checkpoint step and writes those steps again. TensorBoard cannot write to gs://
+without TensorFlow: its events go to a local scratch folder and the event files are
+uploaded to `<workdir>/tensorboard/` at the same flush points.
 """
 
 from __future__ import annotations
@@ -11,12 +19,17 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
+import uuid
 from collections.abc import Mapping
 from typing import TextIO
 
 import numpy as np
+
+from thack_jax.core import storage
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -85,10 +98,42 @@ def _parse_lines(path: str, text: str) -> list[dict]:
 
 def read_metrics(path: str) -> list[dict]:
     """All complete lines of a metrics.jsonl file (or of `<dir>/metrics.jsonl`), in order."""
-    if os.path.isdir(path):
-        path = os.path.join(path, METRICS_FILE)
-    with open(path, encoding="utf-8") as f:
-        return _parse_lines(path, f.read())
+    if storage.isdir(path):
+        path = storage.join(path, METRICS_FILE)
+    return _parse_lines(path, storage.read_text(path))
+
+
+class _EventFile:
+    """TensorBoard scalars written synchronously to one event file in a local folder, as
+    tensorboardX's SummaryWriter writes them (for a remote workdir, whose event files are
+    uploaded at flush points: SummaryWriter queues events for a thread and its flush() does
+    not wait for that queue, so an upload right after it could miss the newest scalars)."""
+
+    def __init__(self, folder: str, purge_step: int | None):
+        _import_summary_writer()  # tensorboardX, imported without torch
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+        # Event files are named by the second and the host: a resumed run's file must not
+        # replace the previous run's in the bucket, hence a random suffix.
+        self._writer = EventsWriter(os.path.join(folder, "events"), f".{uuid.uuid4().hex[:8]}")
+        if purge_step is not None:  # what SummaryWriter(purge_step=...) writes first
+            self._writer.write_event(Event(step=purge_step, file_version="brain.Event:2"))
+            start = SessionLog(status=SessionLog.START)
+            self._writer.write_event(Event(step=purge_step, session_log=start))
+
+    def add_scalar(self, name: str, value: float, global_step: int) -> None:
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.summary import scalar
+
+        event = Event(wall_time=time.time(), step=int(global_step), summary=scalar(name, value))
+        self._writer.write_event(event)
+
+    def flush(self) -> None:
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
 
 
 class MetricsWriter:
@@ -96,7 +141,8 @@ class MetricsWriter:
     `workdir/tensorboard`.
 
     Only process 0 writes (`enabled` defaults to `jax.process_index() == 0`); the other
-    processes get a writer whose methods do nothing.
+    processes get a writer whose methods do nothing. A remote `workdir` is written at
+    `flush()` and `close()` only (see the module doc).
     """
 
     def __init__(
@@ -111,13 +157,18 @@ class MetricsWriter:
 
             enabled = jax.process_index() == 0
         self.workdir = workdir
-        self.path = os.path.join(workdir, filename)
+        self.path = storage.join(workdir, filename)
         self.enabled = enabled
+        self.remote = storage.is_remote(workdir)
         self._use_tensorboard = tensorboard
         self._tb = None
+        self._tb_local: str | None = None  # remote: the scratch folder of the events
+        self._uploaded: dict[str, int] = {}  # remote: event file -> bytes uploaded
         self._purge_step: int | None = None
+        self._lines: list[str] | None = None  # remote: the object's lines, once read
+        self._dirty = False
         if enabled:
-            os.makedirs(workdir, exist_ok=True)
+            storage.makedirs(workdir)
 
     def truncate_after(self, step: int) -> int:
         """Removes the lines with step > `step` (and a half-written last line).
@@ -129,25 +180,23 @@ class MetricsWriter:
         if not self.enabled:
             return 0
         self._purge_step = step + 1
-        if not os.path.exists(self.path):
+        self._lines = None if not self.remote else []
+        if not storage.exists(self.path):
             return 0
-        with open(self.path, encoding="utf-8") as f:
-            text = f.read()
+        text = storage.read_text(self.path)
         rows = _parse_lines(self.path, text)
-        kept = [row for row in rows if row["step"] <= step]
+        kept = [json.dumps(row) + "\n" for row in rows if row["step"] <= step]
+        if self.remote:
+            self._lines = kept
         removed = len(rows) - len(kept)
         if removed == 0 and (not text or text.endswith("\n")):
             return 0  # nothing to drop, no half-written line
-        tmp = self.path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(row) + "\n" for row in kept)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        storage.write_atomic(self.path, "".join(kept))
         return removed
 
     def write(self, step: int, metrics: Mapping[str, object]) -> None:
-        """Appends `{"step": step, **metrics}` (scalars) and fsyncs it."""
+        """Appends `{"step": step, **metrics}` (scalars); fsynced locally, kept for the next
+        `flush()` remotely."""
         if not self.enabled:
             return
         row = {"step": int(step)}
@@ -155,32 +204,79 @@ class MetricsWriter:
             if name == "step":
                 raise ValueError("'step' is reserved; pass it as the step argument")
             row[name] = _to_python(name, value)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        line = json.dumps(row) + "\n"
+        if self.remote:
+            self._remote_lines().append(line)
+            self._dirty = True
+        else:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(line)
+                f.flush()
+                os.fsync(f.fileno())
         if self._use_tensorboard:
             tb = self._tensorboard()
             for name, value in row.items():
                 if name != "step" and math.isfinite(value):
                     tb.add_scalar(name, value, global_step=row["step"])
 
+    def _remote_lines(self) -> list[str]:
+        """The lines of the remote file: read once (complete lines only) when the writer
+        did not start with `truncate_after`, so that earlier lines are kept."""
+        if self._lines is None:
+            self._lines = []
+            if storage.exists(self.path):
+                rows = _parse_lines(self.path, storage.read_text(self.path))
+                self._lines = [json.dumps(row) + "\n" for row in rows]
+        return self._lines
+
     def _tensorboard(self):
         if self._tb is None:
-            SummaryWriter = _import_summary_writer()
-            self._tb = SummaryWriter(
-                logdir=os.path.join(self.workdir, TENSORBOARD_DIR), purge_step=self._purge_step
-            )
+            if self.remote:
+                self._tb_local = tempfile.mkdtemp(prefix="thack-tensorboard-")
+                self._tb = _EventFile(self._tb_local, self._purge_step)
+            else:
+                self._tb = _import_summary_writer()(
+                    logdir=storage.join(self.workdir, TENSORBOARD_DIR),
+                    purge_step=self._purge_step,
+                )
         return self._tb
 
+    def _upload_events(self) -> None:
+        """Remote: copies each event file that grew since the last upload (whole: GCS has
+        no append) to `<workdir>/tensorboard/`."""
+        if self._tb_local is None:
+            return
+        for name in sorted(os.listdir(self._tb_local)):
+            local = os.path.join(self._tb_local, name)
+            size = os.path.getsize(local) if os.path.isfile(local) else None
+            if size is not None and self._uploaded.get(name) != size:
+                with open(local, "rb") as f:
+                    storage.write_atomic(
+                        storage.join(self.workdir, TENSORBOARD_DIR, name), f.read()
+                    )
+                self._uploaded[name] = size
+
     def flush(self) -> None:
+        """Makes everything written so far durable: TensorBoard's buffer, and for a remote
+        workdir one upload of the metrics file (when it changed) and of the event files."""
         if self._tb is not None:
             self._tb.flush()
+        if not self.enabled or not self.remote:
+            return
+        if self._dirty:
+            storage.write_atomic(self.path, "".join(self._remote_lines()))
+            self._dirty = False
+        self._upload_events()
 
     def close(self) -> None:
+        """Flushes, closes TensorBoard and (remote) removes the local scratch folder."""
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        self.flush()
+        if self._tb_local is not None:
+            shutil.rmtree(self._tb_local, ignore_errors=True)
+            self._tb_local = None
 
     def __enter__(self) -> MetricsWriter:
         return self

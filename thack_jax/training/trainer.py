@@ -23,7 +23,7 @@ import numpy as np
 
 from thack_jax import models
 from thack_jax.core import interrupt, storage
-from thack_jax.parallel import partitioning
+from thack_jax.parallel import distributed, partitioning
 from thack_jax.training import checkpoints
 from thack_jax.training.loop_config import Hooks, LoopConfig, Student, Teacher
 from thack_jax.training.metrics_io import MetricsWriter, Progress
@@ -179,6 +179,13 @@ def _check_params(params, shapes, what: str) -> None:
         raise ValueError(f"{what} do not match the config:\n" + "\n".join(problems))
 
 
+def _signalled() -> bool:
+    """True once SIGTERM / SIGINT reached any process. Agreed by all of them (a tiny
+    all-gather per step when there are several), since the save that follows is a
+    collective: a host that stopped alone would leave the others waiting in it."""
+    return distributed.any_process(interrupt.requested() is not None)
+
+
 def _run_hooks(hooks, step: int, metrics: Mapping[str, float]) -> bool:
     """Calls every hook (none is skipped); True when any asks to stop."""
     return any([bool(hook(step, metrics)) for hook in hooks])
@@ -319,7 +326,7 @@ def train(
             done = start
             pending = None  # (step, device metrics) of the newest update, not yet read
             while done < loop.num_steps and not stopped:
-                if pending is not None and interrupt.requested():
+                if pending is not None and _signalled():
                     # Update `done` is dispatched and its state not yet given to the next
                     # one: finish it and save it, as if the signal came after it.
                     steps.finish(*pending)
@@ -347,9 +354,8 @@ def train(
                 if evaluate:
                     metrics.update(hooks.eval_fn(done, state.params))
                 steps.log(done, metrics, always=evaluate or final)
-                stopped = (evaluate and _run_hooks(hooks.stop, done, metrics)) or bool(
-                    interrupt.requested()
-                )
+                writer.flush()  # gs://: the metrics up to `done` land before its checkpoint
+                stopped = (evaluate and _run_hooks(hooks.stop, done, metrics)) or _signalled()
                 if final or stopped or done % loop.checkpoint_every == 0:
                     ckpt.save(done, state, source.state_dict())
             ckpt.wait_until_finished()
@@ -357,5 +363,5 @@ def train(
         ckpt.close()
         writer.close()
     # A signal that came after the last update stopped nothing: the run is complete.
-    interrupted = interrupt.requested() is not None and done < loop.num_steps
+    interrupted = stopped and done < loop.num_steps and _signalled()
     return TrainResult(state, writer.path, stopped_early=stopped, interrupted=interrupted)
