@@ -2,9 +2,12 @@
 determinism, resume after a kill, refusal of another model or temperature) and the online
 sources (teacher log-probs against scoring, the student's passed params, exact resume)."""
 
+import shutil
+
 import jax
 import numpy as np
 import pytest
+from _fake_gcs import memory_bucket_fixture  # noqa: F401
 from _regimes_common import (
     LY,
     SEED,
@@ -19,8 +22,9 @@ from _regimes_common import (
     tiny_models,
 )
 
+from thack_jax.core import storage
 from thack_jax.data import generation, regimes
-from thack_jax.data.offline_store import OfflineStore, StoreMismatchError
+from thack_jax.data.offline_store import OfflineStore, StoreIntegrityError, StoreMismatchError
 from thack_jax.data.row_streams import PromptPool
 from thack_jax.decoding import sampling, scoring
 from thack_jax.decoding.settings import SamplingConfig
@@ -85,6 +89,28 @@ def test_store_of_another_model_is_refused(tiny, store):
     with pytest.raises(StoreMismatchError, match="generating_model"):
         build(store.directory, config, teacher, temperature=0.5)
     assert build(store.directory, config, teacher).is_complete  # same model: reopened
+
+
+def test_tampered_store_is_refused(tiny, store, tmp_path):
+    """The regimes' path (build_offline_store on a complete store) verifies the checksums."""
+    config, teacher, _ = tiny
+    copy = tmp_path / "copy"
+    shutil.copytree(store.directory, copy)
+    targets = np.load(copy / "targets.npy", mmap_mode="r+")
+    targets[3] = (targets[3] + 1) % V
+    targets.flush()
+    del targets
+    with pytest.raises(StoreIntegrityError, match=r"copy/targets\.npy: the targets array"):
+        build(copy, config, teacher)
+
+
+def test_build_store_in_a_bucket(tiny, store, memory_bucket):
+    config, teacher, _ = tiny
+    remote = build(f"{memory_bucket}/run/offline_data", config, teacher)
+    assert storage.listdir(remote.directory) == ["inputs.npy", "manifest.json", "targets.npy"]
+    for name in ("inputs.npy", "targets.npy", "manifest.json"):
+        got = storage.read_bytes(storage.join(remote.directory, name))
+        assert got == storage.read_bytes(storage.join(store.directory, name)), name
 
 
 # ----------------------------------------------------------------------------- online

@@ -10,6 +10,7 @@ from thack_jax.data.offline_store import (
     OfflineIterator,
     OfflineSpec,
     OfflineStore,
+    StoreIntegrityError,
     StoreMismatchError,
     prompts_checksum,
 )
@@ -148,8 +149,8 @@ def test_checksum_detects_tampering(tmp_path):
     t[0, 0] += 1
     t.flush()
     del t
-    OfflineStore.open(d)  # shapes only
-    with pytest.raises(ValueError, match="targets.npy checksum"):
+    OfflineStore.open(d, verify_checksums=False)  # shapes only
+    with pytest.raises(StoreIntegrityError, match="targets.npy: the targets array's sha256"):
         OfflineStore.open(d, verify_checksums=True)
 
 

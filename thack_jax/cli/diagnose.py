@@ -12,14 +12,16 @@ step appears twice (a resumed run), the later line wins.
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
+import posixpath
 import sys
-from pathlib import Path
 
 import numpy as np
 from absl import app, flags
 
+from thack_jax.core import storage
 from thack_jax.hacking import (
     diagnostics,  # noqa: E402
     guard,
@@ -93,10 +95,14 @@ class DiagnoseError(Exception):
 
 def read_rows(path: str) -> list[tuple[int, dict]]:
     """(line number, row) pairs; CSV cells become floats, empty cells are left out."""
-    if not os.path.isfile(path):
+    if not storage.exists(path) or storage.isdir(path):
         raise DiagnoseError(f"metrics file not found: {path}")
     rows = []
-    with open(path, newline="") as f:
+    try:
+        text = storage.read_text(path)
+    except UnicodeDecodeError as e:
+        raise DiagnoseError(f"{path}: not UTF-8 text ({e})") from None
+    with io.StringIO(text, newline="") as f:  # as open(path, newline="") reads it
         if path.lower().endswith(".csv"):
             for line_no, record in enumerate(csv.DictReader(f), start=2):
                 try:
@@ -214,11 +220,21 @@ def min_step(path: str) -> int:
             msg = f"--min_step={FLAGS.min_step!r}: expected an integer or 'auto'"
             raise DiagnoseError(msg) from None
     # An experiment's run: <run>/train/metrics.jsonl next to <run>/guard_settings.json.
-    parents = Path(path).resolve().parents
-    if len(parents) < 2:
+    run_dir = _run_dir(path)
+    if run_dir is None:
         return 1
-    settings = guard.load_guard_settings(str(parents[1] / guard.GUARD_FILE))
+    settings = guard.load_guard_settings(storage.join(run_dir, guard.GUARD_FILE))
     return 1 if settings is None else settings["min_step"]
+
+
+def _run_dir(path: str) -> str | None:
+    """<run> of a metrics file <run>/train/<file> (local: symbolic links resolved); None when
+    the file is too near the file system's root to have one."""
+    if storage.is_remote(path):
+        return storage.dirname(storage.dirname(path))
+    resolved = os.path.realpath(path)
+    train = os.path.dirname(resolved)
+    return None if train == os.path.dirname(train) else os.path.dirname(train)
 
 
 def diagnose(path: str) -> None:
@@ -273,7 +289,7 @@ def diagnose(path: str) -> None:
         report_noise(path, keys["proxy"], first_step)
     if FLAGS.plot:
         run = {k: curves[k] for k in ("steps", "proxy", "proxy_stderr", "golden") if k in curves}
-        name = Path(path).stem
+        name = posixpath.splitext(storage.basename(path))[0]
         plots.plot_curves(FLAGS.plot, {name: run}, {name: dict(fit, flag_step=d["flag_step"])})
         print(f"plot: {FLAGS.plot}")
 
@@ -282,13 +298,18 @@ def per_prompt_cov(path: str, key: str, steps) -> tuple[np.ndarray | None, str]:
     """(noise covariance or None, where the noise comes from), per --per_prompt."""
     if FLAGS.per_prompt == "":
         return None, _scatter_or_stderr()
-    directory = Path(path).parent / noise.PER_PROMPT_DIR
+    directory = _per_prompt_dir(path)
     if FLAGS.per_prompt != AUTO:
-        directory = Path(FLAGS.per_prompt)
-    elif not directory.is_dir():
+        directory = FLAGS.per_prompt
+    elif not storage.isdir(directory):
         return None, _scatter_or_stderr()
-    cov = noise.covariance_at(str(directory), key, steps)
+    cov = noise.covariance_at(directory, key, steps)
     return cov, f"covariance of the per-prompt values in {directory}"
+
+
+def _per_prompt_dir(path: str) -> str:
+    """The per-prompt directory beside a metrics file."""
+    return storage.join(storage.dirname(path), noise.PER_PROMPT_DIR)
 
 
 def _scatter_or_stderr() -> str:
@@ -298,8 +319,7 @@ def _scatter_or_stderr() -> str:
 
 
 def report_noise(path: str, key: str, first_step: int) -> None:
-    directory = Path(path).parent / noise.PER_PROMPT_DIR
-    summary = noise.summarize(str(directory), key, first_step, config=detector_config())
+    summary = noise.summarize(_per_prompt_dir(path), key, first_step, config=detector_config())
     print(
         f"evaluation noise ({len(summary.steps)} evaluations, bootstrap over prompts): sd of "
         f"log {key} {np.median(summary.sd):.3g} (median; {summary.sd.min():.3g} to "

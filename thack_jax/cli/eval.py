@@ -16,15 +16,14 @@ Hugging Face config.json, or T5Config fields (`dataclasses.asdict(config)`).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import os
 import sys
 
 import numpy as np  # noqa: E402
 from absl import app, flags
 
 from thack_jax import models
+from thack_jax.core import storage
 from thack_jax.evaluation import evaluator, watcher
 from thack_jax.models import hf, hf_config  # noqa: E402
 from thack_jax.models.config import T5Config  # noqa: E402
@@ -60,16 +59,22 @@ class EvalCliError(Exception):
     pass
 
 
+def _is_file(path: str) -> bool:
+    """os.path.isfile for local paths and URIs."""
+    return storage.exists(path) and not storage.isdir(path)
+
+
 def load_config(spec: str, flag: str) -> T5Config:
     """A size name, or a JSON file (HF config.json or T5Config fields)."""
     if spec in models.NAMED_CONFIGS:
         return models.get_config(spec)
-    if not os.path.isfile(spec):
+    if not _is_file(spec):
         raise EvalCliError(
             f"--{flag}={spec!r} is neither a size name {sorted(models.NAMED_CONFIGS)} nor a file"
         )
-    with open(spec, encoding="utf-8") as f:
-        data = json.load(f)
+    data = storage.read_json(spec)  # ValueError naming the file when it is not JSON
+    if not isinstance(data, dict):
+        raise EvalCliError(f"--{flag}={spec}: a JSON object expected, got {type(data).__name__}")
     if "num_layers" in data or "model_type" in data:  # a Hugging Face config.json
         return hf_config.config_from_hf(spec)
     fields = {f.name for f in dataclasses.fields(T5Config)}
@@ -83,10 +88,10 @@ def load_model(path: str, config_spec: str | None, role: str) -> tuple[T5Config,
     """(config, params) of a reference model from an HF or an orbax checkpoint directory."""
     if not path:
         raise EvalCliError(f"--{role}_ckpt is required")
-    if not os.path.isdir(path):
+    if not storage.isdir(path):
         raise EvalCliError(f"--{role}_ckpt={path}: the directory does not exist")
     config = load_config(config_spec, f"{role}_config") if config_spec else None
-    names = set(os.listdir(path))
+    names = set(storage.listdir(path))
     if names & {"model.safetensors", "model.safetensors.index.json"}:
         return hf.load_hf_checkpoint(path, config=config)
     steps = checkpoints.list_finalized_steps(path)
@@ -105,9 +110,9 @@ def load_model(path: str, config_spec: str | None, role: str) -> tuple[T5Config,
 def load_prompts(path: str | None, flag: str) -> np.ndarray:
     if not path:
         raise EvalCliError(f"--{flag} is required")
-    if not os.path.isfile(path):
+    if not _is_file(path):
         raise EvalCliError(f"--{flag}={path}: file not found")
-    prompts = np.load(path, allow_pickle=False)
+    prompts = storage.load_npy(path)  # ValueError naming the file when it is damaged
     if prompts.ndim != 2 or not np.issubdtype(prompts.dtype, np.integer):
         raise EvalCliError(f"--{flag}={path}: want int [N, Lx], got {prompts.dtype}{prompts.shape}")
     return prompts

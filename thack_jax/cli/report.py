@@ -9,17 +9,17 @@ Reads every `DIR/runs/<name>/train/metrics.jsonl` (with `run.json` beside it) an
 `DIR/experiment.json`, and/or every run summary `SUMMARY_DIR/*.json`
 (`thack_jax/reporting/summary.py`); writes `OUT_DIR/report.md` and `OUT_DIR/plots/*.png`
 (default OUT_DIR: the first workdir) and prints the findings. With --write_summary it
-writes the workdirs' run summaries into that directory instead of a report. Neither jax nor
-tensorflow is imported.
+writes the workdirs' run summaries into that directory instead of a report. Every path may
+be local or a URI (gs://...). Neither jax nor tensorflow is imported.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 
 from absl import app, flags
 
+from thack_jax.core import storage
 from thack_jax.reporting import report, summary  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -62,10 +62,9 @@ def main(argv):
     except (ValueError, OSError) as e:  # ReportError is a ValueError; so are bad JSON lines
         sys.exit(f"report: error: {e}")
     print(f"report: {path}")
-    if not os.path.exists(path):  # another process than 0 of a multi-process run
+    if not storage.exists(path):  # another process than 0 of a multi-process run
         return
-    with open(path) as f:
-        text = f.read()
+    text = storage.read_text(path)
     findings = text[text.find("## Findings") : text.find("## Notes")].strip()
     print(findings)
 

@@ -13,17 +13,18 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import signal
 
 import jax
 import numpy as np
 
-from thack_jax.core import checks
+from thack_jax.core import checks, interrupt
 from thack_jax.data.offline_store import OfflineSpec, OfflineStore, prompts_checksum
 from thack_jax.data.regime_names import check_sampler_role
 from thack_jax.data.row_streams import PromptPool, check_batch_size, to_host
 from thack_jax.decoding import sampling
 from thack_jax.decoding.settings import SamplingConfig
-from thack_jax.parallel import partitioning
+from thack_jax.parallel import distributed, partitioning
 
 # ----------------------------------------------------------------------------- sampler calls
 
@@ -239,7 +240,8 @@ def build_offline_store(
     (`StoreMismatchError`) instead of being reused.
     progress: True prints chunks/s and ETA at most every 10 s, False is silent, or a
     callable receiving {'chunk', 'num_chunks', 'chunks_per_s', 'eta_s'}.
-    Run it in one process: the store's files have a single writer.
+    In a multi-process run every process calls it (the sampler runs on the mesh); a remote
+    (gs://) store is then written by process 0 only, a local one by each process.
     """
     if not isinstance(generation, GenerationConfig):
         raise ValueError(f"generation must be a GenerationConfig, got {type(generation).__name__}")
@@ -267,12 +269,20 @@ def build_offline_store(
         seed=int(seed),
         prompts_checksum=prompts_checksum(prompts),
     )
-    store = OfflineStore.create_or_open(directory, spec, prompts)
+    store = OfflineStore.create_or_open(directory, spec, prompts, writer=jax.process_index() == 0)
     if store.is_complete:
         return store
     multiple = math.lcm(chunk, 1 if mesh is None else partitioning.data_parallel_size(mesh))
 
     def generate(chunk_prompts: np.ndarray, chunk_index: int) -> np.ndarray:
+        # SIGTERM / SIGINT: stop before the next chunk; the finished ones are saved. Agreed
+        # by every process (the sampler is a collective on a multi-process mesh).
+        if distributed.any_process(interrupt.requested() is not None):
+            raise interrupt.Interrupted(
+                interrupt.requested() or signal.SIGTERM,
+                f"while filling the offline store {directory} at chunk {chunk_index} "
+                "(finished chunks saved)",
+            )
         # The short last chunk is padded to the full chunk shape: one compiled sampler.
         rng = jax.random.fold_in(jax.random.key(int(seed)), chunk_index)
         out = sampling.sample(

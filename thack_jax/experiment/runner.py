@@ -21,6 +21,7 @@ bookkeeping; the work of each stage is in stages.py. Workdir layout:
 from __future__ import annotations
 
 import logging
+import signal
 import time
 
 import numpy as np
@@ -124,6 +125,13 @@ def _is_complete(directory: str, fp: str) -> bool:
 
 def _mark_complete(directory: str, fp: str, **info) -> None:
     stage_work.write_json(storage.join(directory, "COMPLETE.json"), {"fingerprint": fp, **info})
+
+
+def _stop_if_signalled(where: str) -> None:
+    """Raises Interrupted once SIGTERM / SIGINT reached any process (all agree, so that no
+    process goes on into a stage whose collectives the others have left)."""
+    if distributed.any_process(interrupt.requested() is not None):
+        raise interrupt.Interrupted(interrupt.requested() or signal.SIGTERM, where)
 
 
 def file_digests(root: str) -> dict[str, str]:
@@ -280,7 +288,7 @@ class Experiment(stage_work.StageContext):
         with interrupt.handling():
             for stage in STAGES:
                 if stage in stages:
-                    interrupt.check(f"before stage {stage}")
+                    _stop_if_signalled(f"before stage {stage}")
                     self._run_stage(stage, runs)
 
     def _run_stage(self, stage: str, runs: tuple[str, ...] | None) -> None:
@@ -299,7 +307,7 @@ class Experiment(stage_work.StageContext):
             self.inputs_of("distill")  # the models are checked before the evaluator loads them
             evaluator = self.evaluator() if selected else None
             for run in selected:
-                interrupt.check(f"before distillation run {run.name}")
+                _stop_if_signalled(f"before distillation run {run.name}")
                 self.stage_distill(run, evaluator)
         elif stage == "report":
             from thack_jax.reporting import report

@@ -10,11 +10,11 @@ sections 2 and 7). numpy only (no jax).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 
 import numpy as np
 
+from thack_jax.core import storage
 from thack_jax.hacking.diagnostics import DetectorConfig, best_index, detect_deviation
 from thack_jax.hacking.noise import log_mean_cov
 
@@ -52,11 +52,10 @@ def guard_settings(
 def load_guard_settings(path: str) -> dict | None:
     """The `guard_settings` record at `path`, or None when there is no such file; a file
     that is not such a record raises ValueError naming the file and the problem."""
-    try:
-        with open(path) as f:
-            record = json.load(f)
-    except FileNotFoundError:
+    if not storage.exists(path):
         return None
+    try:
+        record = storage.read_json(path)
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: cannot read guard settings: {e}") from None
     min_step = record.get("min_step") if isinstance(record, dict) else None

@@ -17,16 +17,17 @@ numpy only (no jax), like diagnostics.py.
 from __future__ import annotations
 
 import dataclasses
-import glob
-import os
+import io
 import re
+import zipfile
 
 import numpy as np
 
+from thack_jax.core import storage
 from thack_jax.hacking.diagnostics import DetectorConfig, verdict
 
 PER_PROMPT_DIR = "per_prompt"  # under a run's train/ directory
-_FILE = re.compile(r"step_(\d+)\.npz$")
+_FILE = re.compile(r"step_(\d+)\.npz")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,40 +46,51 @@ class NoiseSummary:
 
 def save_per_prompt(directory: str, step: int, per_prompt: dict[str, np.ndarray]) -> str:
     """Writes `directory/step_<step>.npz` ({metric key: per-prompt values [P]}) atomically."""
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, f"step_{step:08d}.npz")
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, **{k: np.asarray(v, np.float64) for k, v in per_prompt.items()})
-    os.replace(tmp, path)
+    storage.makedirs(directory)
+    path = storage.join(directory, f"step_{step:08d}.npz")
+    buffer = io.BytesIO()
+    np.savez(buffer, **{k: np.asarray(v, np.float64) for k, v in per_prompt.items()})
+    storage.write_atomic(path, buffer.getvalue())
     return path
+
+
+def _read_npz(path: str) -> dict[str, np.ndarray]:
+    """{key: values as float64} of an .npz file (pickles refused); ValueError naming the file
+    when it is damaged."""
+    data = storage.read_bytes(path)
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            return {key: np.asarray(npz[key], np.float64) for key in npz.files}
+    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path}: not a readable .npz file ({e}); the file is damaged") from e
 
 
 def read_per_prompt(directory: str, step: int) -> dict[str, np.ndarray]:
     """The per-prompt values saved for `step` ({metric key: [P]}); raises ValueError naming
     the missing file."""
-    path = os.path.join(directory, f"step_{step:08d}.npz")
-    if not os.path.exists(path):
+    path = storage.join(directory, f"step_{step:08d}.npz")
+    if not storage.exists(path):
         raise ValueError(f"no per-prompt values for step {step}: {path} is missing")
-    with np.load(path, allow_pickle=False) as data:
-        return {key: np.asarray(data[key], np.float64) for key in data.files}
+    return _read_npz(path)
 
 
 def load_per_prompt(directory: str, key: str, min_step: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """(steps [K], values [K, P]) of `key` from the files of `save_per_prompt` at step >=
     min_step. Raises ValueError naming the directory, the key or the file that is wrong."""
-    files = sorted(glob.glob(os.path.join(directory, "step_*.npz")))
+    files = [(name, _FILE.fullmatch(name)) for name in storage.listdir(directory)]
+    files = [(name, int(m.group(1))) for name, m in files if m is not None]
     if not files:
         raise ValueError(f"no per-prompt evaluations (step_*.npz) in {directory}")
     steps, rows = [], []
-    for path in files:
-        match = _FILE.search(path)
-        if match is None or int(match.group(1)) < min_step:
+    for name, step in files:
+        if step < min_step:
             continue
-        with np.load(path, allow_pickle=False) as data:
-            if key not in data.files:
-                raise ValueError(f"{path} lacks {key!r}; it has {sorted(data.files)}")
-            rows.append(np.asarray(data[key], np.float64))
-        steps.append(int(match.group(1)))
+        path = storage.join(directory, name)
+        data = _read_npz(path)
+        if key not in data:
+            raise ValueError(f"{path} lacks {key!r}; it has {sorted(data)}")
+        rows.append(data[key])
+        steps.append(step)
     if len(rows) < 2:
         raise ValueError(f"{directory}: {len(rows)} evaluations at step >= {min_step}; need 2")
     shapes = {r.shape for r in rows}

@@ -1,16 +1,20 @@
 """PNG plots of proxy and golden curves, shared by `launch/diagnose.py` and `report.py`.
 
 numpy + matplotlib only (no jax). Figures are bare `matplotlib.figure.Figure`s saved as PNG,
-which renders with the Agg backend and leaves pyplot's global backend alone. Curves are 1-D
-arrays over evaluations, `[n]`.
+which renders with the Agg backend and leaves pyplot's global backend alone. A figure is
+rendered into memory and written with `storage.write_atomic`, so a path may be gs://...
+Curves are 1-D arrays over evaluations, `[n]`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
+import posixpath
 
 import numpy as np
 
+from thack_jax.core import storage
 from thack_jax.hacking.diagnostics import verdict
 
 
@@ -45,8 +49,13 @@ def _figure(n_panels: int, width: float = 4.5, height: float = 4.0, max_cols: in
     return fig, axes[:n_panels]
 
 
-def _save(fig, path_png) -> None:
-    fig.savefig(path_png, dpi=110)
+def _save(fig, path_png, dpi: int = 110) -> None:
+    """Writes the figure to `path_png` (local or remote) in the format its suffix names, as
+    `savefig(path)` would (PNG without a suffix)."""
+    suffix = posixpath.splitext(str(path_png))[1][1:].lower()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=suffix or "png", dpi=dpi)
+    storage.write_atomic(path_png, buffer.getvalue())
 
 
 def draw_power_law(ax, name, steps, proxy, proxy_stderr, fit: dict, color) -> None:
@@ -97,7 +106,7 @@ def plot_curves(path_png, runs: dict, fits: dict | None = None) -> None:
         axes[0, 1].invert_xaxis()  # training runs left to right, as the proxy falls
         axes[0, 1].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path_png, dpi=120)
+    _save(fig, path_png, dpi=120)
 
 
 def plot_vs_step(path_png, groups: dict, metric: str) -> None:

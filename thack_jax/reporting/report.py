@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import glob
 import json
 import os
 import sys
 
 import numpy as np
 
+from thack_jax.core import storage
 from thack_jax.data.regime_names import Regime
 from thack_jax.hacking import diagnostics, guard, noise
 from thack_jax.reporting import plots, report_text
@@ -75,10 +75,19 @@ class Run:
 
 def _read_json(path: str) -> dict:
     try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+        return storage.read_json(path)
+    except (OSError, ValueError) as e:
         raise ReportError(f"cannot read {path}: {e}") from e
+
+
+def _run_dir(metrics_path: str) -> str:
+    """<run> of <run>/train/metrics.jsonl."""
+    return storage.dirname(storage.dirname(metrics_path))
+
+
+def _workdir_name(workdir: str) -> str:
+    """The last component of a workdir (local: of its normalized path), for labels."""
+    return storage.basename(workdir if storage.is_remote(workdir) else os.path.normpath(workdir))
 
 
 def _number(path, row, key) -> float:
@@ -89,11 +98,11 @@ def _number(path, row, key) -> float:
 
 
 def _load_run(metrics_path: str, workdir: str, experiment: dict) -> Run:
-    run_dir = os.path.dirname(os.path.dirname(metrics_path))
-    config = _read_json(os.path.join(run_dir, "run.json"))
+    run_dir = _run_dir(metrics_path)
+    config = _read_json(storage.join(run_dir, "run.json"))
     missing = [k for k in GROUP_FIELDS + ("seed",) if k not in config]
     if missing:
-        raise ReportError(f"{os.path.join(run_dir, 'run.json')} lacks {missing}")
+        raise ReportError(f"{storage.join(run_dir, 'run.json')} lacks {missing}")
     rows = read_metrics(metrics_path)
     rows = [r for r in rows if any(k.startswith(("proxy/", "golden/")) for k in r)]
     if not rows:
@@ -105,9 +114,9 @@ def _load_run(metrics_path: str, workdir: str, experiment: dict) -> Run:
     steps = sorted(by_step)
     keys = sorted({k for r in rows for k in r} - {"step"})
     metrics = {k: np.array([_number(metrics_path, by_step[s], k) for s in steps]) for k in keys}
-    complete = os.path.join(run_dir, "COMPLETE.json")
-    wall = _read_json(complete).get("wall_seconds", np.nan) if os.path.exists(complete) else None
-    name = config.get("name", os.path.basename(run_dir))
+    complete = storage.join(run_dir, "COMPLETE.json")
+    wall = _read_json(complete).get("wall_seconds", np.nan) if storage.exists(complete) else None
+    name = config.get("name", storage.basename(run_dir))
     return Run(name, workdir, config, np.array(steps), metrics, wall, metrics_path, experiment)
 
 
@@ -115,13 +124,18 @@ def load_runs(workdirs) -> list[Run]:
     """Every run with a metrics file under `<workdir>/runs/*/train/`, in name order."""
     runs, searched = [], []
     for workdir in workdirs:
-        if not os.path.isdir(workdir):
+        if not storage.isdir(workdir):
             raise ReportError(f"workdir not found: {workdir}")
-        exp_path = os.path.join(workdir, "experiment.json")
-        experiment = _read_json(exp_path) if os.path.exists(exp_path) else {}
-        pattern = os.path.join(workdir, "runs", "*", "train", METRICS_FILE)
-        searched.append(pattern)
-        runs += [_load_run(p, workdir, experiment) for p in sorted(glob.glob(pattern))]
+        exp_path = storage.join(workdir, "experiment.json")
+        experiment = _read_json(exp_path) if storage.exists(exp_path) else {}
+        searched.append(storage.join(workdir, "runs", "*", "train", METRICS_FILE))
+        runs_dir = storage.join(workdir, "runs")
+        paths = [
+            storage.join(runs_dir, n, "train", METRICS_FILE) for n in storage.listdir(runs_dir)
+        ]
+        # As glob("runs/*/train/metrics.jsonl") did: hidden folders are not runs.
+        paths = [p for p in paths if not storage.basename(_run_dir(p)).startswith(".")]
+        runs += [_load_run(p, workdir, experiment) for p in paths if storage.exists(p)]
     if not runs:
         raise ReportError("no runs found; searched: " + ", ".join(searched))
     return runs
@@ -138,7 +152,7 @@ def read_guard_settings(run: Run) -> dict | None:
     the run has none."""
     if run.from_summary:
         return run.guard_settings
-    path = os.path.join(os.path.dirname(os.path.dirname(run.metrics_path)), guard.GUARD_FILE)
+    path = storage.join(_run_dir(run.metrics_path), guard.GUARD_FILE)
     try:
         return guard.load_guard_settings(path)
     except ValueError as e:
@@ -170,8 +184,8 @@ def noise_cov(run: Run, key: str, steps: np.ndarray) -> np.ndarray | None:
             raise ValueError(f"{run.metrics_path}: noise covariance of {key} lacks {missing}")
         index = [row[int(s)] for s in steps]
         return cov[np.ix_(index, index)]
-    directory = os.path.join(os.path.dirname(run.metrics_path), noise.PER_PROMPT_DIR)
-    if not os.path.isdir(directory):
+    directory = storage.join(storage.dirname(run.metrics_path), noise.PER_PROMPT_DIR)
+    if not storage.isdir(directory):
         return None
     return noise.covariance_at(directory, key, steps)
 
@@ -311,7 +325,7 @@ def _is_primary() -> bool:
 
 
 def _write_plots(out_dir, runs, labels, groups, analyses, metric) -> list[tuple[str, str]]:
-    os.makedirs(os.path.join(out_dir, "plots"), exist_ok=True)
+    storage.makedirs(storage.join(out_dir, "plots"))
     members = {g.label: [runs[i] for i in g.members] for g in groups}
     # Seeds are drawn on their common steps; a group without any is left out of the plots.
     common = {k: functools.reduce(np.intersect1d, [r.steps for r in v]) for k, v in members.items()}
@@ -327,7 +341,7 @@ def _write_plots(out_dir, runs, labels, groups, analyses, metric) -> list[tuple[
         ("proxy_golden_all.png", "Proxy-golden curves, every divergence"),
         (f"power_law_{metric}.png", f"Power-law fit of each run's proxy ({metric})"),
     ]
-    path = [os.path.join(out_dir, "plots", f) for f, _ in files]
+    path = [storage.join(out_dir, "plots", f) for f, _ in files]
     by_group = {k: {"proxy": p, "golden": g} for k, (p, g) in bands[metric].items()}
     plots.plot_vs_step(path[0], by_group, metric)
     plots.plot_proxy_golden(path[1], {metric: bands[metric]})
@@ -362,19 +376,13 @@ def write_report(workdirs, out_dir: str, metric: str = "forward_kl", runs=None) 
     groups, experiments = group_runs(runs)
     names = [r.name for r in runs]
     labels = [  # the same run name in two workdirs: add the workdir's name
-        f"{r.name} @{os.path.basename(os.path.normpath(r.workdir))}"
-        if names.count(r.name) > 1
-        else r.name
-        for r in runs
+        f"{r.name} @{_workdir_name(r.workdir)}" if names.count(r.name) > 1 else r.name for r in runs
     ]
-    path = os.path.join(out_dir, "report.md")
+    path = storage.join(out_dir, "report.md")
     if not _is_primary():
         return path
     plot_files = _write_plots(out_dir, runs, labels, groups, analyses, metric)
     table = report_text.ReportRuns(runs, labels, analyses, groups, experiments)
     text = report_text.render(workdirs, out_dir, metric, table, plot_files)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    storage.write_atomic(path, text)
     return path

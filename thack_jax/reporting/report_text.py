@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import posixpath
 
 import numpy as np
+
+from thack_jax.core import storage
 
 ONLINE = ("online_teacher", "online_student")
 RISE_Z = 2.0  # a golden rise is significant above this many combined stderrs
@@ -31,6 +34,19 @@ def _wall(seconds) -> str:
     if not np.isfinite(seconds):
         return "?"
     return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+def _relative(path: str, start: str) -> str:
+    """`path` as the report names it from `start` (its folder): relative when both are
+    local or both in the same bucket, else in full (a local report of a gs:// workdir)."""
+    if not storage.is_remote(path) and not storage.is_remote(start):
+        return os.path.relpath(path, start)
+    (scheme, _, rest), (start_scheme, _, start_rest) = path.partition("://"), start.partition("://")
+    bucket, _, key = rest.partition("/")
+    start_bucket, _, start_key = start_rest.partition("/")
+    if (scheme, bucket) != (start_scheme, start_bucket) or not storage.is_remote(start):
+        return path
+    return posixpath.relpath("/" + key, "/" + start_key)
 
 
 def _data(cfg: dict) -> str:
@@ -345,7 +361,7 @@ def render(workdirs, out_dir, metric, table: ReportRuns, plot_files) -> str:
             f"| {_g(a['proxy_at_golden_min'])} -> {_g(a['final_proxy'])} "
             f"({a['proxy_change_z']:+.1f}) | {u} | {verdict} | {_g(a['flag_step'])} "
             f"| {_g(a['lag'])} | {_keep(a)} | {_wall(run.wall_seconds)} "
-            f"| `{os.path.relpath(run.metrics_path, out_dir)}` |"
+            f"| `{_relative(run.metrics_path, out_dir)}` |"
         )
     lines += ["", "## Groups (runs that differ only in seed)", ""]
     lines += [

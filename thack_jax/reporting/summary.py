@@ -21,12 +21,11 @@ numpy only (no jax), like report.py.
 
 from __future__ import annotations
 
-import glob
 import json
-import os
 
 import numpy as np
 
+from thack_jax.core import storage
 from thack_jax.hacking import noise
 from thack_jax.reporting import report
 
@@ -42,13 +41,13 @@ GUARD_RECORD_FILE = "guard.json"  # beside run.json: what the guard flagged (exp
 
 
 def _optional_json(path: str):
-    return report._read_json(path) if os.path.exists(path) else None
+    return report._read_json(path) if storage.exists(path) else None
 
 
 def _noise_covariances(run: report.Run) -> dict | None:
     """Per proxy key: the covariance the verdict of that metric uses, or the error it gives."""
-    directory = os.path.join(os.path.dirname(run.metrics_path), noise.PER_PROMPT_DIR)
-    if not os.path.isdir(directory):
+    directory = storage.join(storage.dirname(run.metrics_path), noise.PER_PROMPT_DIR)
+    if not storage.isdir(directory):
         return None
     steps = run.steps[run.steps >= report.guard_min_step(run)]
     out = {}
@@ -68,7 +67,7 @@ def _noise_covariances(run: report.Run) -> dict | None:
 
 def summary_of(run: report.Run) -> dict:
     """The summary record of a run loaded from a workdir (`report.load_runs`)."""
-    run_dir = os.path.dirname(os.path.dirname(run.metrics_path))
+    run_dir = report._run_dir(run.metrics_path)
     evaluations = {"step": run.steps.tolist()}
     evaluations.update({k: run.metrics[k].tolist() for k in KEYS if k in run.metrics})
     return {
@@ -78,7 +77,7 @@ def summary_of(run: report.Run) -> dict:
         "experiment": run.experiment,
         "wall_seconds": run.wall_seconds,
         "guard_settings": report.read_guard_settings(run),
-        "guard": _optional_json(os.path.join(run_dir, GUARD_RECORD_FILE)),
+        "guard": _optional_json(storage.join(run_dir, GUARD_RECORD_FILE)),
         "evaluations": evaluations,
         "noise_covariance": _noise_covariances(run),
     }
@@ -95,19 +94,17 @@ def summarize(workdirs, out_dir: str) -> list[str]:
     """Writes `out_dir/<run>.json` for every run of `workdirs`; returns the paths. Raises
     ReportError on unusable inputs or when two runs share a directory name."""
     runs = report.load_runs(workdirs)
-    names = [os.path.basename(os.path.dirname(os.path.dirname(r.metrics_path))) for r in runs]
+    names = [storage.basename(report._run_dir(r.metrics_path)) for r in runs]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise report.ReportError(
             f"runs {twice} occur in several workdirs; summarize each into its own directory"
         )
-    os.makedirs(out_dir, exist_ok=True)
+    storage.makedirs(out_dir)
     paths = []
     for run, name in zip(runs, names, strict=True):
-        path = os.path.join(out_dir, f"{name}.json")
-        with open(f"{path}.tmp", "w") as f:
-            f.write(_dump(summary_of(run)))
-        os.replace(f"{path}.tmp", path)
+        path = storage.join(out_dir, f"{name}.json")
+        storage.write_atomic(path, _dump(summary_of(run)))
         paths.append(path)
     return paths
 
@@ -183,9 +180,11 @@ def load_summaries(summary_dirs) -> list[report.Run]:
     `report.load_runs` gives the runs of the workdir they were made from)."""
     runs = []
     for directory in summary_dirs:
-        if not os.path.isdir(directory):
+        if not storage.isdir(directory):
             raise report.ReportError(f"summary directory not found: {directory}")
-        paths = sorted(glob.glob(os.path.join(directory, "*.json")))
+        # As glob("*.json") did: no hidden files (nor temporary files of write_atomic).
+        names = [n for n in storage.listdir(directory) if n.endswith(".json")]
+        paths = [storage.join(directory, n) for n in names if not n.startswith(".")]
         if not paths:
             raise report.ReportError(f"no run summaries (*.json) in {directory}")
         runs += [load_summary(p, directory) for p in paths]
