@@ -21,7 +21,7 @@ import numpy as np
 from thack_jax.core import checks, interrupt
 from thack_jax.data.offline_store import OfflineSpec, OfflineStore, prompts_checksum
 from thack_jax.data.regime_names import check_sampler_role
-from thack_jax.data.row_streams import PromptPool, check_batch_size, to_host
+from thack_jax.data.row_streams import PromptPool, check_batch_size
 from thack_jax.decoding import sampling
 from thack_jax.decoding.settings import SamplingConfig
 from thack_jax.parallel import distributed, partitioning
@@ -175,7 +175,7 @@ def params_fingerprint(params) -> str:
     """sha256 (hex) over the parameter leaves in tree order: path, shape, dtype and bytes."""
     h = hashlib.sha256()
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        arr = np.ascontiguousarray(to_host(leaf))
+        arr = np.ascontiguousarray(partitioning.to_host(leaf))
         h.update(f"{jax.tree_util.keystr(path)}|{arr.shape}|{arr.dtype.name}|".encode())
         h.update(arr.tobytes())
     return h.hexdigest()
@@ -288,7 +288,7 @@ def build_offline_store(
         out = sampling.sample(
             config, params, _pad_rows(chunk_prompts, multiple), rng, settings, mesh=mesh
         )
-        return to_host(out.tokens)[: len(chunk_prompts) * completions_per_prompt]
+        return partitioning.to_host(out.tokens)[: len(chunk_prompts) * completions_per_prompt]
 
     if progress is True:
         callback = None  # the store's default: a line with chunks/s and ETA every 10 s

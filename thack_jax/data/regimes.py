@@ -45,9 +45,9 @@ from thack_jax.data.row_streams import (
     PromptPool,
     check_batch_size,
     process_share,
-    to_host,
 )
 from thack_jax.decoding.settings import SamplingConfig
+from thack_jax.parallel.partitioning import to_host
 
 # ----------------------------------------------------------------------------- mixture
 

@@ -4,7 +4,7 @@ orders, resumable from their positions (numpy; jax only for the process helpers)
 Epoch e of a stream visits its rows in the order `default_rng([seed, e, *salt])
 .permutation(num_rows)`; a draw may straddle two epochs, so every row is used exactly once
 per epoch whatever the draw sizes. A stream's state is only its position in these orders.
-Also here: the host-side helpers every batch source uses (`process_share`, `to_host`,
+Also here: the host-side helpers every batch source uses (`process_share`,
 `check_batch_size`). The sources that sample from a model are in `generation.py`, the
 mixture and the regime factory in `regimes.py`.
 """
@@ -98,15 +98,6 @@ def process_share(batch: dict) -> dict:
         raise ValueError(f"batch of {rows} rows is not divisible by the {count} processes")
     share, i = rows // count, jax.process_index()
     return {k: v[i * share : (i + 1) * share] for k, v in batch.items()}
-
-
-def to_host(x) -> np.ndarray:
-    """A jax array -> numpy on every process (gathered when it spans several processes)."""
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(jax.device_get(x))
 
 
 def check_batch_size(batch_size) -> int:

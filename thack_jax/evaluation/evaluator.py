@@ -316,7 +316,7 @@ class Evaluator:
                 self.sampling,
                 mesh=self.mesh,
             )
-            out.append((np.asarray(s.tokens), np.asarray(s.mask)))
+            out.append((partitioning.to_host(s.tokens), partitioning.to_host(s.mask)))
         return out
 
     def _score(self, student, student_samples) -> dict[str, tuple[_Side, _Side]]:
@@ -334,8 +334,12 @@ class Evaluator:
             }
             result = fn(params, self._put(inputs, ("batch", "length")), samples)
             for role, (p_side, q_side) in result.items():
-                parts[role][0].append([np.asarray(x) for x in p_side] + [sets[role][b][1]])
-                parts[role][1].append([np.asarray(x) for x in q_side] + [student_samples[b][1]])
+                parts[role][0].append(
+                    [partitioning.to_host(x) for x in p_side] + [sets[role][b][1]]
+                )
+                parts[role][1].append(
+                    [partitioning.to_host(x) for x in q_side] + [student_samples[b][1]]
+                )
         rows = self.num_prompts * self.num_samples
 
         def side(batches) -> _Side:

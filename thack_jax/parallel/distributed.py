@@ -373,6 +373,7 @@ def check_shared_workdir(workdir: str) -> None:
     barrier(f"shared_workdir_read_{name}")
     if jax.process_index() == 0:
         storage.remove(path)
+    barrier(f"shared_workdir_clean_{name}")  # on return, no process sees the token
     blind = [i for i, ok in enumerate(seen.reshape(-1)) if not ok]
     if blind:
         raise WorkdirNotSharedError(

@@ -359,6 +359,23 @@ def put_replicated(tree, mesh: Mesh):
         sharding = getattr(x, "sharding", None)
         if isinstance(sharding, NamedSharding) and sharding.mesh == mesh:
             return x
-        return jax.device_put(x, rep)
+        if jax.process_count() == 1:
+            return jax.device_put(x, rep)
+        # device_put cannot target other hosts' devices; every process holds the whole
+        # value, so each builds its own devices' (identical) shards of the global array.
+        if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(place(jax.random.key_data(x)), impl=x.dtype._impl)
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, rep, lambda index: host[index])
 
     return jax.tree.map(place, tree)
+
+
+def to_host(x) -> np.ndarray:
+    """A jax array -> numpy on every process (gathered when it spans several processes:
+    `np.asarray` cannot fetch other hosts' shards)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
