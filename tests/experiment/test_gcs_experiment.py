@@ -12,6 +12,8 @@ import subprocess
 import sys
 import textwrap
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -177,3 +179,46 @@ def test_two_processes_share_only_the_bucket(gcs_bucket, tmp_path):
         assert storage.exists(storage.join(workdir, "runs", run, "COMPLETE.json"))
     assert storage.exists(storage.join(workdir, "report.md"))
     _no_local_gs_folder(tmp_path)
+
+
+def _delete_bucket(url: str) -> None:
+    """Deletes every object, then the bucket; retried, since the run keeps writing."""
+    bucket = url.removeprefix("gs://")
+    for _ in range(50):
+        try:
+            storage.rmtree(url)
+        except (FileExistsError, FileNotFoundError):
+            pass  # gcsfs deletes the root too; 412 when an object landed in between
+        request = urllib.request.Request(
+            f"{os.environ['STORAGE_EMULATOR_HOST']}/storage/v1/b/{bucket}", method="DELETE"
+        )
+        try:
+            urllib.request.urlopen(request, timeout=10).close()
+            return
+        except urllib.error.HTTPError as e:
+            if e.code == 404:  # the recursive delete of the root removed it
+                return
+            time.sleep(0.05)  # 412: an object landed in between
+        except FileExistsError:
+            time.sleep(0.05)
+    raise AssertionError(f"could not delete {url}")
+
+
+@pytest.mark.slow
+def test_a_bucket_that_disappears_mid_run_stops_it_naming_the_path(gcs_bucket, tmp_path):
+    env, cwd = _env(tmp_path), tmp_path / "cwd"
+    workdir = gcs_bucket + "/exp"
+    proc = _start(workdir, cwd, env)
+    checkpoints = storage.join(workdir, "runs", "offline", "train", "checkpoints")
+    deadline = time.time() + 600
+    while not any(n.isdigit() for n in storage.listdir(checkpoints)):
+        assert proc.poll() is None, proc.communicate()[1][-4000:]
+        assert time.time() < deadline, "no checkpoint reached the bucket"
+        time.sleep(0.2)
+    _delete_bucket(gcs_bucket)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode not in (0, None), "the run went on without its workdir"
+    assert gcs_bucket.removeprefix("gs://") in err, err[
+        -3000:
+    ]  # the error names the bucket / path it could not write
+    _no_local_gs_folder(cwd, tmp_path)  # and nothing fell back to the local disk
