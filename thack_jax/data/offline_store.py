@@ -39,138 +39,31 @@ rest is reading; a remote store pays the hashing on top of its download.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
-import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import numpy as np
 
-from thack_jax.core import checks, storage
-
-MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
-_ARRAYS = ("inputs", "targets")
-CHUNKS_DIR = "chunks"  # remote stores only, during the fill
-REMOTE_MAX_BYTES = 8 << 30
-_MANIFEST_KEYS = (
-    "spec",
-    "arrays",
-    "chunk_size",
-    "num_chunks",
-    "chunks_done",
-    "complete",
-    "checksums",
+from thack_jax.core import storage
+from thack_jax.data.offline_format import (
+    ARRAYS,
+    CHUNKS_DIR,
+    FORMAT_VERSION,
+    MANIFEST,
+    OfflineSpec,
+    StoreIntegrityError,
+    StoreMismatchError,
+    array_checksum,
+    check_array,
+    check_manifest,
+    prompts_checksum,
+    read_remote,
+    spec_differences,
 )
-_SHA256 = re.compile(r"[0-9a-f]{64}")
+from thack_jax.data.offline_iterator import OfflineIterator as OfflineIterator  # re-export
 
-
-class StoreMismatchError(ValueError):
-    """An existing store was made for a different spec (or chunking) than requested."""
-
-
-class StoreIntegrityError(ValueError):
-    """A complete store's arrays differ from its manifest's checksums (or it has none)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class OfflineSpec:
-    """What an offline dataset is: its prompts, sizes, vocabulary and generating model."""
-
-    num_prompts: int
-    completions_per_prompt: int
-    max_input_length: int
-    max_target_length: int
-    vocab_fingerprint: str
-    generating_model: str  # e.g. 'teacher-<params checksum>'
-    seed: int
-    prompts_checksum: str
-
-    def __post_init__(self):
-        sizes = ("num_prompts", "completions_per_prompt", "max_input_length", "max_target_length")
-        for f in sizes:
-            checks.integer(self, f, 1)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> OfflineSpec:
-        names = {f.name for f in dataclasses.fields(cls)}
-        if set(d) != names:
-            raise ValueError(
-                f"OfflineSpec keys differ: missing {sorted(names - set(d))}, "
-                f"unknown {sorted(set(d) - names)}"
-            )
-        return cls(**d)
-
-    @property
-    def num_examples(self) -> int:
-        return self.num_prompts * self.completions_per_prompt
-
-
-def array_checksum(array: np.ndarray, block_rows: int = 65536) -> str:
-    """sha256 of shape, dtype and the little-endian C-order bytes (read in row blocks)."""
-    h = hashlib.sha256(f"{array.shape}|{np.dtype(array.dtype).str}".encode())
-    for start in range(0, max(array.shape[0], 1), block_rows):
-        h.update(np.ascontiguousarray(array[start : start + block_rows]).data)  # no copy
-    return h.hexdigest()
-
-
-def prompts_checksum(prompts: np.ndarray) -> str:
-    """Checksum of a prompt array [N, Lx] (as int32) for `OfflineSpec.prompts_checksum`."""
-    return array_checksum(np.asarray(prompts, dtype=np.int32))
-
-
-def _spec_differences(stored: dict, requested: dict) -> list[str]:
-    keys = sorted(set(stored) | set(requested))
-    return [
-        f"{k}: stored {stored.get(k)!r} vs requested {requested.get(k)!r}"
-        for k in keys
-        if stored.get(k) != requested.get(k)
-    ]
-
-
-def _check_manifest(path: str, manifest) -> dict:
-    """The manifest read from `path`, or ValueError naming the file and what is wrong."""
-    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
-        got = manifest.get("format_version") if isinstance(manifest, dict) else manifest
-        raise ValueError(f"{path}: format_version {got!r}, expected {FORMAT_VERSION}")
-    arrays = manifest.get("arrays") if isinstance(manifest.get("arrays"), dict) else {}
-    missing = [k for k in _MANIFEST_KEYS if k not in manifest]
-    missing += [f"arrays.{a}" for a in _ARRAYS if not isinstance(arrays.get(a), dict)]
-    if missing:
-        raise ValueError(f"{path}: lacks {missing}; the manifest is damaged")
-    try:
-        OfflineSpec.from_dict(manifest["spec"])
-    except (TypeError, ValueError, AttributeError) as e:
-        raise ValueError(f"{path}: bad spec ({e}); the manifest is damaged") from None
-    sums = manifest["checksums"] if isinstance(manifest["checksums"], dict) else {}
-    for name in _ARRAYS if manifest["complete"] else ():
-        if not isinstance(sums.get(name), str) or not _SHA256.fullmatch(sums[name]):
-            raise StoreIntegrityError(
-                f"{path}: the complete store has no valid sha256 of {name}.npy "
-                f"({sums.get(name)!r}); the manifest was edited or damaged"
-            )
-    return manifest
-
-
-def _check_array(path: str, arr: np.ndarray, meta: dict) -> np.ndarray:
-    if list(arr.shape) != meta["shape"] or arr.dtype != np.dtype(meta["dtype"]):
-        raise ValueError(
-            f"{path}: shape {arr.shape} dtype {arr.dtype}, manifest says "
-            f"{tuple(meta['shape'])} {meta['dtype']}"
-        )
-    return arr
-
-
-def _read_remote(path: str, meta: dict) -> np.ndarray:
-    """A remote .npy object [meta's shape], read into memory."""
-    if not storage.exists(path):
-        raise FileNotFoundError(f"offline store array missing: {path}")
-    return _check_array(path, storage.load_npy(path), meta)
+REMOTE_MAX_BYTES = 8 << 30
 
 
 def _check_remote_size(spec: OfflineSpec) -> None:
@@ -195,7 +88,7 @@ class OfflineStore:
 
     def __init__(self, directory: str, manifest: dict, *, writer: bool = True, arrays=None):
         self.directory = directory
-        self._manifest = _check_manifest(self._path(MANIFEST), manifest)
+        self._manifest = check_manifest(self._path(MANIFEST), manifest)
         self.spec = OfflineSpec.from_dict(manifest["spec"])
         self.remote, self.writer = storage.is_remote(directory), bool(writer)
         if self.remote:
@@ -240,7 +133,7 @@ class OfflineStore:
             prompts = cls._check_prompts(spec, prompts)
         if storage.exists(storage.join(directory, MANIFEST)):
             store = cls.open(directory, verify_checksums=False, writer=writer)
-            diffs = _spec_differences(store.spec.to_dict(), spec.to_dict())
+            diffs = spec_differences(store.spec.to_dict(), spec.to_dict())
             if diffs:
                 raise StoreMismatchError(
                     f"offline store {directory} was made for a different spec: " + "; ".join(diffs)
@@ -261,7 +154,7 @@ class OfflineStore:
             _check_remote_size(spec)
         if writer or not remote:
             storage.makedirs(directory)
-            leftovers = {f"{a}.npy" for a in _ARRAYS}
+            leftovers = {f"{a}.npy" for a in ARRAYS}
             foreign = [
                 f
                 for f in storage.listdir(directory)
@@ -325,20 +218,20 @@ class OfflineStore:
             arr = np.lib.format.open_memmap(path, mode=mode)
         except (ValueError, OSError, EOFError) as e:
             raise ValueError(f"{path}: not a readable .npy array ({e}); the file is damaged") from e
-        return _check_array(path, arr, self._manifest["arrays"][name])
+        return check_array(path, arr, self._manifest["arrays"][name])
 
     def _load_remote(self) -> tuple[np.ndarray, np.ndarray]:
         """(inputs, targets) read into memory; an incomplete store's targets are zeros but
         for the finished chunks, read from their objects."""
         arrays = self._manifest["arrays"]
-        inputs = _read_remote(self._path("inputs.npy"), arrays["inputs"])
+        inputs = read_remote(self._path("inputs.npy"), arrays["inputs"])
         if self.is_complete:
-            return inputs, _read_remote(self._path("targets.npy"), arrays["targets"])
+            return inputs, read_remote(self._path("targets.npy"), arrays["targets"])
         targets = np.zeros(arrays["targets"]["shape"], np.int32)
         for k in range(self.chunks_done):
             lo, hi = self._chunk_rows(k, self._manifest["chunk_size"])
             meta = {"shape": [hi - lo, targets.shape[1]], "dtype": "int32"}
-            targets[lo:hi] = _read_remote(self._chunk_path(k), meta)
+            targets[lo:hi] = read_remote(self._chunk_path(k), meta)
         return inputs, targets
 
     @staticmethod
@@ -383,7 +276,7 @@ class OfflineStore:
         the file and the array when one differs from the manifest."""
         if not self.is_complete:
             raise ValueError(f"offline store {self.directory} is not complete")
-        for name in _ARRAYS:
+        for name in ARRAYS:
             got = array_checksum(getattr(self, name))
             want = self._manifest["checksums"][name]
             if got != want:
@@ -471,7 +364,7 @@ class OfflineStore:
 
     def _finish(self) -> None:
         """Records the checksums and completion (remote: after writing targets.npy)."""
-        self._manifest["checksums"] = {n: array_checksum(getattr(self, n)) for n in _ARRAYS}
+        self._manifest["checksums"] = {n: array_checksum(getattr(self, n)) for n in ARRAYS}
         if self.remote and self.writer:
             storage.save_npy(self._path("targets.npy"), self.targets)
         self._manifest["complete"] = True
@@ -499,71 +392,3 @@ class _PrintProgress:
                 f"({p['chunks_per_s']:.2f} chunks/s, ETA {p['eta_s']:.0f} s)",
                 flush=True,
             )
-
-
-class OfflineIterator:
-    """Shuffled batches {'inputs' [B, Lx], 'targets' [B, Ly]} (int32 numpy) of a complete store.
-
-    Epoch e visits the rows in the order `np.random.default_rng([seed, e]).permutation(M)`
-    (M = N * c), in batches of `batch_size`; the last partial batch of an epoch is dropped
-    so shapes stay static. After `num_epochs` epochs iteration stops (StopIteration);
-    `num_epochs=None` repeats forever. `state_dict()` / `load_state_dict()` resume exactly.
-    """
-
-    def __init__(self, store: OfflineStore, batch_size: int, seed: int, num_epochs=None):
-        if not store.is_complete:
-            raise ValueError(f"offline store {store.directory} is not complete; fill it first")
-        if batch_size <= 0 or batch_size > len(store):
-            raise ValueError(
-                f"batch_size must be in [1, {len(store)}] (store rows), got {batch_size}"
-            )
-        if num_epochs is not None and num_epochs < 0:
-            raise ValueError(f"num_epochs must be >= 0 or None, got {num_epochs}")
-        self.store, self.batch_size, self.seed = store, int(batch_size), int(seed)
-        self.num_epochs = num_epochs
-        self.batches_per_epoch = len(store) // self.batch_size
-        self.epoch, self.index = 0, 0  # index: next batch within the epoch
-        self._perm_epoch, self._perm = -1, None
-
-    def _permutation(self, epoch: int) -> np.ndarray:
-        if epoch != self._perm_epoch:
-            rng = np.random.default_rng([self.seed, epoch])
-            self._perm, self._perm_epoch = rng.permutation(len(self.store)), epoch
-        return self._perm
-
-    def __iter__(self) -> Iterator[dict]:
-        return self
-
-    def __next__(self) -> dict:
-        if self.index >= self.batches_per_epoch:
-            self.epoch, self.index = self.epoch + 1, 0
-        if self.num_epochs is not None and self.epoch >= self.num_epochs:
-            raise StopIteration
-        b = self.batch_size
-        rows = self._permutation(self.epoch)[self.index * b : (self.index + 1) * b]
-        order = np.argsort(rows)  # read the memmap in increasing row order
-        batch = {}
-        for name in _ARRAYS:
-            data = np.empty((b, getattr(self.store, name).shape[1]), np.int32)
-            data[order] = getattr(self.store, name)[rows[order]]
-            batch[name] = data
-        self.index += 1
-        return batch
-
-    @property
-    def exhausted(self) -> bool:
-        return self.num_epochs is not None and (
-            self.epoch >= self.num_epochs
-            or (self.epoch == self.num_epochs - 1 and self.index >= self.batches_per_epoch)
-        )
-
-    def state_dict(self) -> dict:
-        return {"epoch": int(self.epoch), "index": int(self.index)}
-
-    def load_state_dict(self, state: dict) -> None:
-        epoch, index = int(state["epoch"]), int(state["index"])
-        if epoch < 0 or not 0 <= index <= self.batches_per_epoch:
-            raise ValueError(
-                f"iterator state {state} out of range (batches_per_epoch {self.batches_per_epoch})"
-            )
-        self.epoch, self.index = epoch, index

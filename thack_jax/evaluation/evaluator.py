@@ -12,12 +12,12 @@ key at every call. Two checkpoints are therefore compared on the same reference 
 and with the same random numbers for their own responses, so a curve over training is
 smooth and differences between checkpoints are not sampling noise.
 
-Cost per `evaluate`: one student sampling pass, then per batch one jitted function that
-runs each model's encoder once and decodes (teacher forcing) the student on its own, the
-oracle's and the teacher's responses, and each reference on its own and the student's
-responses (7 decoder passes, 3 encoder passes). Prompts are processed `batch_size` at a
-time (the last batch padded with copies of prompt 0, results dropped), so every jitted
-function compiles once per shape. See docs/evaluation.md.
+Cost per `evaluate`: one student sampling pass, then per batch one jitted function
+(`batch_scoring.score_fn`) that runs each model's encoder once and decodes (teacher
+forcing) the student on its own, the oracle's and the teacher's responses, and each
+reference on its own and the student's responses (7 decoder passes, 3 encoder passes).
+Prompts are processed `batch_size` at a time (the last batch padded with copies of prompt
+0, results dropped), so every jitted function compiles once per shape. See docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -33,15 +32,15 @@ import numpy as np
 
 from thack_jax import models
 from thack_jax.core import checks
-from thack_jax.decoding import sampling, scoring
+from thack_jax.decoding import sampling
 from thack_jax.decoding.settings import SamplingConfig
 from thack_jax.evaluation import divergences
+from thack_jax.evaluation.batch_scoring import REFERENCES, Side, score_fn
 from thack_jax.models.config import T5Config
 from thack_jax.parallel import partitioning
 
 ESTIMATORS = ("rao_blackwell", "plain")
 DIVERGENCES = ("forward_kl", "reverse_kl", "js")
-REFERENCES = {"golden": "oracle", "proxy": "teacher"}  # metric prefix -> reference role
 
 
 class DegenerateEvaluationError(ValueError):
@@ -57,65 +56,6 @@ class DegenerateEvaluationError(ValueError):
         )
 
 
-class _Side(NamedTuple):
-    """Host arrays of one sample set scored by two models a (the sampler) and b.
-
-    a_tok, b_tok [N, L]: log-probs of the sampled tokens (0 at pads); kl [N, L]: token
-    KL(a || b); mix [N, L]: token KL(a || m) of the sequence mixture; mask [N, L].
-    """
-
-    a_tok: np.ndarray
-    b_tok: np.ndarray
-    kl: np.ndarray
-    mix: np.ndarray
-    mask: np.ndarray
-
-
-def _encode(config, params, inputs, num_samples):
-    """inputs [B, Lx] -> encoded [B*n, Lx, D]: once per prompt, repeated for its n samples."""
-    return jnp.repeat(models.encode(config, params, inputs), num_samples, axis=0)
-
-
-def _decode_logprobs(config, params, encoded, inputs, targets):
-    """Teacher-forced full log-probs [B*n, L, V] of targets [B*n, L] from encoded prompts."""
-    logits = models.decode_logits(config, params, encoded, inputs, targets)
-    return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-
-
-def _side(la, lb, targets, mask):
-    """Arrays of a _Side (without the mask) from full log-probs of a and b [B*n, L, V]."""
-    a_tok = jnp.where(mask, scoring.gather_logprobs(la, targets), 0.0)
-    b_tok = jnp.where(mask, scoring.gather_logprobs(lb, targets), 0.0)
-    kl = jnp.where(mask, divergences.token_kl(la, lb), 0.0)
-    mix = divergences.mixture_token_kl(la, lb, a_tok, b_tok, mask)
-    return a_tok, b_tok, kl, mix
-
-
-def _score_batch(params, inputs, samples, *, configs, num_samples):
-    """Scores one batch of prompts [B, Lx] for both references.
-
-    params, configs: {'student' | 'oracle' | 'teacher': ...}; samples: the same keys ->
-    (tokens [B*n, L], mask [B*n, L]). Each encoder runs once, the student decodes its own
-    responses once for both references. Returns {role: (ref-samples side, student-samples
-    side)} for role in oracle, teacher, each side the 4 arrays of `_side`.
-    """
-    rep = jnp.repeat(inputs, num_samples, axis=0)
-    encoded = {role: _encode(configs[role], params[role], inputs, num_samples) for role in params}
-
-    def logprobs(role, targets):
-        return _decode_logprobs(configs[role], params[role], encoded[role], rep, targets)
-
-    y_q, m_q = samples["student"]
-    q_on_q = logprobs("student", y_q)
-    out = {}
-    for role in REFERENCES.values():
-        y_p, m_p = samples[role]
-        p_side = _side(logprobs(role, y_p), logprobs("student", y_p), y_p, m_p)
-        q_side = _side(q_on_q, logprobs(role, y_q), y_q, m_q)
-        out[role] = (p_side, q_side)
-    return out
-
-
 @functools.lru_cache(maxsize=16)
 def _compare_fn(mesh):
     """Jitted (tree a, tree b of equal shapes) -> (every leaf equal, non-finite values of a,
@@ -129,15 +69,6 @@ def _compare_fn(mesh):
 
     out_sharding = None if mesh is None else partitioning.replicated(mesh)
     return partitioning.jit(compare, mesh, out_shardings=out_sharding)
-
-
-@functools.lru_cache(maxsize=16)
-def _score_fn(configs: tuple, num_samples: int, mesh):
-    """The jitted `_score_batch`; with a mesh it runs under the mesh's axis rules and returns
-    replicated arrays (read back on every process)."""
-    fn = functools.partial(_score_batch, configs=dict(configs), num_samples=num_samples)
-    out_sharding = None if mesh is None else partitioning.replicated(mesh)
-    return partitioning.jit(fn, mesh, out_shardings=out_sharding)
 
 
 def _trimmed_rows(prompts: np.ndarray) -> dict[bytes, int]:
@@ -319,12 +250,12 @@ class Evaluator:
             out.append((partitioning.to_host(s.tokens), partitioning.to_host(s.mask)))
         return out
 
-    def _score(self, student, student_samples) -> dict[str, tuple[_Side, _Side]]:
+    def _score(self, student, student_samples) -> dict[str, tuple[Side, Side]]:
         """{reference role: (side of its samples, side of the student's samples)}, real rows
         only; in each side a = the model that sampled."""
         params = {role: p for role, (_, p) in self._refs.items()} | {"student": student[1]}
         configs = {role: c for role, (c, _) in self._refs.items()} | {"student": student[0]}
-        fn = _score_fn(tuple(sorted(configs.items())), self.num_samples, self.mesh)
+        fn = score_fn(tuple(sorted(configs.items())), self.num_samples, self.mesh)
         sets = dict(self._ref_samples, student=student_samples)
         parts = {role: ([], []) for role in self._refs}
         for b, inputs in enumerate(self._batches):
@@ -342,8 +273,8 @@ class Evaluator:
                 )
         rows = self.num_prompts * self.num_samples
 
-        def side(batches) -> _Side:
-            return _Side(*(np.concatenate(col)[:rows] for col in zip(*batches, strict=True)))
+        def side(batches) -> Side:
+            return Side(*(np.concatenate(col)[:rows] for col in zip(*batches, strict=True)))
 
         return {role: (side(p), side(q)) for role, (p, q) in parts.items()}
 
@@ -384,7 +315,7 @@ class Evaluator:
                 self._check_estimate(key, out[key], role, student, step)
         return out
 
-    def _estimators(self, p: _Side, q: _Side, ids) -> dict:
+    def _estimators(self, p: Side, q: Side, ids) -> dict:
         """div -> a thunk computing its Estimate. p: reference samples (a = reference, b =
         student); q: student samples (a = student)."""
         if self.estimator == "rao_blackwell":
