@@ -181,3 +181,25 @@ def test_subprocesses_inherit_the_emulator_environment(gcs_bucket):
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "written by the test process"
     assert storage.read_text(path + ".child") == "ok"
+
+
+def test_a_killed_writers_temporary_file_is_removed_by_the_next_write(tmp_path):
+    path = str(tmp_path / "manifest.json")
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    stale = tmp_path / f"manifest.json.tmp.{int(dead.stdout)}"  # that process is gone
+    stale.write_text("half")
+    alive = tmp_path / f"manifest.json.tmp.{os.getpid()}.x"  # not a temporary name
+    alive.write_text("other")
+    other = tmp_path / "other.json.tmp.1"  # another file's: left alone
+    other.write_text("x")
+    storage.write_json(path, {"a": 1})
+    assert storage.read_json(path) == {"a": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["manifest.json", alive.name, other.name]
+    )
+    assert storage.is_temporary(stale.name) and not storage.is_temporary("manifest.json")

@@ -29,6 +29,7 @@ import io
 import json
 import os
 import posixpath
+import re
 import shutil
 
 # epath picks TF's gfile for gs:// when TF is installed unless told otherwise (see above).
@@ -194,6 +195,38 @@ def write_atomic(path: str, data: bytes | str) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     _fsync_dir(folder)
+    _remove_stale_temporaries(path)
+
+
+TEMPORARY_SUFFIX = re.compile(r"\.tmp\.(\d+)$")
+
+
+def is_temporary(name: str) -> bool:
+    """True for the temporary name of a write_atomic (`<name>.tmp.<pid>`)."""
+    return TEMPORARY_SUFFIX.search(name) is not None
+
+
+def _remove_stale_temporaries(path: str) -> None:
+    """Deletes `<path>.tmp.<pid>` files of processes that no longer run: a writer killed
+    between its write and its rename leaves one, which its rerun (another pid) would never
+    overwrite."""
+    folder, base = os.path.split(os.path.abspath(path))
+    for name in os.listdir(folder):
+        match = TEMPORARY_SUFFIX.search(name)
+        if not match or name[: match.start()] != base:
+            continue
+        pid = int(match.group(1))
+        try:
+            os.kill(pid, 0)  # signal 0: only asks whether the process exists
+            continue
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # alive, another user's
+        try:
+            os.remove(os.path.join(folder, name))
+        except FileNotFoundError:
+            pass
 
 
 def _fsync_dir(folder: str) -> None:

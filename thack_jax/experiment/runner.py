@@ -139,8 +139,8 @@ def file_digests(root: str) -> dict[str, str]:
     stage's own COMPLETE.json, where a stage's output is its whole folder)."""
     digests = {}
     for name in storage.listdir(root):
-        if name == "COMPLETE.json":
-            continue
+        if name == "COMPLETE.json" or storage.is_temporary(name):
+            continue  # a killed writer's leftover is no output of the stage
         path = storage.join(root, name)
         if storage.isdir(path):
             digests.update({f"{name}/{k}": v for k, v in file_digests(path).items()})

@@ -211,13 +211,20 @@ class Checkpointer:
         shardings, see `abstract_target`). Returns (state, source_state, step), or None
         when there is no checkpoint.
 
-        Newer unreadable or half-written steps are logged (warning) and moved to
-        `<directory>_corrupt/`. Raises CheckpointMismatchError on wrong shapes or dtypes
-        and NoUsableCheckpointError when no step reads back.
+        Half-written steps (an interrupted save) are deleted; newer finalized steps that do
+        not read back are logged (warning) and moved to `<directory>_corrupt/`. Raises
+        CheckpointMismatchError on wrong shapes or dtypes and NoUsableCheckpointError when no
+        step reads back.
         """
-        bad: list[str] = _unfinished_paths(self.directory)
-        for path in bad:
-            logger.warning("ignoring half-written checkpoint %s (an interrupted save)", path)
+        # An unfinished save holds nothing a restore could use (its step is also in no
+        # finalized listing): delete it rather than keep a step-sized copy forever.
+        unfinished = _unfinished_paths(self.directory)
+        for path in unfinished:
+            logger.warning("deleting half-written checkpoint %s (an interrupted save)", path)
+        if jax.process_index() == 0:
+            for path in unfinished:
+                storage.rmtree(path)
+        bad: list[str] = []  # finalized steps that do not read back: kept aside for a look
         result = None
         for step in reversed(self.all_steps()):
             path = storage.join(self.directory, str(step))
