@@ -14,7 +14,7 @@ from test_report import make_workdir
 from test_summary import _add_per_prompt
 
 from thack_jax import models
-from thack_jax.cli import eval as eval_cli
+from thack_jax.cli import eval_inputs as eval_cli
 from thack_jax.core import storage
 from thack_jax.hacking import diagnostics, guard
 
