@@ -45,16 +45,20 @@ def saved_steps(tmp_path_factory):
     """A workdir with student checkpoints at steps 10, 20, 30 (distinct params)."""
     workdir = tmp_path_factory.mktemp("run")
     config = models.get_config("tiny", vocab_size=V)
-    ckpt = checkpoints.Checkpointer(
-        str(workdir / "checkpoints"), max_to_keep=None, async_save=False
-    )
+    sums = _save_steps(str(workdir / "checkpoints"), config)
+    return workdir, config, sums
+
+
+def _save_steps(directory: str, config) -> dict[int, float]:
+    """Student checkpoints at steps 10, 20, 30 (distinct params) -> {step: a param sum}."""
+    ckpt = checkpoints.Checkpointer(directory, max_to_keep=None, async_save=False)
     sums = {}
     for step in (10, 20, 30):
         params = random_params(config, step)
         ckpt.save(step, {"params": params})
         sums[step] = float(np.asarray(params["decoder"]["logits_dense"]["kernel"]).sum())
     ckpt.close()
-    return workdir, config, sums
+    return sums
 
 
 def fresh_workdir(tmp_path, saved_steps):
@@ -157,13 +161,7 @@ def gcs_run(gcs_bucket, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     workdir = gcs_bucket + "/run"
     config = models.get_config("tiny", vocab_size=V)
-    ckpt = checkpoints.Checkpointer(workdir + "/checkpoints", max_to_keep=None, async_save=False)
-    sums = {}
-    for step in (10, 20, 30):
-        params = random_params(config, step)
-        ckpt.save(step, {"params": params})
-        sums[step] = float(np.asarray(params["decoder"]["logits_dense"]["kernel"]).sum())
-    ckpt.close()
+    sums = _save_steps(workdir + "/checkpoints", config)
     yield workdir, config, sums
     assert not os.path.exists(tmp_path / "gs:")
 

@@ -79,6 +79,16 @@ def _metrics(workdir: str, run: str) -> list[dict]:
     return [json.loads(line) for line in storage.read_text(path).splitlines()]
 
 
+def _wait_for_a_checkpoint(proc: subprocess.Popen, workdir: str) -> None:
+    """Returns once the offline run has a checkpoint in the bucket (mid-distillation)."""
+    checkpoints = storage.join(workdir, "runs", "offline", "train", "checkpoints")
+    deadline = time.time() + 600
+    while not any(n.isdigit() for n in storage.listdir(checkpoints)):
+        assert proc.poll() is None, proc.communicate()[1][-4000:]
+        assert time.time() < deadline, "no checkpoint reached the bucket"
+        time.sleep(0.2)
+
+
 def _no_local_gs_folder(*folders: Path) -> None:
     for folder in folders:
         found = [str(p) for p in folder.rglob("gs:")]
@@ -93,13 +103,7 @@ def test_experiment_in_a_bucket_killed_resumed_and_reported(gcs_bucket, tmp_path
 
     workdir = gcs_bucket + "/exp"
     proc = _start(workdir, cwd, env)
-    # SIGKILL once the offline run has a checkpoint in the bucket (mid-distillation).
-    checkpoints = storage.join(workdir, "runs", "offline", "train", "checkpoints")
-    deadline = time.time() + 600
-    while not any(n.isdigit() for n in storage.listdir(checkpoints)):
-        assert proc.poll() is None, proc.communicate()[1][-4000:]
-        assert time.time() < deadline, "no checkpoint reached the bucket"
-        time.sleep(0.2)
+    _wait_for_a_checkpoint(proc, workdir)  # then SIGKILL, mid-distillation
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not storage.exists(storage.join(workdir, "runs", "offline", "COMPLETE.json"))
@@ -209,12 +213,7 @@ def test_a_bucket_that_disappears_mid_run_stops_it_naming_the_path(gcs_bucket, t
     env, cwd = _env(tmp_path), tmp_path / "cwd"
     workdir = gcs_bucket + "/exp"
     proc = _start(workdir, cwd, env)
-    checkpoints = storage.join(workdir, "runs", "offline", "train", "checkpoints")
-    deadline = time.time() + 600
-    while not any(n.isdigit() for n in storage.listdir(checkpoints)):
-        assert proc.poll() is None, proc.communicate()[1][-4000:]
-        assert time.time() < deadline, "no checkpoint reached the bucket"
-        time.sleep(0.2)
+    _wait_for_a_checkpoint(proc, workdir)
     _delete_bucket(gcs_bucket)
     _, err = proc.communicate(timeout=600)
     assert proc.returncode not in (0, None), "the run went on without its workdir"
