@@ -79,7 +79,7 @@ def test_sigterm_exits_non_zero_saying_rerun_to_resume(tmp_path):
         text=True,
     )
     try:
-        for line in proc.stdout:  # the signal lands in oracle_data or the teacher's SFT
+        for line in proc.stdout:  # lands before or in oracle_data, or in the teacher's SFT
             if line.startswith("[thack_jax] stage oracle done"):
                 proc.send_signal(signal.SIGTERM)
                 break
@@ -89,8 +89,9 @@ def test_sigterm_exits_non_zero_saying_rerun_to_resume(tmp_path):
     assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
     last = stderr.strip().splitlines()[-1]
     assert re.fullmatch(
-        r"train\.py: interrupted by SIGTERM (before stage teacher|during the teacher SFT at "
-        r"step \d+ of \d+ \(checkpoint saved\)); rerun the same command to resume",
+        r"train\.py: interrupted by SIGTERM (before stage (oracle_data|teacher)|while filling "
+        r"the offline store \S+ at chunk \d+ \(finished chunks saved\)|during the teacher SFT "
+        r"at step \d+ of \d+ \(checkpoint saved\)); rerun the same command to resume",
         last,
     ), last
     assert "Traceback" not in stderr
