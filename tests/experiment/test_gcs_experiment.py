@@ -45,14 +45,20 @@ _EXPERIMENT = textwrap.dedent(
 ).format(tests=str(REPO / "tests"))
 
 
-def _env(tmp_path: Path) -> dict[str, str]:
+@pytest.fixture(scope="module")
+def compilation_cache(tmp_path_factory) -> Path:
+    """One JAX compilation cache for every process of this file (the same programs)."""
+    return tmp_path_factory.mktemp("compilation_cache")
+
+
+def _env(cache: Path) -> dict[str, str]:
     env = dict(os.environ)  # carries the emulator's variables (tests/_gcs.py)
     env.update(
         JAX_PLATFORMS="cpu",
         XLA_FLAGS="--xla_force_host_platform_device_count=8",
         PYTHONPATH=str(REPO),
         TF_CPP_MIN_LOG_LEVEL="3",
-        JAX_COMPILATION_CACHE_DIR=str(tmp_path / "compilation_cache"),
+        JAX_COMPILATION_CACHE_DIR=str(cache),
     )
     return env
 
@@ -96,8 +102,10 @@ def _no_local_gs_folder(*folders: Path) -> None:
 
 
 @pytest.mark.slow
-def test_experiment_in_a_bucket_killed_resumed_and_reported(gcs_bucket, tmp_path):
-    env, cwd = _env(tmp_path), tmp_path / "cwd"
+def test_experiment_in_a_bucket_killed_resumed_and_reported(
+    gcs_bucket, tmp_path, compilation_cache
+):
+    env, cwd = _env(compilation_cache), tmp_path / "cwd"
     local = str(tmp_path / "local")
     _finish(_start(local, cwd, env))
 
@@ -209,8 +217,10 @@ def _delete_bucket(url: str) -> None:
 
 
 @pytest.mark.slow
-def test_a_bucket_that_disappears_mid_run_stops_it_naming_the_path(gcs_bucket, tmp_path):
-    env, cwd = _env(tmp_path), tmp_path / "cwd"
+def test_a_bucket_that_disappears_mid_run_stops_it_naming_the_path(
+    gcs_bucket, tmp_path, compilation_cache
+):
+    env, cwd = _env(compilation_cache), tmp_path / "cwd"
     workdir = gcs_bucket + "/exp"
     proc = _start(workdir, cwd, env)
     _wait_for_a_checkpoint(proc, workdir)

@@ -118,12 +118,14 @@ def test_comparison_finds_a_changed_metric_a_repeated_step_a_changed_param(tmp_p
 
 @pytest.mark.slow
 def test_killed_anywhere_the_first_rerun_finishes_bitwise_equal(tmp_path):
-    """3 SIGKILLs and 2 SIGTERMs at random times of the CI-sized experiment, each followed
-    by exactly one rerun, which must exit 0 and leave a workdir equal to the reference."""
+    """2 SIGKILLs and 1 SIGTERM at random times of the CI-sized experiment, each followed
+    by exactly one rerun, which must exit 0 and leave a workdir equal to the reference. (A
+    CI-time guard against regressions; the evidence is the 20 + 10 kills of
+    docs/reliability.md.)"""
     result = soak(
         SoakConfig(
             root=str(tmp_path),
-            signals=("KILL", "KILL", "KILL", "TERM", "TERM"),
+            signals=("KILL", "KILL", "TERM"),
             seed=14,
             verbose=False,
         )

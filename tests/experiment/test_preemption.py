@@ -3,6 +3,7 @@ later stage runs, Interrupted is raised; the rerun resumes and ends equal to an
 uninterrupted run (metrics and parameters, bitwise)."""
 
 import os
+import shutil
 import signal
 
 import jax
@@ -61,11 +62,19 @@ def _sigterm_at(monkeypatch, run_name, at_step):
     monkeypatch.setattr(stage_work, "distill_source", patched)
 
 
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted run of the whole experiment (shared by the tests of this file)."""
+    workdir = str(tmp_path_factory.mktemp("reference") / "wd")
+    runner.Experiment(_config(), workdir, progress=False).run()
+    return workdir
+
+
 @pytest.mark.slow
-def test_sigterm_in_a_run_stops_the_experiment_and_the_rerun_matches(tmp_path, monkeypatch):
+def test_sigterm_in_a_run_stops_the_experiment_and_the_rerun_matches(
+    tmp_path, monkeypatch, reference
+):
     cfg = _config()
-    reference = str(tmp_path / "reference")
-    runner.Experiment(cfg, reference, progress=False).run()
 
     workdir = str(tmp_path / "wd")
     with monkeypatch.context() as m:
@@ -95,10 +104,11 @@ def test_sigterm_in_a_run_stops_the_experiment_and_the_rerun_matches(tmp_path, m
 
 
 @pytest.mark.slow
-def test_a_changed_model_file_under_a_finished_stage_is_refused(tmp_path):
+def test_a_changed_model_file_under_a_finished_stage_is_refused(tmp_path, reference):
     cfg = _config()
     workdir = str(tmp_path / "wd")
-    runner.Experiment(cfg, workdir, progress=False).run(stages=runner.SHARED_STAGES)
+    shutil.copytree(reference, workdir)  # finished stages; then the runs are removed
+    shutil.rmtree(os.path.join(workdir, "runs"))
     weights = os.path.join(workdir, "teacher", "model", "model.safetensors")
     data = bytearray(open(weights, "rb").read())
     data[-8:] = bytes(8)  # the last weights, zeroed: still a loadable, finite file
