@@ -290,6 +290,9 @@ class Experiment(stage_work.StageContext):
                 if stage in stages:
                     _stop_if_signalled(f"before stage {stage}")
                     self._run_stage(stage, runs)
+        # Process 0 alone writes the report; the others wait for it here, not in JAX's
+        # shutdown barrier, whose timeout a slow report (or bucket) can exceed.
+        distributed.barrier("experiment_end")
 
     def _run_stage(self, stage: str, runs: tuple[str, ...] | None) -> None:
         start = time.time()
