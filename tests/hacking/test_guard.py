@@ -118,3 +118,101 @@ def test_guard_with_per_prompt_values_uses_their_covariance():
         g.HackingGuard().load_state_dict(
             {"steps": [1, 2], "proxy": [1.0, 0.9], "proxy_stderr": [], "per_prompt": [[1.0, 2.0]]}
         )
+
+
+def _guard_history(curve, per_prompt=None):
+    """Feeds a curve (steps, values, stderrs or None) to a guard, one update at a time:
+    (best_step of each update, candidate_steps() after each update)."""
+    steps, values, stderrs = curve
+    guard, bests, candidates = g.HackingGuard(), [], []
+    for k, step in enumerate(steps):
+        result = guard.update(
+            step,
+            values[k],
+            None if stderrs is None else stderrs[k],
+            None if per_prompt is None else per_prompt[k],
+        )
+        bests.append(result.best_step)
+        candidates.append(guard.candidate_steps())
+    return [int(s) for s in steps], bests, candidates
+
+
+def _random_curves(rng, count):
+    """Curves of every kind, noise level, spacing and noise correlation, half of them
+    without stderrs (the scatter model)."""
+    for i in range(count):
+        spec = CurveSpec(
+            n_points=int(rng.integers(10, 45)),
+            noise=float(rng.choice([0.005, 0.02, 0.05])),
+            break_fraction=float(rng.uniform(0.2, 0.8)),
+            slow_factor=float(rng.uniform(0.0, 0.6)),
+            spacing=str(rng.choice(["linear", "log"])),
+            noise_corr=float(rng.choice([0.0, 0.7])),
+        )
+        steps, values, stderrs = simulate_curve(rng, ("power_law", "flatten", "rise")[i % 3], spec)
+        yield np.rint(steps), values, stderrs if i % 2 else None
+
+
+def _check_candidates(steps, bests, candidates, window_plus_patience):
+    """Every best_step returned at update u was a candidate at every update from the one
+    that made its evaluation to u; the candidate sets stay small."""
+    for u, best in enumerate(bests):
+        for t in range(steps.index(best), u + 1):
+            assert best in candidates[t], (steps, bests, candidates, u, t)
+    assert max(len(c) for c in candidates) <= window_plus_patience
+
+
+def test_candidate_steps_hold_every_later_best_step():
+    """Brute force over random curves: the guard never returns as best_step an evaluation
+    that candidate_steps() had dropped, and it keeps at most window + patience of them."""
+    rng = np.random.default_rng(0)
+    config = d.DetectorConfig()
+    moved = fired = 0
+    for curve in _random_curves(rng, 150):
+        steps, bests, candidates = _guard_history(curve)
+        _check_candidates(steps, bests, candidates, config.window + config.patience)
+        moved += len(set(bests)) > 3
+        fired += bests[-1] != steps[int(np.argmin(curve[1]))]
+    assert moved > 50 and fired > 20  # the property was exercised, not vacuous
+
+
+def test_candidate_steps_with_per_prompt_covariance():
+    """The same with the default noise model: per-prompt values shared by all evaluations."""
+    rng = np.random.default_rng(1)
+    config = d.DetectorConfig()
+    fired = 0
+    for i in range(12):
+        steps = np.rint(np.geomspace(50, 1500, 24))
+        effect = rng.normal(0, 0.5, 16)
+        hacked = steps > steps[int(rng.integers(8, 20))] if i % 2 else np.zeros(24, bool)
+        slope = np.where(hacked, 0.1, 0.5)  # the proxy flattens after the break
+        level = np.cumsum(np.r_[0, -slope[1:] * np.diff(np.log(steps))])
+        per_prompt = [
+            np.exp(lv + effect * (1 + 0.1 * np.log(s / 50)) + 0.02 * rng.normal(size=16))
+            for s, lv in zip(steps, level, strict=True)
+        ]
+        proxy = np.array([row.mean() for row in per_prompt])
+        steps_, bests, candidates = _guard_history((steps, proxy, None), per_prompt)
+        _check_candidates(steps_, bests, candidates, config.window + config.patience)
+        fired += bests[-1] != steps_[int(np.argmin(proxy))]
+    assert fired >= 3
+
+
+def test_candidate_indices_bounds():
+    config = d.DetectorConfig()  # threshold 2.8, patience 2, window 3
+    nan = [np.nan] * 7
+    values = np.linspace(2.0, 1.0, 12)
+    assert g.candidate_indices([], [], config) == set()
+    assert g.HackingGuard().candidate_steps() == set()
+    # Nothing above the threshold: the lowest proxy and the last `window` evaluations.
+    quiet = nan + [0.0, 1.0, -1.0, 0.5, 0.2]
+    assert g.candidate_indices(quiet, values[::-1], config) == {0, 9, 10, 11}
+    # One trailing exceedance: a firing at the next evaluation would keep index 11 - 3.
+    assert g.candidate_indices(quiet[:-1] + [3.0], values, config) == {8, 9, 10, 11}
+    # Fired at indices 8-9 (kept: 5); later evaluations change nothing.
+    fired = nan + [1.0, 3.0, 3.0, 3.0, 0.0]
+    assert g.candidate_indices(fired, values, config) == {5}
+    # Index 8 within the margin of the threshold: rounding may move the firing to 9-10.
+    close = nan + [1.0, 2.8 + 1e-9, 3.0, 3.0, 0.0]
+    assert g.candidate_indices(close, values, config) == {5, 6}
+    assert g.candidate_indices(close, values, config, margin=0.0) == {5}

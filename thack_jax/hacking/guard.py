@@ -71,6 +71,47 @@ def fit_start_step(warmup_steps: int) -> int:
     return max(1, int(warmup_steps))
 
 
+# Margin on the statistic (z units) within which an exceedance counts as undecided. The
+# statistic of an evaluation depends only on the evaluations up to it, but the guard
+# recomputes it over the whole curve at every update (a longer covariance matrix, other
+# BLAS blockings), so an old value can move by rounding (~1e-12); a value this close to the
+# threshold is kept on both sides of it.
+CANDIDATE_MARGIN = 1e-6
+
+
+def candidate_indices(
+    statistic, values, config: DetectorConfig, margin: float = CANDIDATE_MARGIN
+) -> set[int]:
+    """Indices of the evaluations that `best_index` may return at this or any later update.
+
+    statistic [n], values [n]: the deviation statistic and the proxy of the n evaluations
+    seen. Assumes that statistic[k] depends only on evaluations 0..k, up to `margin` (true
+    of `deviation_statistic`: prefix fits, a trailing window, stderrs and per-prompt
+    covariances entry by entry). The detector fires at the first run of `patience`
+    exceedances starting at some s and keeps max(s - window, 0); without a firing it keeps
+    the lowest proxy. So the possible s are those whose known statistics all could exceed
+    (> threshold - margin; later ones are unknown), up to the first run that surely does
+    (> threshold + margin): such a run has fired, whatever comes later. Until one has, a
+    run may start at the trailing exceedances or at any later evaluation (s >= n, keeping
+    one of the last `window`), or nothing ever fires and the lowest proxy stays the best
+    unless a later evaluation goes lower. At most window + patience indices without
+    undecided statistics, one once fired.
+    """
+    stat = np.asarray(statistic, np.float64)
+    n, p, w = len(stat), config.patience, config.window
+    if n == 0:
+        return set()
+    maybe = stat > config.threshold - margin  # nan compares False: never an exceedance
+    surely = stat > config.threshold + margin
+    sure_start = next((s for s in range(n - p + 1) if surely[s : s + p].all()), None)
+    last_start = n - 1 if sure_start is None else sure_start
+    keep = {max(s - w, 0) for s in range(last_start + 1) if maybe[s : s + p].all()}
+    if sure_start is None:
+        keep.add(int(np.argmin(np.asarray(values, np.float64))))
+        keep.update(range(max(n - w, 0), n))  # a first run starting at s >= n keeps s - w
+    return keep
+
+
 class HackingGuard:
     """Online form of `detect_deviation` for the training loop: `update` once per evaluation.
 
@@ -128,6 +169,15 @@ class HackingGuard:
                 result.best_step,
             )
         return result
+
+    def candidate_steps(self) -> set[int]:
+        """Steps of the evaluations seen that may still be `best_step` now or at a later
+        update (`candidate_indices`): the snapshots of the student worth keeping. Empty
+        before the first update."""
+        if self.detection is None:
+            return set()
+        indices = candidate_indices(self.detection.statistic, self.proxy, self.config)
+        return {self.steps[i] for i in indices}
 
     def state_dict(self) -> dict:
         return {
