@@ -58,11 +58,28 @@ def test_report_plots(tmp_path):
             "steps": steps,
             "proxy": values,
             "proxy_stderr": stderrs,
-            "golden_min_step": 1600,
+            "min_step": 1600,
         },
+        "field": {"steps": steps, "proxy": values, "proxy_stderr": stderrs, "min_step": None},
         "short": {"steps": steps[:2], "proxy": values[:2], "proxy_stderr": None},
     }
-    fits = {"hacked": dict(v.details["fit"], flag_step=v.details["flag_step"]), "short": {}}
+    fit = dict(v.details["fit"], flag_step=v.details["flag_step"])
+    fits = {"hacked": fit, "short": {}, "field": fit}
     plots.plot_power_law_grid(tmp_path / "law.png", runs, fits)
     for name in ("vs_step.png", "pg.png", "grid.png", "law.png"):
+        assert _is_png(tmp_path / name), name
+
+
+def test_field_mode_plots(tmp_path):
+    """Field mode: the proxy alone vs step, the proxy against the reference cross-entropy,
+    and the reference cross-entropy with the teacher's and oracle's levels."""
+    proxy, ref = _bands(0), _bands(1)
+    plots.plot_vs_step(tmp_path / "proxy.png", {k: {"proxy": b} for k, b in proxy.items()}, "js")
+    pairs = {name: (proxy[name], ref[name]) for name in proxy}
+    plots.plot_proxy_golden(
+        tmp_path / "pr.png", {"js": pairs}, y_name="reference CE", y_label="reference/x"
+    )
+    plots.plot_reference(tmp_path / "ref.png", ref, [("teacher 0.05", 0.05), ("oracle 0.02", 0.02)])
+    plots.plot_reference(tmp_path / "no_levels.png", {"online": ref["online"]}, [])
+    for name in ("proxy.png", "pr.png", "ref.png", "no_levels.png"):
         assert _is_png(tmp_path / name), name

@@ -3,9 +3,13 @@
 `make_workdir` writes the layout of experiment.py: an offline group of 2 seeds with a
 U-shaped golden and a flattening proxy, offline variants for the prompt-diversity and
 generation-budget findings, a 10% mixed run with a flat golden, and two online runs whose
-curves fall monotonically.
+curves fall monotonically. With `Reference(...)` the evaluations also log the reference
+metrics (reference cross-entropy = golden + the oracle's entropy, so it has the golden's
+shape), and with `oracle=None` the workdir is a field-mode one: no golden keys, no oracle
+level, "mode": "field" in experiment.json.
 """
 
+import dataclasses
 import json
 import os
 import re
@@ -69,6 +73,7 @@ RUNS = {
     "online_student": (dict(regime="online_student"), "power_law", 1.0, 0.5, -0.05),
 }
 GOLDEN_SE = 0.005
+DATA = os.path.join(os.path.dirname(__file__), "data")
 
 
 def _run_json(name, fields):
@@ -95,7 +100,35 @@ def _eval_row(step, proxy, proxy_se, golden):
     return row
 
 
-def write_run(workdir, name, spec, seed, complete=True):
+@dataclasses.dataclass(frozen=True)
+class Reference:
+    """The reference metrics of a fake run: the teacher's level and the oracle's (its
+    entropy; a field-mode run logs none)."""
+
+    teacher: float = 5.3
+    oracle: float = 5.0
+
+
+ENTROPY = 5.0  # reference cross-entropy = golden forward KL + this
+
+
+def _eval_line(row, golden, ref: Reference | None, field: bool):
+    """An evaluation row with the reference metrics of `ref` (None: none; golden: the golden
+    forward KL of the row); in field mode without its golden keys and oracle level."""
+    if field:
+        row = {k: v for k, v in row.items() if not k.startswith("golden/")}
+    if ref is not None:
+        levels = {"cross_entropy": golden + ENTROPY, "teacher_cross_entropy": ref.teacher}
+        if not field:
+            levels["oracle_cross_entropy"] = ref.oracle
+        for name, value in levels.items():
+            key = f"reference/{name}"
+            row.update({key: value, f"{key}_stderr": GOLDEN_SE})
+            row.update({f"{key}_per_token": value / 10, f"{key}_per_token_stderr": 0.001})
+    return json.dumps(row) + "\n"
+
+
+def write_run(workdir, name, spec, seed, complete=True, ref=None, field=False):
     fields, kind, scale, offset, slope = spec
     run_dir = os.path.join(workdir, "runs", name)
     os.makedirs(os.path.join(run_dir, "train"))
@@ -107,22 +140,28 @@ def write_run(workdir, name, spec, seed, complete=True):
     golden = offset + 0.2 * np.where(x < 0, x**2, 0.0) + slope * np.maximum(x, 0.0)
     golden = golden + 0.002 * rng.standard_normal(len(steps))
     with open(os.path.join(run_dir, "train", "metrics.jsonl"), "w") as f:
-        f.write(json.dumps(_eval_row(0, 12.0 * scale, 0.2, offset + 2.5)) + "\n")
+        row = _eval_row(0, 12.0 * scale, 0.2, offset + 2.5)
+        f.write(_eval_line(row, offset + 2.5, ref, field))
         for i, step in enumerate(steps):
             f.write(json.dumps({"step": int(step), "train/loss": 1.0 / (i + 1)}) + "\n")
             row = _eval_row(step, scale * proxy[i], scale * proxy_se[i], golden[i])
-            f.write(json.dumps(row) + "\n")
+            f.write(_eval_line(row, golden[i], ref, field))
     if complete:
         with open(os.path.join(run_dir, "COMPLETE.json"), "w") as f:
             json.dump({"fingerprint": "x", "wall_seconds": 125.0}, f)
 
 
-def make_workdir(path, names=tuple(RUNS)):
+def make_workdir(path, names=tuple(RUNS), ref=None, refs=None, field=False):
+    """ref: the runs' Reference (None: no reference metrics); refs: run name -> Reference
+    for the runs whose differs; field: a field-mode workdir."""
     os.makedirs(path, exist_ok=True)
+    experiment = dict(EXPERIMENT, mode="field", reference_examples=512) if field else EXPERIMENT
     with open(os.path.join(path, "experiment.json"), "w") as f:
-        json.dump(EXPERIMENT, f)
+        json.dump(experiment, f)
     for k, name in enumerate(names):
-        write_run(path, name, RUNS[name], seed=20 + k, complete=name != "online_student")
+        run_ref = (refs or {}).get(name, ref)
+        complete = name != "online_student"
+        write_run(path, name, RUNS[name], 20 + k, complete, ref=run_ref, field=field)
     return str(path)
 
 
@@ -133,9 +172,14 @@ def built(tmp_path_factory):
     return workdir, path, open(path).read()
 
 
+def _rows(text, name):
+    """The cells of every table row of run `name`, in the report's order."""
+    lines = [line for line in text.splitlines() if line.startswith(f"| {name} |")]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+
+
 def _row(text, name):
-    line = next(line for line in text.splitlines() if line.startswith(f"| {name} |"))
-    return [cell.strip() for cell in line.strip("|").split("|")]
+    return _rows(text, name)[0]
 
 
 def test_load_runs_keeps_evaluation_lines(tmp_path):
@@ -332,3 +376,14 @@ def test_verdict_uses_the_per_prompt_noise_covariance(tmp_path):
     os.remove(os.path.join(directory, "step_00000300.npz"))
     a = report.analyse(run)
     assert a["verdict"] == "invalid" and "missing for steps [300]" in a["reason"]
+
+
+def test_oracle_report_without_reference_metrics_is_unchanged(built):
+    """report.md of an oracle-mode workdir without reference metrics is, byte for byte, the
+    one the report gave before field mode and reference metrics existed (data/
+    oracle_report.md: that code's report of this module's full `make_workdir`)."""
+    workdir, path, _ = built
+    with open(os.path.join(DATA, "oracle_report.md"), "rb") as f:
+        expected = f.read().replace(b"{WORKDIR}", workdir.encode())
+    with open(path, "rb") as f:
+        assert f.read() == expected

@@ -1,10 +1,10 @@
-"""Tests of reporting.report_text: the decisions of the six findings, from hand-made analyses
-(no files, no plots)."""
+"""Tests of reporting.findings and report_text: the decisions of the six findings, from
+hand-made analyses (no files, no plots), in oracle and field mode."""
 
 import numpy as np
 import pytest
 
-from thack_jax.reporting import report, report_text
+from thack_jax.reporting import findings, report, report_text
 
 
 def _run(name, regime="offline", seed=0, **fields):
@@ -42,8 +42,8 @@ def _findings(*pairs):
     runs = [r for r, _ in pairs]
     groups, _ = report.group_runs(runs)
     labels = [r.name for r in runs]
-    out = report_text.findings(runs, labels, [a for _, a in pairs], groups)
-    return [(status, text) for _, status, text in out]
+    out = findings.findings(runs, labels, [a for _, a in pairs], groups)
+    return [(f.status, f.text) for f in out]
 
 
 HACKED = _a(rise=0.1, u=True, flag=1500)
@@ -99,8 +99,8 @@ def test_group_stats_are_means_over_seeds():
     runs = [_run("a"), _run("b", seed=1), _run("c", seed=2)]
     analyses = [_a(rise=0.1, u=True, flag=1), _a(rise=0.2), _a(rise=0.3, u=True)]
     (group,), _ = report.group_runs(runs)
-    s = report_text.group_stats(group, analyses)
-    assert s["golden_rise"] == pytest.approx(0.2) and (s["rise_min"], s["rise_max"]) == (0.1, 0.3)
+    s = findings.group_stats(group, [findings.golden_view(a) for a in analyses])
+    assert s["rise"] == pytest.approx(0.2) and (s["rise_min"], s["rise_max"]) == (0.1, 0.3)
     assert (s["n"], s["u"], s["flagged"]) == (3, 2, 1)
 
 
@@ -113,3 +113,69 @@ def test_report_runs_checks_one_label_and_analysis_per_run():
         report_text.ReportRuns(runs, ["a"], [_a(), _a()], groups, experiments)
     with pytest.raises(ValueError, match=r"members \[1\] not in 0..0"):
         report_text.ReportRuns(runs[:1], ["a"], [_a()], groups, experiments)
+
+
+# ------------------------------------------------------------------------------ field mode
+def _field(a, ref=None):
+    """A field-mode analysis: `a`'s proxy and flag, no golden values, `ref`'s reference view
+    (an oracle-mode `_a` dict read as the reference cross-entropy) or none."""
+    out = {k: a[k] for k in ("start_proxy", "final_proxy", "flag_step")}
+    if ref is not None:
+        keys = {"start": "start_golden", "min_step": "golden_min_step", "min": "golden_min"}
+        keys.update(final="final_golden", rise="golden_rise", rise_z="golden_rise_z")
+        keys.update(u_shape="u_shape", proxy_at_min="proxy_at_golden_min", lag="lag")
+        ref = {k: ref[v] for k, v in keys.items()}
+    return dict(out, mode="field", reference=ref)
+
+
+def _field_findings(*pairs):
+    runs = [r for r, _ in pairs]
+    groups, _ = report.group_runs(runs)
+    return findings.findings(runs, [r.name for r in runs], [a for _, a in pairs], groups)
+
+
+def test_field_mode_decides_on_the_reference_cross_entropy():
+    out = _field_findings(
+        (_run("off"), _field(HACKED, HACKED)),
+        (_run("off_s1", seed=1), _field(HACKED, _a(rise=0.01, flag=1500))),
+        (_run("on", "online_student"), _field(_a(), _a())),
+    )
+    assert [f.status for f in out] == [False, True, None, None, None, True]
+    assert out[0].label == "not reproduced on the reference cross-entropy"
+    assert out[0].title == (
+        "Offline, many epochs: proxy falls, reference cross-entropy falls then rises (U shape)"
+    )
+    assert out[0].text.startswith(
+        "Field mode: no oracle to measure it against; decided on the reference cross-entropy. "
+        "1 of 2 offline runs with one completion per prompt show a U shape. off: reference "
+        "cross-entropy 0.4 at step 1000"
+    )
+    assert out[2].label == "not run on the reference cross-entropy"
+    assert "off: step 1500 (lag 500); off_s1: step 1500 (lag 500)" in out[5].text
+    assert out[5].label == "reproduced"
+    assert not any("golden" in f.title + f.text + f.label for f in out)
+
+
+def test_field_mode_without_reference_metrics():
+    """Findings 1-5 are not measurable; 6 counts flags without lags; runs without reference
+    metrics are left out of findings 1-5 when others have them."""
+    out = _field_findings(
+        (_run("off"), _field(HACKED)), (_run("on", "online_student"), _field(_a()))
+    )
+    assert [f.label for f in out] == [findings.NO_ORACLE] * 5 + ["reproduced"]
+    assert all(f.status is None for f in out[:5])
+    assert "which these runs did not log" in out[0].text
+    assert out[5].text == "Flagged: 1 of 1 offline runs, 0 of 1 online runs. off: step 1500."
+    mixed = _field_findings(
+        (_run("off"), _field(HACKED, HACKED)),
+        (_run("off_old", seed=1), _field(HACKED)),
+        (_run("on", "online_student"), _field(_a(), _a())),
+    )
+    assert "reference cross-entropy (1 runs without it left out). 1 of 1 offline" in mixed[0].text
+    assert mixed[5].text.endswith("off: step 1500 (lag 500); off_old: step 1500.")
+
+
+def test_a_field_run_puts_the_whole_report_in_field_mode():
+    out = _field_findings((_run("off"), HACKED), (_run("off_f", seed=1), _field(HACKED, HACKED)))
+    assert out[0].label == "reproduced on the reference cross-entropy"
+    assert "(1 runs without it left out)" in out[0].text

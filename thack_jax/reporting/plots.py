@@ -109,14 +109,20 @@ def plot_curves(path_png, runs: dict, fits: dict | None = None) -> None:
     _save(fig, path_png, dpi=120)
 
 
-def plot_vs_step(path_png, groups: dict, metric: str) -> None:
-    """Proxy and golden against steps, log-log, one colour per group, with bands.
+# Who each curve of `plot_vs_step` compares with the student.
+VS = {"proxy": "teacher", "golden": "oracle"}
 
-    Args: groups: group name -> {"proxy": Band, "golden": Band}. Only steps > 0 are drawn
-    (a log axis has no step 0)."""
-    fig, axes = _figure(2, width=6.0, height=4.5)
+
+def plot_vs_step(path_png, groups: dict, metric: str) -> None:
+    """Proxy and golden (field mode: the proxy alone) against steps, log-log, one colour per
+    group, with bands.
+
+    Args: groups: group name -> {"proxy": Band, "golden": Band} (or {"proxy": Band}); one
+    panel per key. Only steps > 0 are drawn (a log axis has no step 0)."""
+    keys = tuple(next(iter(groups.values()))) if groups else ("proxy",)
+    fig, axes = _figure(len(keys), width=6.0, height=4.5)
     for i, (name, bands) in enumerate(groups.items()):
-        for ax, key in zip(axes, ("proxy", "golden"), strict=True):
+        for ax, key in zip(axes, keys, strict=True):
             band = bands[key]
             keep = band.steps > 0
             steps = band.steps[keep]
@@ -124,11 +130,36 @@ def plot_vs_step(path_png, groups: dict, metric: str) -> None:
                 ax.plot(steps, np.asarray(seed)[keep], "-", lw=0.6, alpha=0.35, color=f"C{i % 10}")
             ax.plot(steps, band.mean[keep], "o-", ms=2.5, color=f"C{i % 10}", label=name)
             ax.fill_between(steps, band.lo[keep], band.hi[keep], color=f"C{i % 10}", alpha=0.2)
-    for ax, key in zip(axes, ("proxy", "golden"), strict=True):
-        who = "teacher" if key == "proxy" else "oracle"
+    for ax, key in zip(axes, keys, strict=True):
         ax.set(xscale="log", yscale="log", xlabel="step", ylabel=f"{key}/{metric}")
-        ax.set_title(f"{key} ({who} vs student) vs step")
+        ax.set_title(f"{key} ({VS[key]} vs student) vs step")
         ax.legend(fontsize=7)
+    _save(fig, path_png)
+
+
+def plot_reference(path_png, groups: dict, levels: list) -> None:
+    """The reference cross-entropy against steps (log step axis, linear values), one colour
+    per group with its band, and the constant levels as horizontal lines.
+
+    Args:
+      groups: group name -> Band of `reference/cross_entropy`. Only steps > 0 are drawn.
+      levels: (label, value) pairs, e.g. ("teacher 1.234", 1.234); teacher levels dashed,
+        the others (the oracle's) dotted.
+    """
+    fig, (ax,) = _figure(1, width=7.0, height=5.0)
+    for i, (name, band) in enumerate(groups.items()):
+        keep = band.steps > 0
+        steps, color = band.steps[keep], f"C{i % 10}"
+        for seed in band.seeds:
+            ax.plot(steps, np.asarray(seed)[keep], "-", lw=0.6, alpha=0.35, color=color)
+        ax.plot(steps, band.mean[keep], "o-", ms=2.5, color=color, label=name)
+        ax.fill_between(steps, band.lo[keep], band.hi[keep], color=color, alpha=0.2)
+    for label, value in levels:
+        style = "--" if label.startswith("teacher") else ":"
+        ax.axhline(value, color="0.2", ls=style, lw=1.2, label=label)
+    ax.set(xscale="log", xlabel="step", ylabel="reference/cross_entropy (nats per response)")
+    ax.set_title("student's reference cross-entropy vs step; lines: constant levels")
+    ax.legend(fontsize=7)
     _save(fig, path_png)
 
 
@@ -148,24 +179,27 @@ def _draw_proxy_golden(ax, i, name, proxy: Band, golden: Band) -> None:
         )
     ax.plot(x[0], y[0], "o", ms=7, mfc="none", color=color)
     ax.plot(x[-1], y[-1], "s", ms=6, color=color)
-    i_min = int(np.argmin(y))
+    i_min = int(np.nanargmin(y))  # nan: an evaluation without the y metric
     ax.plot(x[i_min], y[i_min], "*", ms=12, color=color)
 
 
-def plot_proxy_golden(path_png, panels: dict) -> None:
+def plot_proxy_golden(path_png, panels: dict, y_name="golden", y_label=None) -> None:
     """Golden (y) against proxy (x), one panel per divergence, one colour per group.
 
     Args: panels: panel title (e.g. the divergence) -> group name -> (proxy Band, golden
-    Band). Markers: o = first evaluation, square = last, * = golden minimum; arrows point
-    along training. Both axes are logarithmic (the late part of training, where a U shows,
-    spans little of the range); the proxy axis is inverted, so training runs left to right."""
+    Band); y_name, y_label: what the y Bands are (field mode: "reference CE",
+    "reference/cross_entropy"; default: "golden", "golden/<title>"). Markers: o = first
+    evaluation, square = last, * = y minimum; arrows point along training. Both axes are
+    logarithmic (the late part of training, where a U shows, spans little of the range);
+    the proxy axis is inverted, so training runs left to right."""
     big = len(panels) == 1
     fig, axes = _figure(len(panels), width=7.0 if big else 4.5, height=5.5 if big else 4.0)
     for ax, (title, groups) in zip(axes, panels.items(), strict=True):
         for i, (name, (proxy, golden)) in enumerate(groups.items()):
             _draw_proxy_golden(ax, i, name, proxy, golden)
-        ax.set(xscale="log", yscale="log", xlabel=f"proxy/{title}", ylabel=f"golden/{title}")
-        ax.set_title(f"{title}: o start, \u25a0 end, * golden min", fontsize=9)
+        ylabel = y_label or f"golden/{title}"
+        ax.set(xscale="log", yscale="log", xlabel=f"proxy/{title}", ylabel=ylabel)
+        ax.set_title(f"{title}: o start, \u25a0 end, * {y_name} min", fontsize=9)
         ax.invert_xaxis()
         ax.legend(fontsize=6)
     _save(fig, path_png)
@@ -173,10 +207,12 @@ def plot_proxy_golden(path_png, panels: dict) -> None:
 
 def plot_power_law_grid(path_png, runs: dict, fits: dict) -> None:
     """One panel per run: its proxy (steps > 0) with the power law the detector fitted, the
-    flag step (dotted) and the golden minimum (grey dash-dot).
+    flag step (dotted) and the golden minimum (grey dash-dot; field mode: the reference
+    cross-entropy's, or none).
 
     Args:
-      runs: name -> dict(steps [n], proxy [n], proxy_stderr [n] or None, golden_min_step).
+      runs: name -> dict(steps [n], proxy [n], proxy_stderr [n] or None, min_step (None:
+        no line), min_label (default "golden min")).
       fits: name -> dict(log_a, b, n, flag_step), as in `plot_curves`.
     """
     fig, axes = _figure(len(runs), width=4.2, height=3.4)
@@ -186,8 +222,9 @@ def plot_power_law_grid(path_png, runs: dict, fits: dict) -> None:
         draw_power_law(
             ax, name, steps, np.asarray(run["proxy"], float), se, fits[name], f"C{i % 10}"
         )
-        if run.get("golden_min_step") is not None:
-            ax.axvline(run["golden_min_step"], color="0.5", ls="-.", label="golden min")
+        if run.get("min_step") is not None:
+            label = run.get("min_label", "golden min")
+            ax.axvline(run["min_step"], color="0.5", ls="-.", label=label)
         ax.set(xscale="log", yscale="log", xlabel="step", ylabel="proxy")
         ax.set_title(name, fontsize=9)
         ax.legend(fontsize=6)

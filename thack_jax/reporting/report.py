@@ -19,12 +19,16 @@ Conventions (repeated in the report's Notes):
   every seed), on the steps every seed evaluated; a single run as its curve +- its stderr.
 - Golden rise = final golden - minimum golden, in units of sqrt(se_min^2 + se_final^2),
   significant above 2 (the U-shape rule of `diagnostics.detect_u_shape`).
+- Field mode (`experiment.json` "mode": "field"; absent: "oracle"): no oracle, no golden
+  metrics. The proxy, the verdict and the plots of the proxy are as in oracle mode; the
+  golden-based statistics are replaced by the same ones of the reference cross-entropy
+  when the metrics have it (reference.py), and are not measurable otherwise. A report
+  with any field-mode run is a field-mode report (findings.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 import sys
@@ -34,10 +38,10 @@ import numpy as np
 from thack_jax.core import storage
 from thack_jax.data.regime_names import Regime
 from thack_jax.hacking import diagnostics, guard, noise
-from thack_jax.reporting import plots, report_text
+from thack_jax.reporting import reference, report_plots, report_text
+from thack_jax.reporting.report_plots import DIVERGENCES
 from thack_jax.training.metrics_io import METRICS_FILE, read_metrics
 
-DIVERGENCES = ("forward_kl", "reverse_kl", "js")
 GROUP_FIELDS = ("regime", "num_prompts", "completions_per_prompt", "online_fraction", "online_role")
 # Display order of the regimes in tables and plots: offline first, then by how much of
 # the data is online. Every Regime appears once (tests/data/test_regime_names.py).
@@ -141,12 +145,6 @@ def load_runs(workdirs) -> list[Run]:
     return runs
 
 
-def _z(value: float, se: float) -> float:
-    if se > 0:
-        return float(value / se)
-    return 0.0 if value == 0 else float(np.sign(value) * np.inf)
-
-
 def read_guard_settings(run: Run) -> dict | None:
     """The run's guard_settings.json record (from its summary, if read from one); None when
     the run has none."""
@@ -190,18 +188,30 @@ def noise_cov(run: Run, key: str, steps: np.ndarray) -> np.ndarray | None:
     return noise.covariance_at(directory, key, steps)
 
 
+def run_mode(run: Run) -> str:
+    """'oracle' or 'field' (experiment.json's "mode"; absent: 'oracle')."""
+    try:
+        return reference.mode(run.experiment, storage.join(run.workdir, "experiment.json"))
+    except ValueError as e:
+        raise ReportError(str(e)) from None
+
+
 def analyse(run: Run, metric: str = "forward_kl") -> dict:
     """Golden minimum, final values, golden rise (nats and stderr units), proxy change after
-    the golden minimum, U shape and the oracle-free verdict of `run` on `<prefix>/<metric>`.
-    Uses the evaluations at step >= 1 (see the module docstring)."""
-    keys = [f"{p}/{metric}{s}" for p in ("proxy", "golden") for s in ("", "_stderr")]
+    the golden minimum, U shape and the oracle-free verdict of `run` on `<prefix>/<metric>`;
+    under "reference", `reference.analyse_reference` (None without reference metrics).
+    A field-mode run (no oracle) has no golden values: only the proxy ones, the verdict and
+    "reference". Uses the evaluations at step >= 1 (see the module docstring)."""
+    oracle = run_mode(run) == "oracle"
+    prefixes = ("proxy", "golden") if oracle else ("proxy",)
+    keys = [f"{p}/{metric}{s}" for p in prefixes for s in ("", "_stderr")]
     absent = [k for k in keys if k not in run.metrics]
     if absent:
         available = sorted(k for k in run.metrics if k.startswith(("proxy/", "golden/")))
         raise ReportError(f"{run.metrics_path}: lacks {absent}; it has {available}")
     keep = run.steps >= 1
     steps = run.steps[keep]
-    proxy, proxy_se, golden, golden_se = (run.metrics[k][keep] for k in keys)
+    proxy, proxy_se = run.metrics[keys[0]][keep], run.metrics[keys[1]][keep]
     for key in keys:
         bad = np.flatnonzero(np.isnan(run.metrics[key][keep]))
         if bad.size:
@@ -210,60 +220,90 @@ def analyse(run: Run, metric: str = "forward_kl") -> dict:
         raise ReportError(f"{run.metrics_path}: no evaluation after step 0")
     # Where the curves start: the step-0 evaluation (before distillation) when there is one.
     i0 = np.flatnonzero(run.steps == 0)
-    start_proxy, start_golden = (
-        (run.metrics[keys[0]][i0[0]], run.metrics[keys[2]][i0[0]])
-        if i0.size
-        else (proxy[0], golden[0])
+    start = run.metrics[keys[0]][i0[0]] if i0.size else proxy[0]
+    out = {
+        "metric": metric,
+        "mode": "oracle" if oracle else "field",
+        "n_evals": int(steps.size),
+        "last_step": int(steps[-1]),
+        "start_proxy": float(start),
+        "final_proxy": float(proxy[-1]),
+        "final_proxy_stderr": float(proxy_se[-1]),
+    }
+    if oracle:
+        golden, golden_se = run.metrics[keys[2]][keep], run.metrics[keys[3]][keep]
+        out.update(_golden(run, keys))
+    else:
+        golden = golden_se = None
+    # The detector sees what the run's guard saw: evaluations after warmup, no stderrs.
+    law = steps >= guard_min_step(run)
+    try:  # the detector works in log-log axes: a non-positive estimate makes it inapplicable
+        cov = noise_cov(run, f"proxy/{metric}", steps[law])
+        u = diagnostics.detect_u_shape(steps, proxy, golden, golden_se) if oracle else None
+        v = diagnostics.verdict(
+            steps[law],
+            proxy[law],
+            None,
+            golden[law] if oracle else None,
+            golden_se[law] if oracle else None,
+            noise_cov=cov,
+        )
+    except ValueError as e:
+        invalid = dict(u_shape=None, verdict="invalid", flag_step=None, lag=None, reason=str(e))
+        return dict(out, **invalid, reference=_reference(run, metric, None))
+    d = v.details
+    flag, best = d["flag_step"], d.get("best_step")
+    out.update(
+        u_shape=None if u is None else u.is_u,
+        verdict=v.label,
+        flag_step=flag,
+        lag=None if flag is None or not oracle else flag - out["golden_min_step"],
+        best_step=best,
+        fit=d.get("fit"),
+        reason=d.get("reason"),
     )
+    if oracle:  # what the oracle-free rule would keep, judged by the oracle
+        at = np.flatnonzero(steps == best)
+        out["best_golden_excess"] = (
+            None if best is None else float(golden[at[0]] - out["golden_min"])
+        )
+    out["reference"] = _reference(run, metric, (flag, best))
+    return out
+
+
+def _golden(run: Run, keys: list[str]) -> dict:
+    """The golden part of `analyse`; keys: the proxy, its stderr, the golden, its stderr."""
+    keep, i0 = run.steps >= 1, np.flatnonzero(run.steps == 0)
+    steps = run.steps[keep]
+    proxy, proxy_se, golden, golden_se = (run.metrics[k][keep] for k in keys)
+    start_golden = run.metrics[keys[2]][i0[0]] if i0.size else golden[0]
     i = int(np.argmin(golden))
     rise, rise_se = float(golden[-1] - golden[i]), float(np.hypot(golden_se[i], golden_se[-1]))
     change = float(proxy[-1] - proxy[i])
-    out = {
-        "metric": metric,
-        "n_evals": int(steps.size),
-        "last_step": int(steps[-1]),
-        "start_proxy": float(start_proxy),
+    return {
         "start_golden": float(start_golden),
         "golden_min_step": int(steps[i]),
         "golden_min": float(golden[i]),
         "golden_min_stderr": float(golden_se[i]),
         "final_golden": float(golden[-1]),
         "final_golden_stderr": float(golden_se[-1]),
-        "final_proxy": float(proxy[-1]),
-        "final_proxy_stderr": float(proxy_se[-1]),
         "proxy_at_golden_min": float(proxy[i]),
         "golden_rise": rise,
         "golden_rise_stderr": rise_se,
-        "golden_rise_z": _z(rise, rise_se),
+        "golden_rise_z": reference.z_score(rise, rise_se),
         "proxy_change_after_golden_min": change,
-        "proxy_change_z": _z(change, float(np.hypot(proxy_se[i], proxy_se[-1]))),
+        "proxy_change_z": reference.z_score(change, float(np.hypot(proxy_se[i], proxy_se[-1]))),
         "proxy_falls_after_golden_min": change < 0,
     }
-    # The detector sees what the run's guard saw: evaluations after warmup, no stderrs.
-    law = steps >= guard_min_step(run)
-    try:  # the detector works in log-log axes: a non-positive estimate makes it inapplicable
-        cov = noise_cov(run, f"proxy/{metric}", steps[law])
-        u = diagnostics.detect_u_shape(steps, proxy, golden, golden_se)
-        v = diagnostics.verdict(
-            steps[law], proxy[law], None, golden[law], golden_se[law], noise_cov=cov
+
+
+def _reference(run: Run, metric: str, flag) -> dict | None:
+    try:
+        return reference.analyse_reference(
+            run.steps, run.metrics, f"proxy/{metric}", run.metrics_path, flag
         )
     except ValueError as e:
-        return dict(out, u_shape=None, verdict="invalid", flag_step=None, lag=None, reason=str(e))
-    d = v.details
-    flag, best = d["flag_step"], d.get("best_step")
-    # What the oracle-free rule would keep, judged by the oracle: golden there - its minimum.
-    excess = None if best is None else float(golden[np.flatnonzero(steps == best)[0]] - golden[i])
-    return dict(
-        out,
-        u_shape=u.is_u,
-        verdict=v.label,
-        flag_step=flag,
-        lag=None if flag is None else flag - out["golden_min_step"],
-        best_step=best,
-        best_golden_excess=excess,
-        fit=d.get("fit"),
-        reason=d.get("reason"),
-    )
+        raise ReportError(str(e)) from None
 
 
 @dataclasses.dataclass
@@ -305,17 +345,6 @@ def group_runs(runs: list[Run]) -> tuple[list[Group], list[dict]]:
     return groups, experiments
 
 
-def _band(runs: list[Run], key: str) -> plots.Band:
-    if len(runs) == 1:
-        r = runs[0]
-        value, se = r.metrics[key], r.metrics.get(f"{key}_stderr", np.zeros(len(r.steps)))
-        return plots.Band(r.steps.astype(float), value, value - se, value + se)
-    common = functools.reduce(np.intersect1d, [r.steps for r in runs])
-    values = np.stack([r.metrics[key][np.searchsorted(r.steps, common)] for r in runs])
-    lo, hi = values.min(0), values.max(0)
-    return plots.Band(common.astype(float), values.mean(0), lo, hi, tuple(values))
-
-
 def _is_primary() -> bool:
     if "jax" not in sys.modules:  # no jax, no multi-process run
         return True
@@ -324,45 +353,9 @@ def _is_primary() -> bool:
     return distributed.is_primary()
 
 
-def _write_plots(out_dir, runs, labels, groups, analyses, metric) -> list[tuple[str, str]]:
-    storage.makedirs(storage.join(out_dir, "plots"))
-    members = {g.label: [runs[i] for i in g.members] for g in groups}
-    # Seeds are drawn on their common steps; a group without any is left out of the plots.
-    common = {k: functools.reduce(np.intersect1d, [r.steps for r in v]) for k, v in members.items()}
-    members = {k: v for k, v in members.items() if common[k].size}
-    bands = {
-        div: {k: (_band(v, f"proxy/{div}"), _band(v, f"golden/{div}")) for k, v in members.items()}
-        for div in DIVERGENCES
-        if all(f"{p}/{div}" in r.metrics for r in runs for p in ("proxy", "golden"))
-    }
-    files = [
-        (f"{metric}_vs_step.png", f"Proxy and golden {metric} vs step (log-log)"),
-        (f"proxy_golden_{metric}.png", f"Proxy-golden curves ({metric})"),
-        ("proxy_golden_all.png", "Proxy-golden curves, every divergence"),
-        (f"power_law_{metric}.png", f"Power-law fit of each run's proxy ({metric})"),
-    ]
-    path = [storage.join(out_dir, "plots", f) for f, _ in files]
-    by_group = {k: {"proxy": p, "golden": g} for k, (p, g) in bands[metric].items()}
-    plots.plot_vs_step(path[0], by_group, metric)
-    plots.plot_proxy_golden(path[1], {metric: bands[metric]})
-    plots.plot_proxy_golden(path[2], bands)
-    law_runs, fits = {}, {}
-    for run, label, a in zip(runs, labels, analyses, strict=True):
-        keep = run.steps >= 1
-        law_runs[label] = {
-            "steps": run.steps[keep],
-            "proxy": run.metrics[f"proxy/{metric}"][keep],
-            "proxy_stderr": run.metrics[f"proxy/{metric}_stderr"][keep],
-            "golden_min_step": a["golden_min_step"],
-        }
-        fits[label] = dict(a.get("fit") or {}, flag_step=a["flag_step"])
-    plots.plot_power_law_grid(path[3], law_runs, fits)
-    return files
-
-
 def write_report(workdirs, out_dir: str, metric: str = "forward_kl", runs=None) -> str:
-    """Writes `out_dir/report.md` and `out_dir/plots/*.png` (process 0 only); returns the
-    report's path. Raises ReportError on missing or unusable inputs.
+    """Writes `out_dir/report.md` and `out_dir/plots/*.png` (report_plots.py; process 0
+    only); returns the report's path. Raises ReportError on missing or unusable inputs.
 
     runs: the runs, already loaded (e.g. `summary.load_summaries`); None: `load_runs(workdirs)`.
     `workdirs` are the sources the report names."""
@@ -381,8 +374,8 @@ def write_report(workdirs, out_dir: str, metric: str = "forward_kl", runs=None) 
     path = storage.join(out_dir, "report.md")
     if not _is_primary():
         return path
-    plot_files = _write_plots(out_dir, runs, labels, groups, analyses, metric)
     table = report_text.ReportRuns(runs, labels, analyses, groups, experiments)
+    plot_files = report_plots.write_plots(out_dir, table, metric)
     text = report_text.render(workdirs, out_dir, metric, table, plot_files)
     storage.write_atomic(path, text)
     return path

@@ -3,9 +3,10 @@
 A workdir keeps, per run, every metrics line and the per-prompt values of every evaluation
 (`train/per_prompt/step_*.npz`, [P] per key). The report needs far less: `summarize` keeps
 run.json, the experiment.json, COMPLETE.json's wall time, the guard's settings and record,
-the evaluation lines' proxy and golden divergences with their stderrs, and, instead of the
-per-prompt values, the noise covariance [n, n] the verdict uses (`noise.covariance_at` at
-the steps the run's guard saw; n ~ 30 numbers squared against n x P ~ 8000 values).
+the evaluation lines' proxy and golden divergences and reference metrics with their
+stderrs, and, instead of the per-prompt values, the noise covariance [n, n] the verdict
+uses (`noise.covariance_at` at the steps the run's guard saw; n ~ 30 numbers squared
+against n x P ~ 8000 values).
 `load_summaries` reads them back as `report.Run`s, which `report.write_report` turns into
 the same report as from the workdir (only the source paths it names differ).
 
@@ -27,10 +28,12 @@ import numpy as np
 
 from thack_jax.core import storage
 from thack_jax.hacking import noise
-from thack_jax.reporting import report
+from thack_jax.reporting import reference, report
 
 FORMAT = "thack_jax.run_summary/1"
-# The metrics the report reads: analyse (one divergence) and the plots (all of them).
+# The metrics the report reads: analyse (one divergence) and the plots (all of them); and
+# the reference metrics, where the run has them (reference.KEYS; an older run has none, and
+# its summary is as before them).
 KEYS = tuple(
     f"{prefix}/{div}{tail}"
     for div in report.DIVERGENCES
@@ -69,7 +72,8 @@ def summary_of(run: report.Run) -> dict:
     """The summary record of a run loaded from a workdir (`report.load_runs`)."""
     run_dir = report._run_dir(run.metrics_path)
     evaluations = {"step": run.steps.tolist()}
-    evaluations.update({k: run.metrics[k].tolist() for k in KEYS if k in run.metrics})
+    kept = [k for k in KEYS + reference.KEYS if k in run.metrics]
+    evaluations.update({k: run.metrics[k].tolist() for k in kept})
     return {
         "format": FORMAT,
         "name": run.name,
