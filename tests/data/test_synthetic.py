@@ -136,3 +136,80 @@ def test_prompt_stats():
     }
     with pytest.raises(ValueError, match="shape"):
         prompt_stats(np.zeros(3))
+
+
+# -- references ------------------------------------------------------------------------------
+_NP_REF = r"det( adj){0,2} noun"
+_CMD_REF = rf"{_NP_REF} verb( prep {_NP_REF})?( adv)?"
+_REFERENCE = re.compile(rf"^{_CMD_REF}( conj {_CMD_REF})?$")
+
+
+def _words(row, category):
+    ids = row[: list(row).index(EOS_ID)]
+    return sorted(int(i) for i in ids if _CATEGORY_OF[_WORDS[i - FIRST_WORD_ID]] == category)
+
+
+def _draws(prompt, n=1000, seed=0):
+    """The distinct references of one prompt over n draws and their entropy in bits."""
+    refs = synthetic.synthetic_references(np.repeat(prompt[None], n, 0), seed=seed, max_length=32)
+    _, counts = np.unique(refs, axis=0, return_counts=True)
+    q = counts / n
+    return len(counts), float(-(q * np.log2(q)).sum())
+
+
+def test_references_paraphrase_their_prompts():
+    p = synthetic_prompts(500, seed=2, max_length=16)
+    r = synthetic.synthetic_references(p, seed=0, max_length=32)
+    assert r.shape == (500, 32) and r.dtype == np.int32
+    for prompt, ref in zip(p, r, strict=True):
+        assert (ref == EOS_ID).sum() == 1 and np.all(ref[list(ref).index(EOS_ID) + 1 :] == 0)
+        assert _REFERENCE.match(_categories(ref)), _categories(ref)
+        # The object phrase moves before the verb; verbs, nouns, prepositions are kept.
+        for category in ("verb", "noun", "prep", "conj"):
+            assert _words(ref, category) == _words(prompt, category), category
+        assert set(_words(ref, "adj")) <= set(_words(prompt, "adj"))
+    assert r.max() <= FIRST_WORD_ID + len(_WORDS) - 1 and r[r > EOS_ID].min() >= FIRST_WORD_ID
+
+
+def test_references_per_row_generators_and_cut():
+    p = synthetic_prompts(300, seed=1, max_length=16)
+    big = synthetic.synthetic_references(p, seed=4, max_length=12)
+    np.testing.assert_array_equal(
+        big[:40], synthetic.synthetic_references(p[:40], seed=4, max_length=12)
+    )
+    other = p.copy()
+    other[7] = p[8]  # row i depends on prompt i only
+    changed = synthetic.synthetic_references(other, seed=4, max_length=12)
+    assert np.array_equal(np.delete(changed, 7, 0), np.delete(big, 7, 0))
+    assert not np.array_equal(big, synthetic.synthetic_references(p, seed=5, max_length=12))
+    long = synthetic.synthetic_references(p, seed=4, max_length=32)
+    for cut, full in zip(big, long, strict=True):  # cut to 11 words + EOS
+        n = list(full).index(EOS_ID)
+        expected = list(full[: min(n, 11)]) + [EOS_ID]
+        assert list(cut[: len(expected)]) == expected and not cut[len(expected) :].any()
+    assert (synthetic.synthetic_references(p, seed=4, max_length=1) == EOS_ID).all()
+
+
+def test_references_have_the_documented_entropy():
+    p = synthetic_prompts(400, seed=0, max_length=16)
+    lengths = (p != 0).sum(axis=1)
+    short = p[lengths == 4][0]  # VERB DET NOUN EOS: det swap x adverb added
+    distinct, bits = _draws(short)
+    assert distinct == 4 and 1.5 < bits < 1.7  # 2 H(0.25) = 1.62
+    longest = p[np.argmax(lengths)]
+    distinct, bits = _draws(longest)
+    assert distinct > 50 and bits > 4.5, (distinct, bits)
+
+
+def test_references_refuse_rows_outside_the_grammar():
+    p = synthetic_prompts(3, seed=0)
+    bad = p.copy()
+    bad[2, 0] = bad[2, 1]  # starts with a determiner
+    with pytest.raises(ValueError, match="prompt row 2 .* not a sentence"):
+        synthetic.synthetic_references(bad, seed=0, max_length=8)
+    with pytest.raises(ValueError, match="seed"):
+        synthetic.synthetic_references(p, seed=-1, max_length=8)
+    with pytest.raises(ValueError, match="max_length"):
+        synthetic.synthetic_references(p, seed=0, max_length=0)
+    with pytest.raises(ValueError, match="integer"):
+        synthetic.synthetic_references(p[0], seed=0, max_length=8)

@@ -12,7 +12,12 @@ import numpy as np
 import pytest
 
 from thack_jax.data import tasks
-from thack_jax.data.synthetic import EOS_ID, synthetic_prompts
+from thack_jax.data.synthetic import (
+    EOS_ID,
+    FIRST_WORD_ID,
+    synthetic_prompts,
+    synthetic_references,
+)
 from thack_jax.data.vocab import sentencepiece_vocabulary
 
 
@@ -64,17 +69,25 @@ def test_text_task_needs_vocabulary():
         tasks.get_task("xsum")
 
 
-def test_synthetic_direct_equals_seqio():
+def test_synthetic_direct_equals_seqio_and_has_references():
     for split in ("train", "validation"):
         kw = dict(split=split, num_examples=12, max_input_length=14, max_target_length=4, seed=3)
         direct = tasks.load_examples("synthetic", **kw)
         via = tasks.load_examples("synthetic", via_seqio=True, **kw)
         np.testing.assert_array_equal(direct["inputs"], via["inputs"])
-        np.testing.assert_array_equal(direct["targets"], via["targets"])
         np.testing.assert_array_equal(
             direct["inputs"], synthetic_prompts(12, split=split, seed=3, max_length=14)
         )
-    assert (direct["targets"] == [[EOS_ID, 0, 0, 0]] * 12).all()
+        # Direct: the procedural references of the prompts, same seed; seqio: empty targets.
+        np.testing.assert_array_equal(
+            direct["targets"], synthetic_references(direct["inputs"], seed=3, max_length=4)
+        )
+        assert (via["targets"] == [[EOS_ID, 0, 0, 0]] * 12).all()
+    assert (direct["targets"][:, :3] >= FIRST_WORD_ID).all() and (
+        direct["targets"][:, 3] == 1
+    ).all()
+    prompts = tasks.load_prompts("synthetic", split="train", num_prompts=5, max_input_length=14)
+    np.testing.assert_array_equal(prompts, synthetic_prompts(5, seed=0, max_length=14))
 
 
 def test_register_tasks_is_idempotent(sp_model, tmp_path):

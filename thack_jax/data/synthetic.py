@@ -18,7 +18,21 @@ a category stays possible in every slot, so the number of distinct prompts is ve
 
 Token ids follow the T5 convention (pad 0, eos 1, unk 2) and word `i` of `grammar.words`
 has id `FIRST_WORD_ID + i`; `thack_jax.data.vocab.SyntheticVocabulary` uses the same ids.
-Responses are not produced here: the oracle model generates them.
+In the oracle study the oracle model generates the responses. `synthetic_references` gives
+the task procedural "human" references instead (field mode: no oracle), a stochastic
+paraphrase of each prompt in the same words, each command rewritten as
+
+    CMD' -> NP' VERB [PREP NP'] [ADV']      (the object phrase first, then the verb)
+    NP'  -> DET' ADJ'* NOUN                 DET' = the <-> a, every <-> some with p = 0.25;
+                                            each adjective dropped with p = 0.3; two kept
+                                            ones swapped with p = 0.5
+    ADV' -> the prompt's adverb, kept with p = 0.85; without one, the verb's own adverb
+            (adverb number verb % 5) with p = 0.25
+    S'   -> CMD1' and CMD2' | CMD2' and CMD1' (p = 0.5 each); CMD1' then CMD2' (kept)
+
+Entropy per prompt (1000 draws for each of 300 prompts, max_length 16; docs/data.md has
+the table): `VERB DET NOUN` prompts 4 distinct references, 1.6 bits (exactly 2 H(0.25) =
+1.62); 1.4 - 3.8 bits for 5-6 tokens, up to 4.6 - 8.5 bits (54 - 498 distinct) for 13-16.
 """
 
 from __future__ import annotations
@@ -26,6 +40,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import itertools
+import re
 from collections.abc import Iterator
 
 import numpy as np
@@ -295,3 +310,124 @@ def prompt_stats(prompts: np.ndarray) -> dict:
         "max_tokens": int(lengths.max()) if prompts.size else 0,
         "distinct_words": int(words.size),
     }
+
+
+# -- references (see the module docstring) --------------------------------------------------
+P_DET_SWAP = 0.25
+P_ADJ_DROP = 0.3
+P_ADJ_SWAP = 0.5
+P_ADV_KEEP = 0.85
+P_ADV_ADD = 0.25
+P_CONJ_SWAP = 0.5  # 'and' only: 'then' keeps the order
+_DET_PARTNER = (1, 0, 3, 2)  # the <-> a, every <-> some
+_DRAWS_PER_REFERENCE = 19  # 9 per command, 1 for the order: a fixed budget per row
+
+
+_LETTER = {"verb": "v", "det": "d", "adj": "a", "noun": "n", "prep": "p", "adv": "r", "conj": "c"}
+_COMMAND = r"vda{0,2}n(?:pda{0,2}n)?r?"
+_SENTENCE = re.compile(rf"({_COMMAND})(?:c({_COMMAND}))?")
+_FIRST_ID: dict[str, int] = {}
+_CATEGORY_OF_ID: dict[int, tuple[str, int]] = {}  # token id -> (category, index in it)
+for _name, _ws in CATEGORIES.items():
+    _FIRST_ID[_name] = FIRST_WORD_ID + len(_CATEGORY_OF_ID)
+    _CATEGORY_OF_ID.update({_FIRST_ID[_name] + j: (_name, j) for j in range(len(_ws))})
+
+
+def _parse_command(items: list[int], letters: str) -> dict:
+    """{'verb', 'obj': (det, adjs, noun), 'pp': (prep, NP) | None, 'adv'} of one command's
+    category indices `items` and category letters (already matched by _COMMAND)."""
+
+    def noun_phrase(p: int) -> tuple[tuple, int]:
+        q = letters.index("n", p)
+        return (items[p], items[p + 1 : q], items[q]), q + 1
+
+    obj, pos = noun_phrase(1)
+    cmd = {"verb": items[0], "obj": obj, "pp": None, "adv": None}
+    if pos < len(letters) and letters[pos] == "p":
+        inner, end = noun_phrase(pos + 1)
+        cmd["pp"], pos = (items[pos], inner), end
+    if pos < len(letters):  # the adverb
+        cmd["adv"] = items[pos]
+    return cmd
+
+
+def _parse(row_index: int, ids: list[int]) -> tuple[list[dict], int | None]:
+    """(commands, conjunction index or None) of one prompt's word ids; ValueError if the
+    ids are no sentence of the grammar."""
+    cats = [_CATEGORY_OF_ID.get(i, ("?", 0)) for i in ids]
+    letters = "".join(_LETTER.get(c, "?") for c, _ in cats)
+    match = _SENTENCE.fullmatch(letters)
+    if match is None:
+        raise ValueError(
+            f"prompt row {row_index} ({ids}) is not a sentence of the synthetic grammar: "
+            "synthetic_references paraphrases synthetic_prompts rows only"
+        )
+    items = [j for _, j in cats]
+    commands = [_parse_command(items[: match.end(1)], match.group(1))]
+    if match.group(2) is None:
+        return commands, None
+    commands.append(_parse_command(items[match.start(2) :], match.group(2)))
+    return commands, items[match.end(1)]
+
+
+def _noun_phrase_ref(phrase: tuple, u: np.ndarray) -> list[int]:
+    """NP' of (det, adjectives, noun) with 4 draws u."""
+    det, adjs, noun = phrase
+    det = _DET_PARTNER[det] if u[0] < P_DET_SWAP else det
+    kept = [a for a, d in zip(adjs, u[1:3], strict=False) if d >= P_ADJ_DROP]
+    if len(kept) == 2 and u[3] < P_ADJ_SWAP:
+        kept = kept[::-1]
+    adj_ids = [_FIRST_ID["adj"] + a for a in kept]
+    return [_FIRST_ID["det"] + det, *adj_ids, _FIRST_ID["noun"] + noun]
+
+
+def _command_ref(cmd: dict, u: np.ndarray) -> list[int]:
+    """CMD' of a parsed command with 9 draws u."""
+    out = [*_noun_phrase_ref(cmd["obj"], u[0:4]), _FIRST_ID["verb"] + cmd["verb"]]
+    if cmd["pp"] is not None:
+        prep, inner = cmd["pp"]
+        out += [_FIRST_ID["prep"] + prep, *_noun_phrase_ref(inner, u[4:8])]
+    if cmd["adv"] is not None and u[8] < P_ADV_KEEP:
+        out.append(_FIRST_ID["adv"] + cmd["adv"])
+    elif cmd["adv"] is None and u[8] < P_ADV_ADD:
+        out.append(_FIRST_ID["adv"] + cmd["verb"] % len(CATEGORIES["adv"]))
+    return out
+
+
+def synthetic_references(prompts: np.ndarray, *, seed: int, max_length: int) -> np.ndarray:
+    """Procedural "human" references of synthetic prompts (the rule: the module docstring).
+
+    Args:
+      prompts: int32 [N, Lx] rows of `synthetic_prompts` (words, EOS, pads).
+      seed: row i draws from `default_rng([seed, i])` only, so the first k rows of a larger
+        call equal a call for k rows, and repeating one prompt N times gives N draws.
+      max_length: Ly >= 1, the row length including EOS.
+
+    Returns:
+      int32 [N, max_length]: word ids (3..51), EOS (1), pads (0); a reference longer than
+      max_length - 1 words is cut and still ends with EOS.
+    """
+    prompts = np.asarray(prompts)
+    if prompts.ndim != 2 or not np.issubdtype(prompts.dtype, np.integer):
+        raise ValueError(f"prompts must be integer [N, Lx], got {prompts.dtype} {prompts.shape}")
+    if not isinstance(seed, int | np.integer) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+    if not isinstance(max_length, int | np.integer) or max_length < 1:
+        raise ValueError(f"max_length must be an int >= 1, got {max_length!r}")
+    out = np.zeros((len(prompts), max_length), np.int32)
+    out[:, 0] = EOS_ID
+    if max_length == 1:
+        return out  # every reference cut to its EOS: no draws needed
+    for i, row in enumerate(prompts.tolist()):
+        ids = row[: row.index(EOS_ID)] if EOS_ID in row else [t for t in row if t != PAD_ID]
+        commands, conj = _parse(i, ids)
+        u = np.random.default_rng([int(seed), i]).random(_DRAWS_PER_REFERENCE)
+        refs = [_command_ref(cmd, u[9 * k : 9 * k + 9]) for k, cmd in enumerate(commands)]
+        words = refs[0]
+        if conj is not None:
+            swap = CATEGORIES["conj"][conj] == "and" and u[18] < P_CONJ_SWAP
+            first, second = (refs[1], refs[0]) if swap else (refs[0], refs[1])
+            words = [*first, _FIRST_ID["conj"] + conj, *second]
+        words = words[: max_length - 1] + [EOS_ID]
+        out[i, : len(words)] = words
+    return out

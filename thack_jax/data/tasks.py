@@ -320,7 +320,9 @@ def load_examples(
         order, an int shuffles through seqio with that seed. Either way the first k rows of
         a larger request equal a request for k rows.
       data: the vocabulary and data directories (`TaskData`).
-      via_seqio: synthetic task only; False (default) generates without TensorFlow.
+      via_seqio: synthetic task only; False (default) generates without TensorFlow, with
+        `synthetic.synthetic_references(inputs, seed=seed)` as targets; True reads the
+        seqio task, whose targets are empty (EOS only): it has the prompts, no references.
 
     Returns:
       {'inputs': int32 [N, max_input_length], 'targets': int32 [N, max_target_length]},
@@ -341,8 +343,10 @@ def load_examples(
         inputs = synthetic.synthetic_prompts(
             num_examples, split=split, seed=seed or 0, max_length=max_input_length
         )
-        targets = np.zeros((num_examples, max_target_length), np.int32)
-        targets[:, 0] = synthetic.EOS_ID  # empty targets, as the seqio task gives
+        # The task's procedural "human" references (synthetic.py), drawn with the same seed.
+        targets = synthetic.synthetic_references(
+            inputs, seed=seed or 0, max_length=max_target_length
+        )
         return {"inputs": inputs, "targets": targets}
 
     if task_name in _TFDS_TASKS:
