@@ -242,6 +242,52 @@ def test_compiled_once_per_shape(tiny, tiny_sample):
     assert not np.array_equal(other.tokens, out.tokens)
 
 
+# The tokens of `tiny_sample` as the sampler drew them before `first_row` existed (row r drew
+# with fold_in(fold_in(rng, t), r)); first_row = 0 must keep every existing number.
+OLD_TINY_TOKENS = [
+    [27, 5, 10, 15, 15, 20, 3, 11, 12, 7],
+    [13, 10, 24, 1, 0, 0, 0, 0, 0, 0],
+    [13, 23, 30, 29, 25, 10, 10, 10, 15, 18],
+    [2, 13, 13, 25, 1, 0, 0, 0, 0, 0],
+    [11, 27, 20, 15, 29, 3, 15, 23, 18, 15],
+    [31, 30, 11, 30, 25, 16, 24, 30, 12, 7],
+    [7, 17, 1, 0, 0, 0, 0, 0, 0, 0],
+    [11, 10, 15, 8, 16, 21, 29, 2, 15, 10],
+]
+
+
+def test_first_row_zero_keeps_the_old_draws(tiny_sample):
+    out, _ = tiny_sample
+    np.testing.assert_array_equal(out.tokens, OLD_TINY_TOKENS)
+    np.testing.assert_array_equal(out.lengths, [10, 4, 10, 5, 10, 10, 3, 10])
+
+
+def test_first_row_makes_samples_independent_of_how_prompts_are_cut(tiny, tiny_sample):
+    """Prompt 1 sampled alone as the second call of a list cut into calls of 1 prompt
+    (first_row = 1 * 4 samples) draws exactly its rows of the call holding both prompts."""
+    config, params, inputs = tiny
+    ref, _ = tiny_sample
+    before = sampling.trace_count()
+    alone = sampling.sample(
+        config, params, inputs[1:], jax.random.key(3), first_row=4, **TINY_KWARGS
+    )
+    np.testing.assert_array_equal(alone.tokens, ref.tokens[4:])
+    np.testing.assert_array_equal(alone.lengths, ref.lengths[4:])
+    np.testing.assert_allclose(alone.token_logprobs, ref.token_logprobs[4:], atol=1e-5)
+    # Without first_row the call draws with row ids 0..3: other samples (the evaluator's
+    # per-batch draws, which made its numbers depend on the batch size).
+    plain = sampling.sample(config, params, inputs[1:], jax.random.key(3), **TINY_KWARGS)
+    assert not np.array_equal(plain.tokens, ref.tokens[4:])
+    other = sampling.sample(
+        config, params, inputs[1:], jax.random.key(3), first_row=8, **TINY_KWARGS
+    )
+    assert not np.array_equal(other.tokens, alone.tokens)
+    assert sampling.trace_count() - before == 1  # the new shape once; first_row is traced
+    for bad in (-1, 2**32, 1.5, True, "4"):
+        with pytest.raises(ValueError, match="first_row="):
+            sampling.sample(config, params, inputs, jax.random.key(3), first_row=bad, **TINY_KWARGS)
+
+
 @pytest.mark.parametrize(
     "mesh_shape",
     [{"data": -1, "model": 1}, pytest.param({"data": 4, "model": 2}, marks=pytest.mark.slow)],

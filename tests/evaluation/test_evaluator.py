@@ -15,7 +15,7 @@ from test_divergences import (  # noqa: E402
 
 from thack_jax import models
 from thack_jax.decoding import sampling
-from thack_jax.evaluation import evaluator
+from thack_jax.evaluation import batch_scoring, evaluator
 from thack_jax.parallel import partitioning
 
 L = 3
@@ -222,3 +222,100 @@ def test_exact_zero_is_an_error_only_between_models_that_differ(trio, monkeypatc
         match=r"golden/forward_kl: exactly 0.0 \+- 0.0 .*\(all parameters are finite\)",
     ):
         ev.evaluate(trio[2][1])
+
+
+# ----------------------------------------------------------------------------- batch size
+
+
+def _old_per_batch_sample(self, config, params, stream):
+    """The draws before per-row keys: batch b sampled with fold_in(key, b), rows from 0."""
+    key = jax.random.fold_in(self._key, stream)
+    out = []
+    for b, inputs in enumerate(self._batches):
+        inputs = self._put(inputs, ("batch", "length"))
+        s = sampling.sample(
+            config, params, inputs, jax.random.fold_in(key, b), self.sampling, mesh=self.mesh
+        )
+        out.append((np.asarray(s.tokens), np.asarray(s.mask)))
+    return out
+
+
+def _samples_and_estimates(trio, prompts, batch_size, mesh=None):
+    ev = make_evaluator(trio, prompts, mesh=mesh, num_samples=4, batch_size=batch_size)
+    student = ev._sample(ev.student_config, ev.place_params(*trio[2]), evaluator.STREAMS["student"])
+    tokens = {role: ev.reference_samples(role)[0] for role in ("oracle", "teacher")}
+    rows = len(prompts) * 4
+    tokens["student"] = np.concatenate([t for t, _ in student])[:rows]
+    return tokens, ev.estimates(trio[2][1])
+
+
+@pytest.mark.parametrize("mesh", [None, pytest.param("mesh", marks=pytest.mark.slow)])
+def test_samples_and_estimates_do_not_depend_on_the_batch_size(trio, mesh, monkeypatch):
+    prompts = prompts_(7, seed=4)  # 7 prompts: batches of 3 and of 8 both pad
+    mesh = None if mesh is None else partitioning.make_mesh({"data": -1, "model": 1})
+    small = _samples_and_estimates(trio, prompts, 3, mesh)
+    large = _samples_and_estimates(trio, prompts, 8, mesh)
+    for role in small[0]:
+        np.testing.assert_array_equal(small[0][role], large[0][role], err_msg=role)
+    assert set(small[1]) == set(large[1])
+    for key, est in small[1].items():
+        other = large[1][key]
+        for name in ("value", "stderr", "per_token", "per_token_stderr"):
+            assert getattr(est, name) == pytest.approx(getattr(other, name), rel=1e-6), key
+        np.testing.assert_allclose(est.per_prompt, other.per_prompt, rtol=1e-5, atol=1e-6)
+    # The property fails with the old per-batch keys.
+    monkeypatch.setattr(evaluator.Evaluator, "_sample", _old_per_batch_sample)
+    old_small = _samples_and_estimates(trio, prompts, 3, mesh)
+    old_large = _samples_and_estimates(trio, prompts, 8, mesh)
+    assert not np.array_equal(old_small[0]["teacher"], old_large[0]["teacher"])
+    assert old_small[1]["golden/js"].value != pytest.approx(old_large[1]["golden/js"].value)
+    # One batch: the old draws, bitwise (the default evaluates 256 prompts in one batch).
+    for role in large[0]:
+        np.testing.assert_array_equal(old_large[0][role], large[0][role], err_msg=role)
+    for key, est in large[1].items():
+        assert old_large[1][key].value == est.value, key
+
+
+def test_one_batch_draws_with_the_key_of_old_batch_0(trio):
+    """Per stream one key, fold_in(fold_in(key(seed), stream), 0): with one batch (first_row
+    0) the draws of the old per-batch scheme; sampling's first_row=0 keeps the old numbers
+    (tests/decoding/test_sampling.py)."""
+    prompts = prompts_(5)
+    ev = make_evaluator(trio, prompts, num_samples=2, batch_size=8)
+    for role, model in (("oracle", trio[0]), ("teacher", trio[1])):
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(0), evaluator.STREAMS[role]), 0)
+        padded = np.concatenate([prompts, np.repeat(prompts[:1], 3, 0)])
+        want = sampling.sample(model[0], model[1], padded, key, ev.sampling).tokens
+        np.testing.assert_array_equal(ev.reference_samples(role)[0], np.asarray(want)[:10])
+
+
+# ----------------------------------------------------------------------------- field mode
+
+
+@pytest.mark.parametrize("mesh", [None, pytest.param("mesh", marks=pytest.mark.slow)])
+def test_without_oracle_only_the_proxy_is_measured_with_the_same_values(trio, mesh, monkeypatch):
+    mesh = None if mesh is None else partitioning.make_mesh({"data": -1, "model": 1})
+    prompts = prompts_(6)
+    with_oracle = make_evaluator(trio, prompts, mesh=mesh).evaluate(trio[2][1])
+    calls = []
+    real_sample = sampling.sample
+    monkeypatch.setattr(sampling, "sample", lambda *a, **k: calls.append(1) or real_sample(*a, **k))
+    decoded = []
+    real_decode = batch_scoring._decode_logprobs
+    monkeypatch.setattr(
+        batch_scoring,
+        "_decode_logprobs",
+        lambda *a: decoded.append(1) or real_decode(*a),
+    )
+    batch_scoring.score_fn.cache_clear()  # trace again: count the decoder passes
+    oracle, teacher, student = trio
+    settings = evaluator.EvalSettings(16, L, seed=0, batch_size=4)
+    ev = evaluator.Evaluator(None, teacher, student[0], prompts, settings, mesh=mesh)
+    assert len(calls) == 2 and ev.mode == "field"  # the teacher's 2 batches, no oracle's
+    field = ev.evaluate(trio[2][1])
+    assert len(calls) == 4 and len(decoded) == 4  # the student's 2 batches; 4 decoder passes
+    assert set(field) == {k for k in with_oracle if k.startswith("proxy/")}
+    for key, value in field.items():
+        assert value == pytest.approx(with_oracle[key], rel=1e-6, abs=1e-9), key
+    with pytest.raises(ValueError, match="no samples of 'oracle'"):
+        ev.reference_samples("oracle")

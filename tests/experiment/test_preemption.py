@@ -13,8 +13,7 @@ from _experiment_common import tiny_config
 
 from thack_jax import models
 from thack_jax.core import interrupt
-from thack_jax.experiment import runner
-from thack_jax.experiment import stages as stage_work
+from thack_jax.experiment import distillation, runner
 from thack_jax.experiment.config import RunConfig, TrainConfig
 from thack_jax.training import checkpoints
 from thack_jax.training.metrics_io import read_metrics
@@ -44,7 +43,7 @@ def _run_outputs(workdir, cfg):
 
 def _sigterm_at(monkeypatch, run_name, at_step):
     """Makes the batch source of `run_name` send this process SIGTERM at step `at_step`."""
-    real = stage_work.distill_source
+    real = distillation.distill_source
 
     def patched(ctx, run, teacher, student_config):
         source = real(ctx, run, teacher, student_config)
@@ -59,7 +58,7 @@ def _sigterm_at(monkeypatch, run_name, at_step):
             source.next_batch = next_batch_with_signal
         return source
 
-    monkeypatch.setattr(stage_work, "distill_source", patched)
+    monkeypatch.setattr(distillation, "distill_source", patched)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import numpy as np
 from _experiment_common import tiny_config
 
 from thack_jax.data import synthetic
-from thack_jax.experiment import stages
+from thack_jax.experiment import distillation, stages
 
 
 def test_stage_context_prompts_and_paths(tmp_path):
@@ -34,9 +34,9 @@ def test_sft_settings_per_role():
 def test_write_guard_settings(tmp_path):
     ctx = stages.StageContext(tiny_config(guard_mode="stop"), str(tmp_path), mesh=None)
     run_dir = str(tmp_path / "runs" / "r")
-    stages.write_guard_settings(ctx, run_dir)
+    distillation.write_guard_settings(ctx, run_dir)
     assert os.listdir(run_dir) == ["guard_settings.json"]  # no temporary file left
     with open(os.path.join(run_dir, "guard_settings.json")) as f:
         settings = json.load(f)
-    assert settings["proxy_key"] == stages.GUARD_KEY == "proxy/forward_kl"
+    assert settings["proxy_key"] == distillation.GUARD_KEY == "proxy/forward_kl"
     assert settings["min_step"] == 1 and settings["use_stderr"] is False

@@ -1,16 +1,34 @@
 r"""Separate-process evaluator: watches a training workdir, evaluates each new checkpoint once.
 
-  python launch/eval.py --workdir=/runs/offline --oracle_ckpt=/models/oracle \
-    --teacher_ckpt=/runs/teacher/checkpoints --teacher_config=/runs/teacher/config.json \
-    --student_config=small --prompts=/data/eval_prompts.npy --num_samples=4 --stop_after_step=5000
+A run of an experiment (the settings, models, prompts and references are the run's own,
+from `<experiment>/eval_settings.json`; flags given on the command line override them):
+
+  python launch/eval.py --workdir=workdirs/default/runs/offline --stop_after_step=1200
+
+Standalone (any workdir with orbax student checkpoints under `<workdir>/<ckpt_subdir>`,
+not a `runs/<name>` directory; every setting from the flags):
+
+  python launch/eval.py --workdir=workdirs/default/runs/offline/train \
+    --ckpt_subdir=checkpoints --oracle_ckpt=workdirs/default/oracle/model \
+    --teacher_ckpt=workdirs/default/teacher/model \
+    --student_config=workdirs/default/student_init/model/config.json \
+    --prompts=workdirs/default/eval_prompts.npy --num_samples=2 --max_decode_len=12
+
+(`--mode=field` without `--oracle_ckpt`: the proxy and reference metrics only;
+`--references=FILE.npy`: one reference response per prompt, int [N, Ly].)
 
 Reads student checkpoints from `<workdir>/<ckpt_subdir>` (orbax, only finalized steps),
 writes `<workdir>/eval_metrics.jsonl` and `<workdir>/eval_state.json`; restartable (see
-`thack_jax.evaluation.watcher.watch`). A reference checkpoint (`--oracle_ckpt`, `--teacher_ckpt`) is
-either a Hugging Face directory (config.json + model.safetensors) or an orbax checkpoint
-directory (its newest finalized step is read; its config comes from `--oracle_config` /
-`--teacher_config`). A config is a size name (`tiny`, `small`, ...) or a JSON file: a
-Hugging Face config.json, or T5Config fields (`dataclasses.asdict(config)`).
+`thack_jax.evaluation.watcher.watch`). When `--workdir` is `<experiment>/runs/<name>` and
+`<experiment>/eval_settings.json` exists (the experiment runner writes it), every flag not
+given takes the run's value (`eval_inputs.run_settings`: samples, length, seed, batch
+size, estimator, mode, prompts, references, the experiment's oracle/teacher models, the
+student config of `student_init/model/config.json`, ckpt_subdir `train/checkpoints`), so
+the metrics are the inline evaluator's. A reference checkpoint (`--oracle_ckpt`,
+`--teacher_ckpt`) is either a Hugging Face directory (config.json + model.safetensors) or
+an orbax checkpoint directory (its newest finalized step is read; its config comes from
+`--oracle_config` / `--teacher_config`). A config is a size name (`tiny`, `small`, ...) or
+a JSON file: a Hugging Face config.json, or T5Config fields (`dataclasses.asdict(config)`).
 """
 
 from __future__ import annotations
@@ -20,6 +38,7 @@ import sys
 
 from absl import app, flags
 
+from thack_jax.cli import eval_inputs
 from thack_jax.cli.eval_inputs import EvalCliError, load_config, load_model, load_prompts
 from thack_jax.evaluation import evaluator, watcher
 from thack_jax.parallel import partitioning
@@ -33,7 +52,11 @@ flags.DEFINE_string("oracle_config", None, "Oracle config (size name or JSON); o
 flags.DEFINE_string("teacher_config", None, "Teacher config (size name or JSON); orbax only.")
 flags.DEFINE_string("student_config", None, "Student config: size name or JSON file.")
 flags.DEFINE_string("prompts", None, "Held-out prompts, an int .npy file [N, Lx].")
+flags.DEFINE_string("references", None, "Optional reference responses, an int .npy [N, Ly].")
 flags.DEFINE_string("train_prompts", None, "Optional training prompts .npy: overlap is refused.")
+flags.DEFINE_enum(
+    "mode", "oracle", list(eval_inputs.MODES), "oracle: golden metrics; field: no oracle."
+)
 flags.DEFINE_integer("num_samples", 4, "Responses per prompt and model.")
 flags.DEFINE_integer("max_decode_len", 64, "Response length cap.")
 flags.DEFINE_integer("batch_size", 16, "Prompts per device batch.")
@@ -49,13 +72,53 @@ flags.DEFINE_integer(
 )
 
 
-def build_evaluator() -> evaluator.Evaluator:
-    if not FLAGS.student_config:
+# The flags a run's eval_settings.json can supply (eval_inputs.run_settings).
+RUN_FLAGS = (
+    "num_samples",
+    "max_decode_len",
+    "seed",
+    "batch_size",
+    "estimator",
+    "mode",
+    "prompts",
+    "references",
+    "oracle_ckpt",
+    "teacher_ckpt",
+    "student_config",
+    "ckpt_subdir",
+)
+
+
+def resolved_flags() -> dict:
+    """The values of RUN_FLAGS: the command line's, else the run's settings file's (when
+    --workdir is a run of an experiment), else the flag defaults."""
+    values = {name: FLAGS[name].value for name in RUN_FLAGS}
+    found = eval_inputs.run_settings(FLAGS.workdir)
+    if found is None:
+        return values
+    path, run_values = found
+    given = sorted(name for name in RUN_FLAGS if FLAGS[name].present)
+    values |= {name: value for name, value in run_values.items() if not FLAGS[name].present}
+    print(f"eval.py: settings from {path} (overridden by the command line: {given or 'none'})")
+    return values
+
+
+def build_evaluator(values: dict) -> evaluator.Evaluator:
+    """The Evaluator of the resolved flag values (see `resolved_flags`)."""
+    if not values["student_config"]:
         raise EvalCliError("--student_config is required")
-    oracle = load_model(FLAGS.oracle_ckpt, FLAGS.oracle_config, "oracle")
-    teacher = load_model(FLAGS.teacher_ckpt, FLAGS.teacher_config, "teacher")
-    student_config = load_config(FLAGS.student_config, "student_config")
-    prompts = load_prompts(FLAGS.prompts, "prompts")
+    oracle = None
+    if values["mode"] == "oracle":
+        oracle = load_model(values["oracle_ckpt"], FLAGS.oracle_config, "oracle")
+    elif values["oracle_ckpt"]:
+        raise EvalCliError(
+            f"--oracle_ckpt={values['oracle_ckpt']} given in field mode; pass --mode=oracle"
+        )
+    teacher = load_model(values["teacher_ckpt"], FLAGS.teacher_config, "teacher")
+    student_config = load_config(values["student_config"], "student_config")
+    prompts = load_prompts(values["prompts"], "prompts")
+    refs = values["references"]
+    refs = eval_inputs.load_references(refs, "references") if refs else None
     train = load_prompts(FLAGS.train_prompts, "train_prompts") if FLAGS.train_prompts else None
     mesh = partitioning.make_mesh(partitioning.data_parallel_mesh_shape(FLAGS.model_parallel))
     return evaluator.Evaluator(
@@ -64,14 +127,15 @@ def build_evaluator() -> evaluator.Evaluator:
         student_config,
         prompts,
         evaluator.EvalSettings(
-            FLAGS.num_samples,
-            FLAGS.max_decode_len,
-            seed=FLAGS.seed,
-            batch_size=FLAGS.batch_size,
-            estimator=FLAGS.estimator,
+            values["num_samples"],
+            values["max_decode_len"],
+            seed=values["seed"],
+            batch_size=values["batch_size"],
+            estimator=values["estimator"],
         ),
         mesh=mesh,
         train_prompts=train,
+        references=refs,
     )
 
 
@@ -81,11 +145,12 @@ def main(argv):
     if not FLAGS.workdir:
         raise app.UsageError("--workdir is required")
     try:
-        ev = build_evaluator()
+        values = resolved_flags()
+        ev = build_evaluator(values)
         steps = watcher.watch(
             FLAGS.workdir,
             ev,
-            ckpt_subdir=FLAGS.ckpt_subdir,
+            ckpt_subdir=values["ckpt_subdir"],
             poll_seconds=FLAGS.poll_seconds,
             timeout=FLAGS.timeout if FLAGS.timeout >= 0 else None,
             stop_after_step=FLAGS.stop_after_step if FLAGS.stop_after_step >= 0 else None,

@@ -1,11 +1,13 @@
-"""The inputs of the separate evaluator (`launch/eval.py`): model configs, checkpoints and
-prompt files, local or gs://, each refusal naming the flag and the file. Kept free of absl
-flags so that tests and other tools can import it next to another entry point's flags."""
+"""The inputs of the separate evaluator (`launch/eval.py`): model configs, checkpoints,
+prompt and reference files, local or gs://, each refusal naming the flag and the file; and
+the settings of an experiment's run (`run_settings`). Kept free of absl flags so that tests
+and other tools can import it next to another entry point's flags."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 
 import numpy as np
 
@@ -18,6 +20,65 @@ from thack_jax.training import checkpoints
 
 class EvalCliError(Exception):
     pass
+
+
+# What the experiment runner writes next to eval_prompts.npy for the separate evaluator.
+EVAL_SETTINGS_FILE = "eval_settings.json"
+RUN_CKPT_SUBDIR = "train/checkpoints"  # a run's student checkpoints, relative to the run
+_SETTING_TYPES = {
+    "num_samples": int,
+    "max_decode_len": int,
+    "seed": int,
+    "batch_size": int,
+    "estimator": str,
+    "mode": str,
+    "prompts": str,
+}
+MODES = ("oracle", "field")
+
+
+def run_settings(workdir: str) -> tuple[str, dict] | None:
+    """The evaluation settings of the experiment that holds run directory `workdir`
+    (`<experiment>/runs/<name>`, its `<experiment>/eval_settings.json`), as flag values.
+
+    Returns None outside an experiment (no `runs/` parent or no settings file); else
+    (the settings file, {flag name: value}) for num_samples, max_decode_len, seed,
+    batch_size, estimator, mode, prompts, references, oracle_ckpt (None in field mode),
+    teacher_ckpt, student_config and ckpt_subdir, paths joined to the experiment's.
+    Raises EvalCliError naming the file and the field that is missing or wrong.
+    """
+    run = workdir.rstrip("/")
+    if not storage.is_remote(run):
+        run = os.path.abspath(run)
+    runs = storage.dirname(run)
+    path = storage.join(storage.dirname(runs), EVAL_SETTINGS_FILE)
+    if storage.basename(runs) != "runs" or not storage.exists(path):
+        return None
+    record = storage.read_json(path)  # ValueError naming the file when damaged
+    if not isinstance(record, dict):
+        raise EvalCliError(f"{path}: a JSON object expected, got {type(record).__name__}")
+    for key, kind in _SETTING_TYPES.items():
+        value = record.get(key)
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise EvalCliError(f"{path}: {key}={value!r} must be a {kind.__name__}")
+    if record["mode"] not in MODES:
+        raise EvalCliError(f"{path}: mode={record['mode']!r} must be one of {MODES}")
+    refs = record.get("references")
+    if refs is not None and not isinstance(refs, str):
+        raise EvalCliError(f"{path}: references={refs!r} must be a file name or null")
+    experiment = storage.dirname(runs)
+    values = {key: record[key] for key in _SETTING_TYPES if key != "prompts"}
+    values |= {
+        "prompts": storage.join(experiment, record["prompts"]),
+        "references": storage.join(experiment, refs) if refs else None,
+        "oracle_ckpt": (
+            storage.join(experiment, "oracle", "model") if record["mode"] == "oracle" else None
+        ),
+        "teacher_ckpt": storage.join(experiment, "teacher", "model"),
+        "student_config": storage.join(experiment, "student_init", "model", "config.json"),
+        "ckpt_subdir": RUN_CKPT_SUBDIR,
+    }
+    return path, values
 
 
 def _is_file(path: str) -> bool:
@@ -77,3 +138,14 @@ def load_prompts(path: str | None, flag: str) -> np.ndarray:
     if prompts.ndim != 2 or not np.issubdtype(prompts.dtype, np.integer):
         raise EvalCliError(f"--{flag}={path}: want int [N, Lx], got {prompts.dtype}{prompts.shape}")
     return prompts
+
+
+def load_references(path: str, flag: str) -> np.ndarray:
+    """An int .npy [N, Ly_ref] of reference responses (the evaluator checks it against the
+    prompts and the models)."""
+    if not _is_file(path):
+        raise EvalCliError(f"--{flag}={path}: file not found")
+    refs = storage.load_npy(path)  # ValueError naming the file when it is damaged
+    if refs.ndim != 2 or not np.issubdtype(refs.dtype, np.integer):
+        raise EvalCliError(f"--{flag}={path}: want int [N, Ly], got {refs.dtype}{refs.shape}")
+    return refs

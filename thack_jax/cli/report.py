@@ -4,6 +4,7 @@ r"""Rebuilds the teacher-hacking report (report.md + plots/) from workdirs or ru
       [--metric=forward_kl]
   python launch/report.py --summary_dir=docs/reproduction/runs --out_dir=docs/reproduction
   python launch/report.py --workdir=DIR --write_summary=docs/reproduction/runs
+  python launch/report.py --workdir=DIR --reference_check=docs/field
 
 Reads every `DIR/runs/<name>/train/metrics.jsonl` (with `run.json` beside it) and
 `DIR/experiment.json`, and/or every run summary `SUMMARY_DIR/*.json`
@@ -20,7 +21,7 @@ import sys
 from absl import app, flags
 
 from thack_jax.core import storage
-from thack_jax.reporting import report, summary  # noqa: E402
+from thack_jax.reporting import reference_check, report, summary  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("workdir", None, "Experiment workdir (repeat for several).")
@@ -31,6 +32,11 @@ flags.DEFINE_string("out_dir", None, "Where report.md and plots/ go; default: th
 flags.DEFINE_enum("metric", "forward_kl", report.DIVERGENCES, "Divergence of the analysis.")
 flags.DEFINE_string(
     "write_summary", None, "Write the workdirs' run summaries into this directory (no report)."
+)
+flags.DEFINE_string(
+    "reference_check",
+    None,
+    "Write the reference-metric check of one oracle-mode --workdir into this directory.",
 )
 
 
@@ -48,6 +54,16 @@ def _report() -> str:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if FLAGS.reference_check is not None:
+        if not FLAGS.workdir or len(FLAGS.workdir) != 1:
+            raise app.UsageError("--reference_check needs exactly one --workdir")
+        try:
+            path = reference_check.write(FLAGS.workdir[0], FLAGS.reference_check)
+        except (ValueError, OSError) as e:
+            sys.exit(f"report: error: {e}")
+        print(f"report: {path}")
+        print(reference_check.summary_line(reference_check.agreement(FLAGS.workdir[0])))
+        return
     if FLAGS.write_summary is not None:
         if not FLAGS.workdir or FLAGS.summary_dir:
             raise app.UsageError("--write_summary needs --workdir (and no --summary_dir)")

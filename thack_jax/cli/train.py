@@ -3,6 +3,7 @@
     python launch/train.py --gin_file=experiments/default.gin --workdir=/tmp/thack_default
     python launch/train.py --gin_file=experiments/default.gin --workdir=... \
         --stages=distill --runs=offline --gin_bindings="ExperimentConfig.seed = 1"
+    python launch/train.py --gin_file=experiments/field_demo.gin --workdir=/tmp/thack_field
 
 Gin files are looked up in --gin_search_paths, then in the repository's gin_configs/.
 A configuration error (a gin file that does not parse, a field the config dataclasses
@@ -29,7 +30,8 @@ flags.DEFINE_string("workdir", None, "Experiment directory (local path or gs://)
 flags.DEFINE_list(
     "stages",
     ["all"],
-    "Stages to run: all, or some of oracle, oracle_data, teacher, student_init, distill, report.",
+    "Stages to run: all, or some of oracle, oracle_data, teacher, student_init, distill, "
+    "report (field mode: reference_data, teacher, student_init, distill, report).",
 )
 flags.DEFINE_list("runs", None, "Distillation runs to do (default: all configured).")
 
@@ -56,7 +58,7 @@ def main(argv):
     distributed.initialize()  # Multi-host (Cloud TPU, GPU clusters); no-op otherwise.
     from thack_jax.experiment import runner
 
-    stages = runner.STAGES if FLAGS.stages == ["all"] else tuple(FLAGS.stages)
+    stages = runner.stages_of(cfg) if FLAGS.stages == ["all"] else tuple(FLAGS.stages)
     try:
         runner.check_selection(cfg, stages, FLAGS.runs)
         runner.check_models(cfg)

@@ -16,8 +16,11 @@ prompt-major: row `i * n + j` is sample j of prompt i. A row ends at its first E
 batch stays fixed, so ended rows keep being computed but write pad (0) and log-prob 0.
 The loop stops when every row has ended or `max_decode_len` tokens were written.
 
-Randomness: the token of row r at step t is drawn with the key fold_in(fold_in(rng, t), r)
-(r the global row index), so samples do not depend on how the batch is sharded. The token
+Randomness: the token of row r at step t is drawn with the key
+fold_in(fold_in(rng, t), first_row + r) (r the row index in the call, `first_row` 0 unless the
+caller passes it), so samples do not depend on how the batch is sharded, nor, when a caller
+splits a long list of prompts into calls and passes each call's first global row, on the
+batch size. `first_row` is a traced uint32 argument: a new value does not recompile. The token
 choice itself (greedy, temperature, top-k, top-p, and the draw: `inverse_cdf` by default,
 or `gumbel`) is a strategy of `strategies.py`, called once per step.
 
@@ -161,6 +164,7 @@ def sample_with_fn(
     batch_size: int,
     token_ids: TokenIds = TokenIds(),
     return_full_logprobs: bool = False,
+    first_row: int | jax.Array = 0,
 ) -> SampleOutput:
     """The decoding loop (traceable; call it inside `jax.jit`).
 
@@ -169,11 +173,13 @@ def sample_with_fn(
         called first with `token_ids.start` at step 0, its logits predict the first token.
       cache: the initial cache pytree (any structure, may be empty) for
         N = batch_size * settings.num_samples rows (already repeated, prompt-major).
-      rng: a PRNG key; row r at step t draws with fold_in(fold_in(rng, t), r).
+      rng: a PRNG key; row r at step t draws with fold_in(fold_in(rng, t), first_row + r).
       settings: the strategy (temperature, top_k, top_p, draw: see `strategies.DRAWS`),
         Ly = settings.max_decode_len and n = settings.num_samples.
       batch_size: B >= 1 prompts.
       token_ids: the eos / start / pad ids (`TokenIds`).
+      first_row: the global index of this call's row 0 (int >= 0, or a traced uint32
+        scalar); 0 keeps the draws of a call that holds every row.
     Returns:
       SampleOutput with N = batch_size * settings.num_samples rows and Ly = max_decode_len.
     """
@@ -193,7 +199,10 @@ def sample_with_fn(
     strategies.validate_strategy(temperature, top_k, top_p, vocab, settings.draw)
     strategy = strategies.make_strategy(temperature, top_k, top_p, settings.draw)
     full_temperature = temperature if temperature > 0 else 1.0
-    rows = partitioning.with_logical_constraint(jnp.arange(n, dtype=jnp.uint32), ("batch",))
+    if isinstance(first_row, int | np.integer) and not 0 <= first_row < 2**32 - n:
+        raise ValueError(f"first_row={first_row} must be in [0, 2**32 - {n})")
+    rows = jnp.asarray(first_row, jnp.uint32) + jnp.arange(n, dtype=jnp.uint32)
+    rows = partitioning.with_logical_constraint(rows, ("batch",))
 
     def cond(state: LoopState) -> jax.Array:
         return (state.step < length) & ~jnp.all(state.ended)
@@ -268,6 +277,7 @@ def _sample_t5(
     params,
     inputs,
     rng,
+    first_row,
     *,
     config: T5Config,
     settings: SamplingConfig,
@@ -293,6 +303,7 @@ def _sample_t5(
         batch_size=inputs.shape[0],
         token_ids=TokenIds(eos=eos_id, start=config.pad_id, pad=config.pad_id),
         return_full_logprobs=return_full_logprobs,
+        first_row=first_row,
     )
 
 
@@ -332,6 +343,7 @@ def sample(
     return_full_logprobs: bool = False,
     mesh: jax.sharding.Mesh | None = None,
     eos_id: int | None = None,
+    first_row: int = 0,
     **keywords,
 ) -> SampleOutput:
     """Samples `settings.num_samples` responses per prompt.
@@ -349,6 +361,10 @@ def sample(
         (`partitioning.activate`); rows are sharded along `batch`. Arguments not already on
         the mesh are replicated onto it. None: the default device.
       eos_id: None = config.eos_id; -1 never occurs (benchmarks: every row runs to Ly).
+      first_row: the global index of this call's row 0 (prompt-major, so a call on prompts
+        b*B .. (b+1)*B-1 of a list passes b*B*n): row r draws with
+        fold_in(fold_in(rng, t), first_row + r), and samples of a prompt do not depend on
+        how the list was cut into calls. Passed as a uint32 array: no recompilation.
     Returns:
       SampleOutput (see its docstring); rows prompt-major (i * n + j); positions after EOS
       hold pad 0 and log-prob 0.
@@ -363,6 +379,14 @@ def sample(
     dtype = inputs.dtype if hasattr(inputs, "dtype") else np.asarray(inputs).dtype
     if not jnp.issubdtype(dtype, jnp.integer):
         raise ValueError(f"inputs must be integer token ids; got dtype {dtype}")
+    num_rows = int(np.shape(inputs)[0]) * settings.num_samples
+    if (
+        isinstance(first_row, bool)
+        or not isinstance(first_row, int | np.integer)
+        or not 0 <= first_row < 2**32 - num_rows
+    ):
+        raise ValueError(f"first_row={first_row!r} must be an integer in [0, 2**32 - {num_rows})")
+    first_row = np.uint32(first_row)
     fn = _compiled(
         config,
         settings,
@@ -371,5 +395,5 @@ def sample(
         return_full_logprobs=bool(return_full_logprobs),
     )
     if mesh is None:
-        return fn(params, inputs, rng)
-    return fn(*partitioning.put_replicated((params, inputs, rng), mesh))
+        return fn(params, inputs, rng, first_row)
+    return fn(*partitioning.put_replicated((params, inputs, rng, first_row), mesh))

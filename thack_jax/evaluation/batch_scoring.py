@@ -3,7 +3,13 @@
 `score_fn(configs, num_samples, mesh)` is what `Evaluator` calls per batch: each model's
 encoder runs once, the student decodes (teacher forcing) its own, the oracle's and the
 teacher's responses, and each reference its own and the student's (7 decoder passes, 3
-encoder passes). Each scored sample set comes back as the arrays of a `Side`.
+encoder passes). Each scored sample set comes back as the arrays of a `Side`. Without an
+oracle (field mode: `configs` has no 'oracle') nothing of it runs (4 decoder passes, 2
+encoder passes). Given reference responses (one per prompt), the student also decodes them,
+from its encoder output of the same batch (one more decoder pass on B rows).
+
+`reference_fn(config, mesh)` is the same teacher-forced pass for one model alone (the
+reference models' levels on the reference responses, computed once per evaluator).
 """
 
 from __future__ import annotations
@@ -37,11 +43,6 @@ class Side(NamedTuple):
     mask: np.ndarray
 
 
-def _encode(config, params, inputs, num_samples):
-    """inputs [B, Lx] -> encoded [B*n, Lx, D]: once per prompt, repeated for its n samples."""
-    return jnp.repeat(models.encode(config, params, inputs), num_samples, axis=0)
-
-
 def _decode_logprobs(config, params, encoded, inputs, targets):
     """Teacher-forced full log-probs [B*n, L, V] of targets [B*n, L] from encoded prompts."""
     logits = models.decode_logits(config, params, encoded, inputs, targets)
@@ -57,16 +58,29 @@ def _side(la, lb, targets, mask):
     return a_tok, b_tok, kl, mix
 
 
-def _score_batch(params, inputs, samples, *, configs, num_samples):
-    """Scores one batch of prompts [B, Lx] for both references.
+def _reference_logprobs(config, params, encoded, inputs, references):
+    """Log-probs [B, Ly_ref] of the reference responses (tokens, mask) [B, Ly_ref] x2 from
+    encoded prompts [B, Lx, D] (0 outside the positional mask)."""
+    tokens, mask = references
+    full = _decode_logprobs(config, params, encoded, inputs, tokens)
+    return jnp.where(mask, scoring.gather_logprobs(full, tokens), 0.0)
 
-    params, configs: {'student' | 'oracle' | 'teacher': ...}; samples: the same keys ->
-    (tokens [B*n, L], mask [B*n, L]). Each encoder runs once, the student decodes its own
-    responses once for both references. Returns {role: (ref-samples side, student-samples
-    side)} for role in oracle, teacher, each side the 4 arrays of `_side`.
+
+def _score_batch(params, inputs, samples, references, *, configs, num_samples):
+    """Scores one batch of prompts [B, Lx] for the reference models present.
+
+    params, configs: {'student' | 'oracle' | 'teacher': ...} (no 'oracle' in field mode);
+    samples: the same keys -> (tokens [B*n, L], mask [B*n, L]); references: None or
+    (tokens, mask) [B, Ly_ref] x2, one reference response per prompt. Each encoder runs
+    once, the student decodes its own responses once for every reference model. Returns
+    ({role: (ref-samples side, student-samples side)} for the reference models present,
+    each side the 4 arrays of `_side`; the student's log-probs of the references
+    [B, Ly_ref] or None).
     """
     rep = jnp.repeat(inputs, num_samples, axis=0)
-    encoded = {role: _encode(configs[role], params[role], inputs, num_samples) for role in params}
+    # Each encoder once per prompt, repeated for its n samples.
+    once = {role: models.encode(configs[role], params[role], inputs) for role in params}
+    encoded = {role: jnp.repeat(x, num_samples, axis=0) for role, x in once.items()}
 
     def logprobs(role, targets):
         return _decode_logprobs(configs[role], params[role], encoded[role], rep, targets)
@@ -75,11 +89,17 @@ def _score_batch(params, inputs, samples, *, configs, num_samples):
     q_on_q = logprobs("student", y_q)
     out = {}
     for role in REFERENCES.values():
+        if role not in params:
+            continue
         y_p, m_p = samples[role]
         p_side = _side(logprobs(role, y_p), logprobs("student", y_p), y_p, m_p)
         q_side = _side(q_on_q, logprobs(role, y_q), y_q, m_q)
         out[role] = (p_side, q_side)
-    return out
+    ref_lp = None
+    if references is not None:
+        student = configs["student"], params["student"]
+        ref_lp = _reference_logprobs(*student, once["student"], inputs, references)
+    return out, ref_lp
 
 
 @functools.lru_cache(maxsize=16)
@@ -87,5 +107,20 @@ def score_fn(configs: tuple, num_samples: int, mesh):
     """The jitted `_score_batch`; with a mesh it runs under the mesh's axis rules and returns
     replicated arrays (read back on every process)."""
     fn = functools.partial(_score_batch, configs=dict(configs), num_samples=num_samples)
+    out_sharding = None if mesh is None else partitioning.replicated(mesh)
+    return partitioning.jit(fn, mesh, out_shardings=out_sharding)
+
+
+def _reference_batch(params, inputs, references, *, config):
+    return _reference_logprobs(
+        config, params, models.encode(config, params, inputs), inputs, references
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def reference_fn(config, mesh):
+    """Jitted (params, inputs [B, Lx], (tokens, mask) [B, Ly_ref] x2) -> the model's
+    log-probs of the reference tokens [B, Ly_ref] (0 outside the mask), replicated."""
+    fn = functools.partial(_reference_batch, config=config)
     out_sharding = None if mesh is None else partitioning.replicated(mesh)
     return partitioning.jit(fn, mesh, out_shardings=out_sharding)

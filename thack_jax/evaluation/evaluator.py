@@ -1,21 +1,28 @@
-"""The evaluator: proxy (student vs teacher) and golden (student vs oracle) divergences.
+"""The evaluator: proxy (student vs teacher) and golden (student vs oracle) divergences,
+and the student's cross-entropy on reference responses.
 
 `Evaluator` measures sequence-level forward KL, reverse KL and Jensen-Shannon between the
-student and each reference model (teacher: `proxy/...`, oracle: `golden/...`) on fixed
-held-out prompts, with the estimators of `divergences.py`. It is called inline by the
-trainer (`Evaluator.evaluate(student_params)` every N steps) or by a separate process that
-watches a training workdir (`eval_watch.watch`, used by `launch/eval.py`).
+student and each reference model (teacher: `proxy/...`, oracle: `golden/...`; without an
+oracle, field mode, only `proxy/...`) on fixed held-out prompts, with the estimators of
+`divergences.py`; given one reference response per prompt, also `reference/...`
+(references.py: the student's cross-entropy on them, whose changes are the golden forward
+KL's, without an oracle). It is called inline by the trainer
+(`Evaluator.evaluate(student_params)` every N steps) or by a separate process that watches
+a training workdir (`watcher.watch`, used by `launch/eval.py`).
 
 Determinism (common random numbers): the oracle's and the teacher's samples are drawn once,
 at construction, and reused for every checkpoint; the student's samples use the same fixed
 key at every call. Two checkpoints are therefore compared on the same reference responses,
 and with the same random numbers for their own responses, so a curve over training is
-smooth and differences between checkpoints are not sampling noise.
+smooth and differences between checkpoints are not sampling noise. Sample j of prompt i
+draws with the row id i * n + j of its stream's one key (`sampling.sample(first_row=...)`),
+so the samples, and every estimate, do not depend on `EvalSettings.batch_size`.
 
 Cost per `evaluate`: one student sampling pass, then per batch one jitted function
 (`batch_scoring.score_fn`) that runs each model's encoder once and decodes (teacher
 forcing) the student on its own, the oracle's and the teacher's responses, and each
-reference on its own and the student's responses (7 decoder passes, 3 encoder passes).
+reference on its own and the student's responses (7 decoder passes, 3 encoder passes; 4
+and 2 without an oracle; one more student decoder pass over the references).
 Prompts are processed `batch_size` at a time (the last batch padded with copies of prompt
 0, results dropped), so every jitted function compiles once per shape. See docs/evaluation.md.
 """
@@ -35,12 +42,16 @@ from thack_jax.core import checks
 from thack_jax.decoding import sampling
 from thack_jax.decoding.settings import SamplingConfig
 from thack_jax.evaluation import divergences
-from thack_jax.evaluation.batch_scoring import REFERENCES, Side, score_fn
+from thack_jax.evaluation import references as refs_lib
+from thack_jax.evaluation.batch_scoring import REFERENCES, Side, reference_fn, score_fn
 from thack_jax.models.config import T5Config
 from thack_jax.parallel import partitioning
 
 ESTIMATORS = ("rao_blackwell", "plain")
 DIVERGENCES = ("forward_kl", "reverse_kl", "js")
+# The sample stream of each model (its key: fold_in(fold_in(key(seed), stream), 0)); fixed
+# per role, so the teacher's and the student's samples are the same with or without oracle.
+STREAMS = {"oracle": 0, "teacher": 1, "student": 2}
 
 
 class DegenerateEvaluationError(ValueError):
@@ -69,28 +80,6 @@ def _compare_fn(mesh):
 
     out_sharding = None if mesh is None else partitioning.replicated(mesh)
     return partitioning.jit(compare, mesh, out_shardings=out_sharding)
-
-
-def _trimmed_rows(prompts: np.ndarray) -> dict[bytes, int]:
-    """Row content without trailing pads -> first row index."""
-    out = {}
-    for i, row in enumerate(np.asarray(prompts, np.int64)):
-        out.setdefault(np.trim_zeros(row, "b").tobytes(), i)
-    return out
-
-
-def check_no_overlap(prompts: np.ndarray, train_prompts: np.ndarray) -> None:
-    """Raises ValueError if a row of `prompts` [N, Lx] (trailing pads ignored) is also a row
-    of `train_prompts` [M, Lx']."""
-    train = _trimmed_rows(train_prompts)
-    shared = [(i, train[k]) for k, i in _trimmed_rows(prompts).items() if k in train]
-    if shared:
-        shared.sort()
-        i, j = shared[0]
-        raise ValueError(
-            f"{len(shared)} evaluation prompt(s) also appear in train_prompts (first: eval row "
-            f"{i} = train row {j}); evaluation prompts must be held out"
-        )
 
 
 def metrics_of(estimates: dict[str, divergences.Estimate]) -> dict[str, float]:
@@ -140,21 +129,32 @@ class EvalSettings:
 
 
 class Evaluator:
-    """Sequence-level proxy and golden divergences of a student on held-out prompts.
+    """Sequence-level proxy and golden divergences of a student on held-out prompts, and its
+    cross-entropy on reference responses.
 
     Args:
-      oracle, teacher: (config, params) of the reference models (frozen).
+      oracle: (config, params) of the oracle, or None (field mode: no oracle; only the
+        `proxy/...` and `reference/...` metrics, nothing is sampled from or scored by it).
+      teacher: (config, params) of the teacher (frozen).
       student_config: the student's T5Config (its params come with each `evaluate`).
       prompts: [N, Lx] int held-out prompts (pad 0), fixed by the caller's seed.
       settings: an `EvalSettings` (samples, length cap, seed, batch size, estimator).
       mesh: shard rows over its data axes (and parameters by the logical rules); None = the
         default device.
       train_prompts: optional [M, Lx'] prompts used for training; any shared row is an error.
+      references: optional int [N, Ly_ref], one reference response per prompt (tokens, EOS
+        1, pad 0; no EOS: cut at Ly_ref; checked by `references.check_references`). Adds
+        `reference/cross_entropy` (the student's NLL of them, nats per response:
+        KL(data || student) + H(data), so its changes are the golden forward KL's, measured
+        without an oracle) and the constant levels `reference/teacher_cross_entropy` (and
+        `reference/oracle_cross_entropy`), computed once here. With oracle samples as
+        references, reference/cross_entropy - reference/oracle_cross_entropy is a plain,
+        paired estimate of golden/forward_kl. See references.py.
     """
 
     def __init__(
         self,
-        oracle: tuple[T5Config, dict],
+        oracle: tuple[T5Config, dict] | None,
         teacher: tuple[T5Config, dict],
         student_config: T5Config,
         prompts,
@@ -162,6 +162,7 @@ class Evaluator:
         *,
         mesh: jax.sharding.Mesh | None = None,
         train_prompts=None,
+        references=None,
     ):
         if not isinstance(settings, EvalSettings):
             raise TypeError(f"settings must be an EvalSettings, got {type(settings).__name__}")
@@ -172,15 +173,25 @@ class Evaluator:
             )
         if not np.issubdtype(prompts.dtype, np.integer):
             raise ValueError(f"prompts must be integer token ids, got dtype {prompts.dtype}")
-        roles = {"oracle": oracle[0], "teacher": teacher[0], "student": student_config}
+        models_given = {"oracle": oracle, "teacher": teacher}
+        roles = {r: m[0] for r, m in models_given.items() if m is not None}
+        roles["student"] = student_config
         for a, b in (("oracle", "student"), ("teacher", "student"), ("oracle", "teacher")):
-            if roles[a].vocab_size != roles[b].vocab_size:
+            if a in roles and roles[a].vocab_size != roles[b].vocab_size:
                 raise ValueError(
                     f"the {a} has vocab_size {roles[a].vocab_size} but the {b} has "
                     f"{roles[b].vocab_size}; divergences need one shared vocabulary"
                 )
         if train_prompts is not None:
-            check_no_overlap(prompts, train_prompts)
+            refs_lib.check_no_overlap(prompts, train_prompts)
+        self._references = None  # (tokens, mask) [N, Ly_ref], checked before any pass
+        if references is not None:
+            lengths = {role: c.max_target_length for role, c in roles.items()}
+            self._references = refs_lib.check_references(
+                references, prompts.shape[0], lengths, student_config.vocab_size
+            )
+            tokens, mask = (refs_lib.batches_of(x, settings.batch_size) for x in self._references)
+            self._reference_batches = list(zip(tokens, mask, strict=True))
         self.student_config = student_config
         self.settings = settings
         self.num_samples = settings.num_samples
@@ -191,23 +202,31 @@ class Evaluator:
         self.mesh = mesh
         self.estimator = settings.estimator
         self.num_prompts = prompts.shape[0]
-        num_batches = -(-self.num_prompts // self.batch_size)
-        padded = np.concatenate(
-            [prompts, np.repeat(prompts[:1], num_batches * self.batch_size - len(prompts), 0)]
-        ).astype(np.int32)
-        self._batches = [
-            padded[b * self.batch_size : (b + 1) * self.batch_size] for b in range(num_batches)
-        ]
+        self.mode = "field" if oracle is None else "oracle"
+        self._batches = refs_lib.batches_of(prompts.astype(np.int32), self.batch_size)
         self._key = jax.random.key(self.seed)
         self._refs = {
-            role: (config, self.place_params(config, params))
-            for role, (config, params) in (("oracle", oracle), ("teacher", teacher))
+            role: (model[0], self.place_params(*model))
+            for role, model in models_given.items()
+            if model is not None
         }
         # Drawn once: every checkpoint is scored on the same reference responses.
         self._ref_samples = {
-            role: self._sample(config, params, stream)
-            for stream, (role, (config, params)) in enumerate(self._refs.items())
+            role: self._sample(config, params, STREAMS[role])
+            for role, (config, params) in self._refs.items()
         }
+        self._reference_levels = {}
+        if references is not None:  # the levels of the reference models, once
+            self._reference_levels = {
+                refs_lib.level_key(role): self._reference_level(role)
+                for role in ("oracle", "teacher")
+                if role in self._refs
+            }
+
+    @property
+    def reference_roles(self) -> tuple[str, ...]:
+        """The reference models scored: ('oracle', 'teacher'), or ('teacher',) in field mode."""
+        return tuple(self._refs)
 
     # ------------------------------------------------------------------------ placement
 
@@ -235,35 +254,73 @@ class Evaluator:
     # ------------------------------------------------------------------------ the passes
 
     def _sample(self, config, params, stream: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Responses of one model for every batch: [(tokens [B*n, L], mask [B*n, L])]."""
-        key = jax.random.fold_in(self._key, stream)
+        """Responses of one model for every batch: [(tokens [B*n, L], mask [B*n, L])].
+
+        One key per stream for all batches, and batch b's rows start at global row
+        b * B * n: sample j of prompt i draws with the row id i * n + j whatever the batch
+        size, so (padded rows dropped) samples and estimates do not depend on it. The key
+        is the one batch 0 had when each batch drew with fold_in(key, b), so a
+        single-batch evaluation keeps its numbers bitwise.
+        """
+        key = jax.random.fold_in(jax.random.fold_in(self._key, stream), 0)
         out = []
         for b, inputs in enumerate(self._batches):
             s = sampling.sample(
                 config,
                 params,
                 self._put(inputs, ("batch", "length")),
-                jax.random.fold_in(key, b),
+                key,
                 self.sampling,
                 mesh=self.mesh,
+                first_row=b * self.batch_size * self.num_samples,
             )
             out.append((partitioning.to_host(s.tokens), partitioning.to_host(s.mask)))
         return out
 
-    def _score(self, student, student_samples) -> dict[str, tuple[Side, Side]]:
-        """{reference role: (side of its samples, side of the student's samples)}, real rows
-        only; in each side a = the model that sampled."""
+    def _reference_level(self, role: str) -> divergences.Estimate:
+        """The cross-entropy of reference model `role` on the reference responses (once)."""
+        config, params = self._refs[role]
+        fn = reference_fn(config, self.mesh)
+        parts = []
+        for inputs, refs in zip(self._batches, self._reference_batches, strict=True):
+            placed = tuple(self._put(x, ("batch", "length")) for x in refs)
+            lp = fn(params, self._put(inputs, ("batch", "length")), placed)
+            parts.append(partitioning.to_host(lp))
+        key = refs_lib.level_key(role)
+        return self._reference_estimate(key, np.concatenate(parts), step=None)
+
+    def _reference_estimate(self, key: str, logprobs, step) -> divergences.Estimate:
+        """The cross-entropy Estimate of log-probs [>= N, Ly_ref] of the references (padded
+        rows dropped); DegenerateEvaluationError when it is not finite."""
+        mask = self._references[1]
+        try:
+            est = refs_lib.cross_entropy(logprobs[: self.num_prompts], mask)
+        except divergences.NonFiniteValuesError as e:
+            raise DegenerateEvaluationError(key, step, str(e)) from e
+        self._check_estimate(key, est, None, None, step)
+        return est
+
+    def _score(self, student, student_samples):
+        """({reference role: (side of its samples, side of the student's samples)}, the
+        student's log-probs of the references [N, Ly_ref] or None), real rows only; in each
+        side a = the model that sampled."""
         params = {role: p for role, (_, p) in self._refs.items()} | {"student": student[1]}
         configs = {role: c for role, (c, _) in self._refs.items()} | {"student": student[0]}
         fn = score_fn(tuple(sorted(configs.items())), self.num_samples, self.mesh)
         sets = dict(self._ref_samples, student=student_samples)
         parts = {role: ([], []) for role in self._refs}
+        ref_parts = []
         for b, inputs in enumerate(self._batches):
             samples = {
                 role: tuple(self._put(x, ("batch", "length")) for x in batches[b])
                 for role, batches in sets.items()
             }
-            result = fn(params, self._put(inputs, ("batch", "length")), samples)
+            refs = None
+            if self._references is not None:
+                refs = tuple(self._put(x, ("batch", "length")) for x in self._reference_batches[b])
+            result, ref_lp = fn(params, self._put(inputs, ("batch", "length")), samples, refs)
+            if ref_lp is not None:
+                ref_parts.append(partitioning.to_host(ref_lp))
             for role, (p_side, q_side) in result.items():
                 parts[role][0].append(
                     [partitioning.to_host(x) for x in p_side] + [sets[role][b][1]]
@@ -276,14 +333,17 @@ class Evaluator:
         def side(batches) -> Side:
             return Side(*(np.concatenate(col)[:rows] for col in zip(*batches, strict=True)))
 
-        return {role: (side(p), side(q)) for role, (p, q) in parts.items()}
+        sides = {role: (side(p), side(q)) for role, (p, q) in parts.items()}
+        return sides, (np.concatenate(ref_parts) if ref_parts else None)
 
     def evaluate(self, student_params: dict, *, step: int | None = None) -> dict[str, float]:
-        """Divergences of the student (params of `student_config`) from both references.
+        """Divergences of the student (params of `student_config`) from the reference models.
 
         Returns {'<prefix>/<div>', '<prefix>/<div>_stderr', '<prefix>/<div>_per_token',
-        '<prefix>/<div>_per_token_stderr'} for prefix in (proxy, golden) and div in
-        (forward_kl, reverse_kl, js): nats per response (per token for `_per_token`).
+        '<prefix>/<div>_per_token_stderr'} for prefix in (proxy, golden) (proxy only without
+        an oracle) and div in (forward_kl, reverse_kl, js): nats per response (per token for
+        `_per_token`); with references also the same 4 of 'reference/cross_entropy' and
+        'reference/<teacher|oracle>_cross_entropy' (the constant levels).
         `step` names the step in a DegenerateEvaluationError (see `estimates`).
         """
         return metrics_of(self.estimates(student_params, step=step))
@@ -300,11 +360,13 @@ class Evaluator:
         """
         student = (self.student_config, self.place_params(self.student_config, student_params))
         # Common random numbers: the same key at every call (stream 2).
-        student_samples = self._sample(*student, stream=2)
-        sides = self._score(student, student_samples)
+        student_samples = self._sample(*student, stream=STREAMS["student"])
+        sides, ref_logprobs = self._score(student, student_samples)
         ids = np.repeat(np.arange(self.num_prompts), self.num_samples)
         out = {}
         for prefix, role in REFERENCES.items():
+            if role not in sides:
+                continue  # field mode: no oracle
             p_side, q_side = sides[role]  # y ~ reference, y ~ student
             for div, compute in self._estimators(p_side, q_side, ids).items():
                 key = f"{prefix}/{div}"
@@ -313,6 +375,10 @@ class Evaluator:
                 except divergences.NonFiniteValuesError as e:
                     raise DegenerateEvaluationError(key, step, str(e)) from e
                 self._check_estimate(key, out[key], role, student, step)
+        if ref_logprobs is not None:
+            key = refs_lib.STUDENT_KEY
+            out[key] = self._reference_estimate(key, ref_logprobs, step)
+            out |= self._reference_levels
         return out
 
     def _estimators(self, p: Side, q: Side, ids) -> dict:
@@ -334,16 +400,17 @@ class Evaluator:
 
     # ------------------------------------------------------------------------ sanity
 
-    def _check_estimate(self, key: str, est, role: str, student, step) -> None:
+    def _check_estimate(self, key: str, est, role: str | None, student, step) -> None:
         """Raises DegenerateEvaluationError for a non-finite estimate, or an exact 0 +- 0
-        between `role` and a student whose parameters (tree, shapes, values) differ."""
+        between `role` and a student whose parameters (tree, shapes, values) differ (role
+        None, a cross-entropy: the finiteness check only)."""
         numbers = {"value": est.value, "per_token": est.per_token}
         if est.num_prompts >= 2:  # with one prompt the stderrs are nan by definition
             numbers |= {"stderr": est.stderr, "per_token_stderr": est.per_token_stderr}
         bad = {name: x for name, x in numbers.items() if not math.isfinite(x)}
         if bad:
             raise DegenerateEvaluationError(key, step, f"non-finite estimate {bad}")
-        if est.value != 0.0 or est.stderr != 0.0:
+        if role is None or est.value != 0.0 or est.stderr != 0.0:
             return
         ref, mine = self._refs[role][1], student[1]
         found = ["different parameter shapes"]
@@ -362,6 +429,10 @@ class Evaluator:
 
     def reference_samples(self, role: str) -> tuple[np.ndarray, np.ndarray]:
         """The cached responses of 'oracle' or 'teacher': (tokens, mask) [N*n, L], prompt-major."""
+        if role not in self._ref_samples:
+            raise ValueError(
+                f"no samples of {role!r}: this evaluator has {sorted(self._ref_samples)}"
+            )
         rows = self.num_prompts * self.num_samples
         tokens, mask = (
             np.concatenate(c)[:rows] for c in zip(*self._ref_samples[role], strict=True)

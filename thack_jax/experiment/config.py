@@ -47,9 +47,17 @@ SCHEDULE_NAMES = ("constant", "cosine", "rsqrt")  # training/optim.py SCHEDULES
 LOSS_NAMES = ("forward_kl", "reverse_kl", "jsd", "tv", "skew_kl", "skew_reverse_kl")  # LOSSES
 ESTIMATOR_NAMES = ("rao_blackwell", "plain")  # evaluation/evaluator.py ESTIMATORS
 GUARD_MODES = ("log", "warn", "stop")  # hacking/guard.py MODES
+# 'oracle': the controlled study (oracle -> oracle data -> teacher / student SFT -> distil),
+# golden metrics against the oracle. 'field': no oracle; a given (or reference-trained)
+# teacher, the task's human references for SFT and for the reference metric.
+MODES = ("oracle", "field")
 
 # A run's name is the directory runs/<name>/: one path component, no separators.
 _RUN_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+class ExperimentMismatchError(ValueError):
+    """The workdir holds stages of an experiment with another configuration."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,6 +224,13 @@ class EvalConfig:
 class ExperimentConfig:
     """The whole study: three models, the task, the stages and the distillation runs.
 
+    mode 'oracle' (default) runs the controlled study; 'field' distils a teacher without an
+    oracle (docs/field.md): the `oracle` spec, `oracle_logit_scale` and
+    `oracle_data_prompts` are unused, the SFT stages train on `reference_examples` examples
+    of the task's own references (stage `reference_data`), a teacher with a checkpoint is
+    exported as loaded when `teacher_sft.num_steps` is 0, and evaluation measures the proxy
+    divergences and the reference cross-entropy only.
+
     oracle_logit_scale multiplies a randomly initialised oracle's output layer, which sets
     the sharpness (per-token entropy) of the ground-truth distribution; 1.0 for a loaded
     checkpoint. teacher_logit_scale multiplies the SFT teacher's output layer (> 1: an
@@ -224,6 +239,7 @@ class ExperimentConfig:
     """
 
     name: str = "default"
+    mode: str = "oracle"
     task: str = "synthetic"
     task_options: tuple = ()
     max_input_length: int = 16
@@ -234,6 +250,7 @@ class ExperimentConfig:
     oracle_logit_scale: float = 1.0
     teacher_logit_scale: float = 1.0
     oracle_data_prompts: int = 4096
+    reference_examples: int = 4096
     teacher_sft: TrainConfig = TrainConfig()
     student_sft: TrainConfig = TrainConfig()
     student_sft_examples: int = 0
@@ -264,6 +281,7 @@ class ExperimentConfig:
 
     def _check_fields(self) -> None:
         checks.text(self, "name")
+        checks.choice(self, "mode", MODES)
         checks.choice(self, "task", TASK_NAMES)
         if self.task != "synthetic" and "sentencepiece_model" not in dict(self.task_options):
             raise ValueError(
@@ -278,6 +296,7 @@ class ExperimentConfig:
         checks.positive(self, "oracle_logit_scale")
         checks.positive(self, "teacher_logit_scale")
         checks.integer(self, "oracle_data_prompts", 1)
+        checks.integer(self, "reference_examples", 1)
         for field in ("teacher_sft", "student_sft", "distill"):
             checks.instance(self, field, TrainConfig, "in gin: @TrainConfig()")
         checks.integer(self, "student_sft_examples", 0)  # 0: all the oracle data
@@ -290,6 +309,39 @@ class ExperimentConfig:
         checks.instance(self, "evaluation", EvalConfig, "in gin: @EvalConfig()")
         checks.choice(self, "guard_mode", GUARD_MODES)
         checks.integer(self, "seed", 0)
+        if self.mode == "field":
+            self._check_field_mode()
+
+    def _check_field_mode(self) -> None:
+        """Field mode has no oracle: refuse the settings that only an oracle gives meaning
+        to, and a teacher that would be random (no checkpoint, no SFT)."""
+        if self.oracle_logit_scale != 1.0:
+            raise ValueError(
+                f"ExperimentConfig.oracle_logit_scale={self.oracle_logit_scale!r} needs "
+                "mode='oracle'; field mode has no oracle"
+            )
+        if self.oracle.checkpoint:
+            raise ValueError(
+                f"ExperimentConfig.oracle.checkpoint={self.oracle.checkpoint!r} is unused in "
+                "mode='field' (no oracle); remove it, or use mode='oracle'"
+            )
+        if not self.teacher.checkpoint and self.teacher_sft.num_steps == 0:
+            raise ValueError(
+                "ExperimentConfig.mode='field' needs a teacher: set "
+                "ExperimentConfig.teacher.checkpoint (HF or T5X) or teacher_sft.num_steps > 0 "
+                "(SFT on the task's references)"
+            )
+        if self.task == "synthetic" and dict(self.task_options).get("via_seqio"):
+            raise ValueError(
+                "ExperimentConfig.task_options['via_seqio'] has no references for the "
+                "synthetic task; field mode needs the direct path (via_seqio False)"
+            )
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        """The models of this mode: ('oracle', 'teacher', 'student') or, in field mode,
+        ('teacher', 'student')."""
+        return ROLES if self.mode == "oracle" else ("teacher", "student")
 
     def model_config(self, role: str) -> T5Config:
         """The T5Config of `role` ('oracle', 'teacher' or 'student'), its lengths at least

@@ -1,5 +1,6 @@
 """The teacher-hacking experiment: oracle -> oracle data -> teacher SFT -> student SFT ->
-distillation runs (with periodic evaluation) -> report.
+distillation runs (with periodic evaluation) -> report; in field mode (no oracle):
+reference data -> teacher (checkpoint or SFT) -> student SFT -> distillation runs -> report.
 
 Every stage writes into its own directory of the workdir and finishes by writing
 `COMPLETE.json` (with the fingerprint of the configuration it ran under); a rerun skips
@@ -12,7 +13,11 @@ bookkeeping; the work of each stage is in stages.py. Workdir layout:
     oracle_data/                oracle completions on training prompts (offline store)
     teacher/{train,model}/      SFT run (checkpoints, metrics.jsonl) and exported model
     student_init/{train,model}/ the initial student, same layout
+    reference_data/             field mode: the task's training examples (offline store)
     eval_prompts.npy            held-out prompts of the evaluator
+    eval_references.npy         one reference response per held-out prompt (field mode: the
+                                task's; oracle mode: an oracle sample)
+    eval_settings.json          the evaluator's settings (read by launch/eval.py)
     runs/<name>/offline_data/   the run's offline set (offline and mixed regimes)
     runs/<name>/train/          distillation checkpoints and metrics.jsonl
     report.md, plots/*.png      the report (report.py)
@@ -27,36 +32,63 @@ import time
 import numpy as np
 
 from thack_jax.core import interrupt, storage
-from thack_jax.evaluation.evaluator import EvalSettings, Evaluator
+from thack_jax.evaluation.evaluator import Evaluator
+from thack_jax.experiment import distillation, eval_setup
 from thack_jax.experiment import stages as stage_work
-from thack_jax.experiment.config import ROLES, ExperimentConfig, RunConfig, diff, to_json
+from thack_jax.experiment.config import (
+    ExperimentConfig,
+    ExperimentMismatchError,
+    RunConfig,
+    diff,
+    to_json,
+)
 from thack_jax.experiment.config import fingerprint as config_fingerprint
 from thack_jax.parallel import distributed, partitioning
 
 logger = logging.getLogger(__name__)
 
-SHARED_STAGES = ("oracle", "oracle_data", "teacher", "student_init")
+SHARED_STAGES = ("oracle", "oracle_data", "reference_data", "teacher", "student_init")
 STAGES = (*SHARED_STAGES, "distill", "report")
+# The stages of each mode, in order (field mode: no oracle; the SFTs read the references).
+MODE_STAGES = {
+    "oracle": ("oracle", "oracle_data", "teacher", "student_init", "distill", "report"),
+    "field": ("reference_data", "teacher", "student_init", "distill", "report"),
+}
 
 
 # The artifact each shared stage leaves for later stages, and the stages each one reads.
 STAGE_OUTPUTS = {
     "oracle": "oracle/model",
     "oracle_data": "oracle_data",
+    "reference_data": "reference_data",
     "teacher": "teacher/model",
     "student_init": "student_init/model",
 }
 STAGE_INPUTS = {
     "oracle": (),
     "oracle_data": ("oracle",),
+    "reference_data": (),
     "teacher": ("oracle_data",),
     "student_init": ("oracle_data",),
     "distill": ("oracle", "teacher", "student_init"),
 }
+FIELD_STAGE_INPUTS = {
+    "teacher": ("reference_data",),
+    "student_init": ("reference_data",),
+    "distill": ("teacher", "student_init"),
+}
 
 
-class ExperimentMismatchError(ValueError):
-    """The workdir holds stages of an experiment with another configuration."""
+def stages_of(cfg: ExperimentConfig) -> tuple[str, ...]:
+    """The stages of `cfg`'s mode, in order."""
+    return MODE_STAGES[cfg.mode]
+
+
+def stage_inputs(cfg: ExperimentConfig, stage: str) -> tuple[str, ...]:
+    """The shared stages whose outputs `stage` reads, in `cfg`'s mode."""
+    if cfg.mode == "field":
+        return FIELD_STAGE_INPUTS.get(stage, STAGE_INPUTS[stage])
+    return STAGE_INPUTS[stage]
 
 
 class ChangedInputError(ExperimentMismatchError):
@@ -68,25 +100,36 @@ def _shared_section(cfg: ExperimentConfig) -> dict:
     shared = to_json(cfg)
     for key in ("runs", "distill", "evaluation", "guard_mode", "distill_prompt_pool", "name"):
         shared.pop(key)
+    if cfg.mode == "oracle":
+        # Written as before field mode existed, so that older oracle workdirs stay valid.
+        del shared["mode"], shared["reference_examples"]
     return shared
 
 
 def check_selection(
-    cfg: ExperimentConfig, stages=STAGES, runs: tuple[str, ...] | None = None
+    cfg: ExperimentConfig, stages=None, runs: tuple[str, ...] | None = None
 ) -> None:
-    """Refuses unknown stage names and run names (None: all runs), before anything runs."""
-    unknown = sorted(set(stages) - set(STAGES))
+    """Refuses unknown stage names (None: all the mode's stages), stages of the other mode,
+    and unknown run names (None: all runs), before anything runs."""
+    valid = stages_of(cfg)
+    unknown = sorted(set(stages or valid) - set(STAGES))
     if unknown:
-        raise ValueError(f"unknown stage(s) {unknown}; valid stages: {list(STAGES)}")
+        raise ValueError(f"unknown stage(s) {unknown}; valid stages: {list(valid)}")
+    other = sorted(set(stages or valid) - set(valid))
+    if other:
+        raise ValueError(
+            f"stage(s) {other} do not exist in ExperimentConfig.mode={cfg.mode!r}; its stages: "
+            f"{list(valid)}"
+        )
     missing = sorted(set(runs or ()) - {r.name for r in cfg.runs})
     if missing:
         raise ValueError(f"unknown run(s) {missing}; configured: {[r.name for r in cfg.runs]}")
 
 
 def check_models(cfg: ExperimentConfig) -> None:
-    """Builds the three T5Configs (size names, overrides), so that a typo there is refused
+    """Builds the mode's T5Configs (size names, overrides), so that a typo there is refused
     before the workdir is touched rather than when the first stage needs the model."""
-    for role in ROLES:
+    for role in cfg.roles:
         try:
             cfg.model_config(role)
         except (ValueError, TypeError) as e:
@@ -201,7 +244,9 @@ class Experiment(stage_work.StageContext):
 
     def inputs_of(self, stage: str) -> dict[str, dict[str, str]]:
         """{producing stage: its checked output digests} for everything `stage` reads."""
-        return {producer: self.stage_outputs(producer) for producer in STAGE_INPUTS[stage]}
+        return {
+            producer: self.stage_outputs(producer) for producer in stage_inputs(self.cfg, stage)
+        }
 
     def _run_shared(self, stage: str, fp_parts: list, work) -> None:
         """Skips `stage` if complete under this configuration and these inputs, else runs
@@ -228,41 +273,32 @@ class Experiment(stage_work.StageContext):
         parts = [cfg.oracle, cfg.oracle_logit_scale, cfg.oracle_data_prompts]
         self._run_shared("oracle_data", parts, lambda: stage_work.oracle_data(self))
 
+    def stage_reference_data(self) -> None:
+        """Field mode: the task's training examples with their references -> reference_data/."""
+        cfg = self.cfg
+        parts = [cfg.task, cfg.task_options, cfg.reference_examples, cfg.seed]
+        parts += [cfg.max_input_length, cfg.max_target_length]
+        self._run_shared("reference_data", parts, lambda: stage_work.reference_data(self))
+
     def stage_sft(self, role: str) -> None:
-        """SFT of `role` ('teacher' or 'student') on the oracle data -> <dir>/model."""
+        """SFT of `role` ('teacher' or 'student') on the oracle data (field mode: the
+        references) -> <dir>/model."""
         cfg, s = self.cfg, stage_work.sft_settings(self.cfg, role)
-        parts = [s.spec, s.train, s.limit, cfg.oracle_data_prompts, s.logit_scale]
+        examples = cfg.oracle_data_prompts if cfg.mode == "oracle" else cfg.reference_examples
+        parts = [s.spec, s.train, s.limit, examples, s.logit_scale]
         self._run_shared(s.directory, parts, lambda: {"sft_examples": stage_work.sft(self, role)})
 
     def eval_prompts(self) -> np.ndarray:
-        """Held-out prompts (validation split, fixed by the eval seed), cached as .npy."""
-        path = self.path("eval_prompts.npy")
-        ev = self.cfg.evaluation
-        prompts = self.prompts("validation", ev.num_prompts, ev.seed)
-        if storage.exists(path):
-            stored = storage.load_npy(path)
-            if not np.array_equal(stored, prompts):
-                raise ExperimentMismatchError(f"{path} differs from the configured eval prompts")
-        else:
-            storage.save_npy(path, prompts)
-        return prompts
+        """Held-out prompts [N, Lx] of the evaluator (eval_setup.py), cached as .npy."""
+        return (
+            eval_setup.eval_data(self)[0]
+            if self.cfg.mode == "field"
+            else (eval_setup.eval_prompts(self))
+        )
 
     def evaluator(self) -> Evaluator:
-        ev = self.cfg.evaluation
-        return Evaluator(
-            oracle=self.load_model("oracle"),
-            teacher=self.load_model("teacher"),
-            student_config=self.cfg.model_config("student"),
-            prompts=self.eval_prompts(),
-            settings=EvalSettings(
-                ev.num_samples,
-                self.cfg.max_target_length,
-                seed=ev.seed,
-                batch_size=ev.batch_size,
-                estimator=ev.estimator,
-            ),
-            mesh=self.mesh,
-        )
+        """The inline evaluator of every run (and eval_settings.json for launch/eval.py)."""
+        return eval_setup.build_evaluator(self)
 
     def stage_distill(self, run: RunConfig, evaluator: Evaluator | None = None) -> str:
         """One distillation run with periodic evaluation; returns its metrics path."""
@@ -271,22 +307,23 @@ class Experiment(stage_work.StageContext):
         inputs = self.inputs_of("distill")
         fp = config_fingerprint([run, cfg.distill, cfg.evaluation, cfg.guard_mode, inputs])
         metrics_path = storage.join(out, "train", "metrics.jsonl")
-        stage_work.write_guard_settings(self, out)  # also for a finished run: the report reads it
+        distillation.write_guard_settings(self, out)  # also for a finished run: the report reads it
         if _is_complete(out, fp):
             return metrics_path
         stage_work.write_json(storage.join(out, "run.json"), to_json(run))
-        seconds = stage_work.distill(self, run, evaluator or self.evaluator())
+        seconds = distillation.distill(self, run, evaluator or self.evaluator())
         _mark_complete(out, fp, wall_seconds=round(seconds, 1))
         return metrics_path
 
     # --------------------------------------------------------------------- run
-    def run(self, stages=STAGES, runs: tuple[str, ...] | None = None) -> None:
-        """Runs the selected stages in order. SIGTERM / SIGINT: the current step is saved,
-        no stage is marked complete, no later stage runs, and interrupt.Interrupted is
-        raised (the entry point turns it into exit status 128 + the signal)."""
+    def run(self, stages=None, runs: tuple[str, ...] | None = None) -> None:
+        """Runs the selected stages (None: every stage of the mode) in order. SIGTERM /
+        SIGINT: the current step is saved, no stage is marked complete, no later stage runs,
+        and interrupt.Interrupted is raised (the entry point exits with 128 + the signal)."""
         check_selection(self.cfg, stages, runs)
+        stages = stages or stages_of(self.cfg)
         with interrupt.handling():
-            for stage in STAGES:
+            for stage in stages_of(self.cfg):
                 if stage in stages:
                     _stop_if_signalled(f"before stage {stage}")
                     self._run_stage(stage, runs)
@@ -301,6 +338,8 @@ class Experiment(stage_work.StageContext):
             self.stage_oracle()
         elif stage == "oracle_data":
             self.stage_oracle_data()
+        elif stage == "reference_data":
+            self.stage_reference_data()
         elif stage == "teacher":
             self.stage_sft("teacher")
         elif stage == "student_init":

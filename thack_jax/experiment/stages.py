@@ -10,7 +10,6 @@ last chunk. The workdir layout is in experiment.py's docstring.
 
 from __future__ import annotations
 
-import time
 from typing import NamedTuple
 
 import jax
@@ -18,19 +17,12 @@ import numpy as np
 
 from thack_jax import models
 from thack_jax.core import interrupt, storage
-from thack_jax.data import generation, regimes, synthetic
+from thack_jax.data import generation
 from thack_jax.data.offline_store import OfflineStore
-from thack_jax.decoding.settings import SamplingConfig
-from thack_jax.evaluation.evaluator import Evaluator, metrics_of
-from thack_jax.experiment.config import ExperimentConfig, ModelSpec, RunConfig, TrainConfig
-from thack_jax.hacking import noise
-from thack_jax.hacking.guard import GUARD_FILE, HackingGuard, fit_start_step, guard_settings
+from thack_jax.experiment import task_data
+from thack_jax.experiment.config import ExperimentConfig, ModelSpec, TrainConfig
 from thack_jax.models import hf
 from thack_jax.training import optim, train_step, trainer
-from thack_jax.training.metrics_io import read_metrics
-
-# The metric the hacking guard watches (from the end of warmup, with its per-prompt values).
-GUARD_KEY = "proxy/forward_kl"
 
 
 def write_json(path: str, value) -> None:
@@ -63,31 +55,17 @@ class StageContext:
 
     def prompts(self, split: str, num: int, seed: int) -> np.ndarray:
         """[num, max_input_length] int32 prompts of the task."""
-        cfg = self.cfg
-        if cfg.task == "synthetic":
-            return synthetic.synthetic_prompts(
-                num, split=split, seed=seed, max_length=cfg.max_input_length
-            )
-        from thack_jax.data import tasks, vocab  # TF only for real tasks.
+        return task_data.prompts(self.cfg, split, num, seed)
 
-        options = dict(cfg.task_options)
-        spm = options.pop("sentencepiece_model", None)
-        if spm is None:
-            raise ValueError(
-                f"task {cfg.task!r} needs ExperimentConfig.task_options['sentencepiece_model'] "
-                "(the T5 SentencePiece model file, e.g. gs://t5-data/vocabs/cc_all.32000/"
-                "sentencepiece.model copied locally)"
-            )
-        via_seqio = options.pop("via_seqio", False)
-        return tasks.load_prompts(
-            cfg.task,
-            split=split,
-            num_prompts=num,
-            max_input_length=cfg.max_input_length,
-            seed=seed,
-            data=tasks.TaskData(vocabulary=vocab.sentencepiece_vocabulary(spm), **options),
-            via_seqio=via_seqio,
-        )
+    def examples(self, split: str, num: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """(inputs, references) of the task (`task_data.examples`)."""
+        return task_data.examples(self.cfg, split, num, seed)
+
+    @property
+    def sft_data(self) -> str:
+        """The store the SFT stages train on: the oracle's data, or (field mode) the task's
+        references."""
+        return "oracle_data" if self.cfg.mode == "oracle" else "reference_data"
 
     def load_model(self, role_dir: str) -> tuple[models.T5Config, dict]:
         """(config, host params) of the model a stage exported to <role_dir>/model."""
@@ -95,7 +73,7 @@ class StageContext:
         return config, jax.tree.map(np.asarray, params)
 
     def vocab_fingerprint(self) -> str:
-        return f"{self.cfg.task}:{self.cfg.model_config('oracle').vocab_size}"
+        return task_data.vocab_fingerprint(self.cfg)
 
 
 def load_checkpoint(spec: ModelSpec, config: models.T5Config) -> dict:
@@ -137,9 +115,7 @@ def oracle(ctx: StageContext) -> None:
         params = models.init_params(config, jax.random.key(spec.init_seed))
         params = jax.tree.map(np.array, params)  # Writable host copies.
         # The scale sets the oracle's sharpness (per-token entropy); see docs/experiment.md.
-        if config.tie_word_embeddings:
-            raise ValueError("oracle_logit_scale needs an untied (v1.1) oracle")
-        params["decoder"]["logits_dense"]["kernel"] *= cfg.oracle_logit_scale
+        _scale_output_layer(config, params, cfg.oracle_logit_scale, "oracle_logit_scale")
     hf.save_hf_checkpoint(ctx.path("oracle", "model"), config, params)
 
 
@@ -162,6 +138,16 @@ def oracle_data(ctx: StageContext) -> None:
         progress=ctx.progress,
         mesh=ctx.mesh,
     )
+
+
+def reference_data(ctx: StageContext) -> dict:
+    """Field mode: the task's training examples and references -> the store reference_data/."""
+    return {"examples": task_data.build_reference_data(ctx.path("reference_data"), ctx.cfg)}
+
+
+def oracle_references(ctx: StageContext, prompts: np.ndarray) -> np.ndarray:
+    """Oracle mode: one oracle sample per evaluation prompt, the references [N, Ly]."""
+    return task_data.oracle_references(ctx.load_model("oracle"), prompts, ctx.cfg, ctx.mesh)
 
 
 class SftSettings(NamedTuple):
@@ -188,8 +174,9 @@ def sft_settings(cfg: ExperimentConfig, role: str) -> SftSettings:
 
 
 def sft(ctx: StageContext, role: str) -> int:
-    """SFT of `role` ('teacher' or 'student') on the oracle data -> <dir>/model; returns the
-    number of oracle-data rows trained on."""
+    """SFT of `role` ('teacher' or 'student') on the oracle data (field mode: the task's
+    references) -> <dir>/model; returns the number of rows trained on. With 0 steps the
+    checkpoint (or initialisation) is exported as it is (a field-mode teacher)."""
     s = sft_settings(ctx.cfg, role)
     tc = s.train
     config = ctx.cfg.model_config(role)
@@ -197,7 +184,12 @@ def sft(ctx: StageContext, role: str) -> int:
         params = load_checkpoint(s.spec, config)
     else:
         params = models.init_params(config, jax.random.key(s.spec.init_seed))
-    store = OfflineStore.open(ctx.path("oracle_data"))
+    if tc.num_steps == 0:
+        params = jax.tree.map(np.array, params)
+        _scale_output_layer(config, params, s.logit_scale, "teacher_logit_scale")
+        hf.save_hf_checkpoint(ctx.path(s.directory, "model"), config, params)
+        return 0
+    store = OfflineStore.open(ctx.path(ctx.sft_data))
     n = s.limit or store.inputs.shape[0]
     source = trainer.ArraySource(
         np.asarray(store.inputs[:n]), np.asarray(store.targets[:n]), tc.batch_size, tc.seed
@@ -219,160 +211,15 @@ def sft(ctx: StageContext, role: str) -> int:
     )
     stop_if_interrupted(result, f"the {role} SFT", tc.num_steps)
     params = jax.tree.map(np.array, result.state.params)
-    if s.logit_scale != 1.0:
-        if config.tie_word_embeddings:
-            raise ValueError("teacher_logit_scale needs an untied (v1.1) teacher")
-        params["decoder"]["logits_dense"]["kernel"] *= s.logit_scale
+    _scale_output_layer(config, params, s.logit_scale, "teacher_logit_scale")
     hf.save_hf_checkpoint(ctx.path(s.directory, "model"), config, params)
     return n
 
 
-# ----------------------------------------------------------------- distillation
-
-
-def write_guard_settings(ctx: StageContext, run_dir: str) -> None:
-    """<run_dir>/guard_settings.json: what the run's guard is fed (read by the report and
-    launch/diagnose.py, so it is written even for a finished run)."""
-    guard = HackingGuard(mode=ctx.cfg.guard_mode)
-    first_step = fit_start_step(ctx.cfg.distill.warmup_steps)
-    settings = guard_settings(first_step, GUARD_KEY, guard.config)
-    write_json(storage.join(run_dir, GUARD_FILE), settings)
-
-
-def distill_source(ctx: StageContext, run: RunConfig, teacher, student_config):
-    """The run's batch source; builds (or resumes) its offline set runs/<name>/offline_data."""
-    cfg, tc = ctx.cfg, ctx.cfg.distill
-    store = None
-    if run.regime in ("offline", "mixed"):
-        prompts = ctx.prompts("train", run.num_prompts, cfg.seed + 1000 + run.seed)
-        store = generation.build_offline_store(
-            ctx.path("runs", run.name, "offline_data"),
-            model=teacher,
-            prompts=prompts,
-            generation=generation.GenerationConfig(
-                generating_model="teacher",
-                completions_per_prompt=run.completions_per_prompt,
-                max_decode_len=cfg.max_target_length,
-                seed=cfg.seed + 2000 + run.seed,
-                vocab_fingerprint=ctx.vocab_fingerprint(),
-            ),
-            progress=ctx.progress,
-            mesh=ctx.mesh,
-        )
-    pool = None
-    if run.regime != "offline":
-        pool = ctx.prompts("train", cfg.distill_prompt_pool, cfg.seed + 3000)
-    source = regimes.SourceConfig(
-        batch_size=tc.batch_size,
-        seed=tc.seed + run.seed,
-        online_fraction=run.online_fraction if run.regime == "mixed" else None,
-        online_role=run.online_role,
-        distill_temperature=tc.temperature,  # the sampler's log-probs only if they match
-    )
-    return regimes.make_source(
-        run.regime,
-        source,
-        offline_store=store,
-        prompts=pool,
-        teacher=teacher,
-        student_config=student_config,
-        sampling=SamplingConfig(max_decode_len=cfg.max_target_length),
-        mesh=ctx.mesh,
-    )
-
-
-def distill(ctx: StageContext, run: RunConfig, evaluator: Evaluator) -> float:
-    """One distillation run into runs/<name>/train, evaluated at the configured steps and
-    watched by the hacking guard; returns the wall seconds from building the batch source
-    to the end of training."""
-    cfg, tc = ctx.cfg, ctx.cfg.distill
-    out = ctx.path("runs", run.name)
-    metrics_path = storage.join(out, "train", "metrics.jsonl")
-    guard = HackingGuard(mode=cfg.guard_mode)
-    first_step = fit_start_step(tc.warmup_steps)
-    teacher = ctx.load_model("teacher")
-    student_config, student_params = ctx.load_model("student_init")
-    last = {}
-    per_prompt_dir = storage.join(out, "train", noise.PER_PROMPT_DIR)
-
-    def update_guard(step, metrics, per_prompt):
-        # The law holds after warmup; a non-positive estimate has no place in log-log axes.
-        # No stderrs: every evaluation reuses the same prompts, so the stderr is the
-        # uncertainty of the level; the per-prompt values give the error covariance across
-        # evaluations instead (docs/diagnostics.md, section 2).
-        if step >= first_step and metrics[GUARD_KEY] > 0:
-            last["result"] = guard.update(step, metrics[GUARD_KEY], per_prompt=per_prompt)
-            last["step"] = step
-            if last["result"].fired and "fired_at" not in last:
-                last["fired_at"] = step  # the first evaluation with guard/fired = 1
-            return last["result"]
-        return None
-
-    def replay_logged_evaluations(before_step):
-        # Resume: the guard's state is the logged curve up to the restored checkpoint. Read
-        # at the first evaluation after the restore, when the trainer has already dropped
-        # the lines logged after that checkpoint (a crash between two checkpoints leaves
-        # evaluations the rerun repeats; replaying those too broke the first resume).
-        last["replayed"] = True
-        if not storage.exists(metrics_path):
-            return
-        for row in read_metrics(metrics_path):
-            if GUARD_KEY in row and row["step"] < before_step:
-                saved = noise.read_per_prompt(per_prompt_dir, row["step"])
-                update_guard(row["step"], row, saved[GUARD_KEY])
-
-    def eval_fn(step, params):
-        if "replayed" not in last:
-            replay_logged_evaluations(step)
-        estimates = evaluator.estimates(params, step=step)
-        metrics = metrics_of(estimates)
-        per_prompt = {key: est.per_prompt for key, est in estimates.items()}
-        if jax.process_index() == 0:  # kept for the report and launch/diagnose.py
-            noise.save_per_prompt(per_prompt_dir, step, per_prompt)
-        result = update_guard(step, metrics, per_prompt[GUARD_KEY])
-        if result is not None:
-            statistic = float(result.statistic)
-            metrics["guard/statistic"] = statistic if np.isfinite(statistic) else 0.0
-            metrics["guard/fired"] = float(result.fired)
-        return metrics
-
-    def stop_hook(step, metrics):
-        result = last.get("result")
-        if result is None or not result.fired:
-            return False
-        # The oracle-free rule's best checkpoint, for the user (guard_mode 'stop' keeps it).
-        write_json(
-            storage.join(out, "guard.json"),
-            {
-                "fired_at_eval_step": last["fired_at"],
-                "best_step": result.best_step,
-                "last_eval_step": last["step"],
-            },
-        )
-        return bool(result.should_stop)
-
-    opt, schedule = make_optimizer(tc)
-    start = time.time()
-    step_config = train_step.StepConfig(
-        objective="distill",
-        loss=tc.loss,
-        temperature=tc.temperature,
-        num_microbatches=tc.num_microbatches,
-    )
-    result = trainer.train(
-        workdir=storage.join(out, "train"),
-        student=trainer.Student(student_config, student_params, opt, step_config, schedule),
-        source=distill_source(ctx, run, teacher, student_config),
-        loop=trainer.LoopConfig(
-            tc.num_steps,
-            checkpoint_every=tc.checkpoint_every,
-            eval_steps=cfg.evaluation.steps(tc.num_steps),
-            progress=ctx.progress,
-            seed=tc.seed + run.seed,
-        ),
-        teacher=trainer.Teacher(*teacher),
-        hooks=trainer.Hooks(eval_fn, stop=(stop_hook,)),
-        mesh=ctx.mesh,
-    )
-    stop_if_interrupted(result, f"distillation run {run.name}", tc.num_steps)
-    return time.time() - start
+def _scale_output_layer(config, params: dict, scale: float, field: str) -> None:
+    """Multiplies the output layer of host `params` by `scale` in place (1.0: unchanged)."""
+    if scale == 1.0:
+        return
+    if config.tie_word_embeddings:
+        raise ValueError(f"ExperimentConfig.{field} needs an untied (v1.1) model")
+    params["decoder"]["logits_dense"]["kernel"] *= scale
