@@ -132,20 +132,20 @@ def load_model(path: str, config_spec: str | None, role: str) -> tuple[T5Config,
 def load_prompts(path: str | None, flag: str) -> np.ndarray:
     if not path:
         raise EvalCliError(f"--{flag} is required")
+    return _int_matrix(path, flag, "[N, Lx]")
+
+
+def _int_matrix(path: str, flag: str, shape: str) -> np.ndarray:
+    """The int .npy [rows, columns] at `path` (named by `--flag` in every refusal)."""
     if not _is_file(path):
         raise EvalCliError(f"--{flag}={path}: file not found")
-    prompts = storage.load_npy(path)  # ValueError naming the file when it is damaged
-    if prompts.ndim != 2 or not np.issubdtype(prompts.dtype, np.integer):
-        raise EvalCliError(f"--{flag}={path}: want int [N, Lx], got {prompts.dtype}{prompts.shape}")
-    return prompts
+    array = storage.load_npy(path)  # ValueError naming the file when it is damaged
+    if array.ndim != 2 or not np.issubdtype(array.dtype, np.integer):
+        raise EvalCliError(f"--{flag}={path}: want int {shape}, got {array.dtype}{array.shape}")
+    return array
 
 
 def load_references(path: str, flag: str) -> np.ndarray:
     """An int .npy [N, Ly_ref] of reference responses (the evaluator checks it against the
     prompts and the models)."""
-    if not _is_file(path):
-        raise EvalCliError(f"--{flag}={path}: file not found")
-    refs = storage.load_npy(path)  # ValueError naming the file when it is damaged
-    if refs.ndim != 2 or not np.issubdtype(refs.dtype, np.integer):
-        raise EvalCliError(f"--{flag}={path}: want int [N, Ly], got {refs.dtype}{refs.shape}")
-    return refs
+    return _int_matrix(path, flag, "[N, Ly]")

@@ -13,13 +13,17 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-import signal
 
 import jax
 import numpy as np
 
-from thack_jax.core import checks, interrupt
-from thack_jax.data.offline_store import OfflineSpec, OfflineStore, prompts_checksum
+from thack_jax.core import checks
+from thack_jax.data.offline_store import (
+    OfflineSpec,
+    OfflineStore,
+    progress_callback,
+    prompts_checksum,
+)
 from thack_jax.data.regime_names import check_sampler_role
 from thack_jax.data.row_streams import PromptPool, check_batch_size
 from thack_jax.decoding import sampling
@@ -277,12 +281,10 @@ def build_offline_store(
     def generate(chunk_prompts: np.ndarray, chunk_index: int) -> np.ndarray:
         # SIGTERM / SIGINT: stop before the next chunk; the finished ones are saved. Agreed
         # by every process (the sampler is a collective on a multi-process mesh).
-        if distributed.any_process(interrupt.requested() is not None):
-            raise interrupt.Interrupted(
-                interrupt.requested() or signal.SIGTERM,
-                f"while filling the offline store {directory} at chunk {chunk_index} "
-                "(finished chunks saved)",
-            )
+        distributed.stop_if_signalled(
+            f"while filling the offline store {directory} at chunk {chunk_index} "
+            "(finished chunks saved)"
+        )
         # The short last chunk is padded to the full chunk shape: one compiled sampler.
         rng = jax.random.fold_in(jax.random.key(int(seed)), chunk_index)
         out = sampling.sample(
@@ -290,11 +292,5 @@ def build_offline_store(
         )
         return partitioning.to_host(out.tokens)[: len(chunk_prompts) * completions_per_prompt]
 
-    if progress is True:
-        callback = None  # the store's default: a line with chunks/s and ETA every 10 s
-    elif progress is False or progress is None:
-        callback = lambda _: None
-    else:
-        callback = progress
-    store.fill(generate, chunk, progress=callback)
+    store.fill(generate, chunk, progress=progress_callback(progress))
     return store

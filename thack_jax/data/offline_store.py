@@ -379,6 +379,17 @@ class OfflineStore:
         self.targets = self._open_array("targets", "r")
 
 
+def progress_callback(progress):
+    """The `OfflineStore.fill` progress argument of a `progress` option: True -> None (the
+    store's default line with chunks/s and ETA every 10 s), False / None -> silent, or the
+    callable itself."""
+    if progress is True:
+        return None
+    if progress is False or progress is None:
+        return lambda _: None
+    return progress
+
+
 class _PrintProgress:
     def __init__(self, every_s: float = 10.0):
         self.every_s, self.last = every_s, time.monotonic()

@@ -17,16 +17,14 @@ filling, process 0 the only writer).
 
 from __future__ import annotations
 
-import signal
-
 import jax
 import numpy as np
 
-from thack_jax.core import interrupt
 from thack_jax.data.offline_store import (
     OfflineSpec,
     OfflineStore,
     StoreMismatchError,
+    progress_callback,
     prompts_checksum,
 )
 from thack_jax.data.synthetic import EOS_ID
@@ -134,20 +132,12 @@ def build_reference_store(
     def copy(chunk_inputs: np.ndarray, chunk_index: int) -> np.ndarray:
         # SIGTERM / SIGINT: stop before the next chunk; the finished ones are saved. Agreed
         # by every process, as in generation.build_offline_store.
-        if distributed.any_process(interrupt.requested() is not None):
-            raise interrupt.Interrupted(
-                interrupt.requested() or signal.SIGTERM,
-                f"while filling the reference store {directory} at chunk {chunk_index} "
-                "(finished chunks saved)",
-            )
+        distributed.stop_if_signalled(
+            f"while filling the reference store {directory} at chunk {chunk_index} "
+            "(finished chunks saved)"
+        )
         start = chunk_index * chunk_size
         return targets[start : start + len(chunk_inputs)]
 
-    if progress is True:
-        callback = None  # the store's default: a line with chunks/s and ETA every 10 s
-    elif progress is False or progress is None:
-        callback = lambda _: None
-    else:
-        callback = progress
-    store.fill(copy, chunk_size, progress=callback)
+    store.fill(copy, chunk_size, progress=progress_callback(progress))
     return store

@@ -30,8 +30,6 @@ Prompts are processed `batch_size` at a time (the last batch padded with copies 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -41,9 +39,10 @@ from thack_jax import models
 from thack_jax.core import checks
 from thack_jax.decoding import sampling
 from thack_jax.decoding.settings import SamplingConfig
-from thack_jax.evaluation import divergences
+from thack_jax.evaluation import divergences, sanity
 from thack_jax.evaluation import references as refs_lib
 from thack_jax.evaluation.batch_scoring import REFERENCES, Side, reference_fn, score_fn
+from thack_jax.evaluation.sanity import DegenerateEvaluationError  # noqa: F401 (re-export)
 from thack_jax.models.config import T5Config
 from thack_jax.parallel import partitioning
 
@@ -52,34 +51,6 @@ DIVERGENCES = ("forward_kl", "reverse_kl", "js")
 # The sample stream of each model (its key: fold_in(fold_in(key(seed), stream), 0)); fixed
 # per role, so the teacher's and the student's samples are the same with or without oracle.
 STREAMS = {"oracle": 0, "teacher": 1, "student": 2}
-
-
-class DegenerateEvaluationError(ValueError):
-    """A non-finite estimate, or exactly 0 +- 0 between models whose parameters differ (NaN
-    log-probs of the sampler make every `token_kl` term 0: NaN > -inf is False)."""
-
-    def __init__(self, metric: str, step: int | None, problem: str):
-        self.metric, self.step = metric, step
-        at = f" at step {step}" if step is not None else ""
-        super().__init__(
-            f"evaluation of {metric}{at}: {problem}; likely cause: non-finite or degenerate "
-            "weights (a damaged checkpoint or a diverged model)"
-        )
-
-
-@functools.lru_cache(maxsize=16)
-def _compare_fn(mesh):
-    """Jitted (tree a, tree b of equal shapes) -> (every leaf equal, non-finite values of a,
-    of b), replicated. Runs only when an estimate is exactly 0 +- 0."""
-
-    def compare(a, b):
-        la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-        same = jnp.stack([jnp.array_equal(x, y) for x, y in zip(la, lb, strict=True)])
-        bad = [sum(jnp.sum(~jnp.isfinite(x)) for x in leaves) for leaves in (la, lb)]
-        return jnp.all(same), *bad
-
-    out_sharding = None if mesh is None else partitioning.replicated(mesh)
-    return partitioning.jit(compare, mesh, out_shardings=out_sharding)
 
 
 def metrics_of(estimates: dict[str, divergences.Estimate]) -> dict[str, float]:
@@ -398,34 +369,10 @@ class Evaluator:
             "js": lambda: divergences.plain_js(p_a, p_b, p_len, ids, q_b, q_a, q_len, ids),
         }
 
-    # ------------------------------------------------------------------------ sanity
-
     def _check_estimate(self, key: str, est, role: str | None, student, step) -> None:
-        """Raises DegenerateEvaluationError for a non-finite estimate, or an exact 0 +- 0
-        between `role` and a student whose parameters (tree, shapes, values) differ (role
-        None, a cross-entropy: the finiteness check only)."""
-        numbers = {"value": est.value, "per_token": est.per_token}
-        if est.num_prompts >= 2:  # with one prompt the stderrs are nan by definition
-            numbers |= {"stderr": est.stderr, "per_token_stderr": est.per_token_stderr}
-        bad = {name: x for name, x in numbers.items() if not math.isfinite(x)}
-        if bad:
-            raise DegenerateEvaluationError(key, step, f"non-finite estimate {bad}")
-        if role is None or est.value != 0.0 or est.stderr != 0.0:
-            return
-        ref, mine = self._refs[role][1], student[1]
-        found = ["different parameter shapes"]
-        if jax.tree.map(np.shape, ref) == jax.tree.map(np.shape, mine):
-            same, *counts = (int(x) for x in _compare_fn(self.mesh)(ref, mine))
-            if same:
-                return  # the same model against itself
-            found = [
-                f"the {n} has {c} non-finite parameters"
-                for n, c in zip((role, "student"), counts, strict=True)
-                if c
-            ]
-        why = "; ".join(found) or "all parameters are finite"
-        problem = f"exactly 0.0 +- 0.0 between the student and the {role}, whose parameters"
-        raise DegenerateEvaluationError(key, step, f"{problem} differ ({why})")
+        """`sanity.check_estimate` against `role`'s parameters (None: finiteness only)."""
+        ref = None if role is None else self._refs[role][1]
+        sanity.check_estimate(sanity.Checked(key, est, role, step), ref, student[1], self.mesh)
 
     def reference_samples(self, role: str) -> tuple[np.ndarray, np.ndarray]:
         """The cached responses of 'oracle' or 'teacher': (tokens, mask) [N*n, L], prompt-major."""

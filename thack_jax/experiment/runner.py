@@ -26,7 +26,6 @@ bookkeeping; the work of each stage is in stages.py. Workdir layout:
 from __future__ import annotations
 
 import logging
-import signal
 import time
 
 import numpy as np
@@ -168,13 +167,6 @@ def _is_complete(directory: str, fp: str) -> bool:
 
 def _mark_complete(directory: str, fp: str, **info) -> None:
     stage_work.write_json(storage.join(directory, "COMPLETE.json"), {"fingerprint": fp, **info})
-
-
-def _stop_if_signalled(where: str) -> None:
-    """Raises Interrupted once SIGTERM / SIGINT reached any process (all agree, so that no
-    process goes on into a stage whose collectives the others have left)."""
-    if distributed.any_process(interrupt.requested() is not None):
-        raise interrupt.Interrupted(interrupt.requested() or signal.SIGTERM, where)
 
 
 def file_digests(root: str) -> dict[str, str]:
@@ -325,7 +317,7 @@ class Experiment(stage_work.StageContext):
         with interrupt.handling():
             for stage in stages_of(self.cfg):
                 if stage in stages:
-                    _stop_if_signalled(f"before stage {stage}")
+                    distributed.stop_if_signalled(f"before stage {stage}")
                     self._run_stage(stage, runs)
         # Process 0 alone writes the report; the others wait for it here, not in JAX's
         # shutdown barrier, whose timeout a slow report (or bucket) can exceed.
@@ -349,7 +341,7 @@ class Experiment(stage_work.StageContext):
             self.inputs_of("distill")  # the models are checked before the evaluator loads them
             evaluator = self.evaluator() if selected else None
             for run in selected:
-                _stop_if_signalled(f"before distillation run {run.name}")
+                distributed.stop_if_signalled(f"before distillation run {run.name}")
                 self.stage_distill(run, evaluator)
         elif stage == "report":
             from thack_jax.reporting import report

@@ -340,6 +340,18 @@ def any_process(flag: bool) -> bool:
     return bool(np.any(multihost_utils.process_allgather(np.asarray([bool(flag)]))))
 
 
+def stop_if_signalled(where: str) -> None:
+    """Raises `interrupt.Interrupted` once SIGTERM / SIGINT reached any process (all agree,
+    so that no process goes on into collectives the others have left). `where` ends the
+    message, e.g. 'before stage teacher'."""
+    import signal
+
+    from thack_jax.core import interrupt
+
+    if any_process(interrupt.requested() is not None):
+        raise interrupt.Interrupted(interrupt.requested() or signal.SIGTERM, where)
+
+
 class WorkdirNotSharedError(RuntimeError):
     """The processes of a multi-process run do not see the same workdir."""
 
