@@ -372,7 +372,8 @@ class Evaluator:
     def _check_estimate(self, key: str, est, role: str | None, student, step) -> None:
         """`sanity.check_estimate` against `role`'s parameters (None: finiteness only)."""
         ref = None if role is None else self._refs[role][1]
-        sanity.check_estimate(sanity.Checked(key, est, role, step), ref, student[1], self.mesh)
+        mine = None if student is None else student[1]
+        sanity.check_estimate(sanity.Checked(key, est, role, step), ref, mine, self.mesh)
 
     def reference_samples(self, role: str) -> tuple[np.ndarray, np.ndarray]:
         """The cached responses of 'oracle' or 'teacher': (tokens, mask) [N*n, L], prompt-major."""
