@@ -9,14 +9,14 @@ import pytest
 from _experiment_common import tiny_config
 
 from thack_jax.evaluation import divergences
-from thack_jax.experiment import runner
-from thack_jax.experiment.config import EvalConfig, RunConfig, TrainConfig
+from thack_jax.experiment import markers, runner
+from thack_jax.experiment.config import EvalConfig, RunConfig, TrainConfig, fingerprint
 from thack_jax.hacking import noise
 from thack_jax.training.metrics_io import read_metrics
 
 
 @pytest.mark.slow
-def test_all_stages_and_regimes(tmp_path):
+def test_all_stages_and_regimes(tmp_path, capsys):
     workdir = str(tmp_path / "wd")
     cfg = tiny_config()
     runner.Experiment(cfg, workdir, progress=False).run()
@@ -38,7 +38,11 @@ def test_all_stages_and_regimes(tmp_path):
         r.name: os.path.getmtime(os.path.join(workdir, "runs", r.name, "COMPLETE.json"))
         for r in cfg.runs
     }
+    capsys.readouterr()
     runner.Experiment(cfg, workdir, progress=False).run(stages=("distill",))
+    printed = capsys.readouterr().out
+    assert "[thack_jax] stage distill skipped (complete)" in printed
+    assert all(f"run {r.name} skipped (complete)" in printed for r in cfg.runs)
     after = {
         r.name: os.path.getmtime(os.path.join(workdir, "runs", r.name, "COMPLETE.json"))
         for r in cfg.runs
@@ -55,6 +59,22 @@ def test_workdir_of_another_experiment_is_refused(tmp_path):
         runner.check_workdir(tiny_config(oracle_logit_scale=2.0), workdir)
     # Distillation settings are not shared stages: changing them is allowed.
     runner.check_workdir(tiny_config(distill=TrainConfig(num_steps=9)), workdir)
+
+
+def test_a_changed_stage_config_names_its_fields(tmp_path):
+    parts = {"teacher_sft": TrainConfig(num_steps=4), "teacher_logit_scale": 1.5}
+    fp, config = markers.stage_config(parts, {"oracle_data": {"a.npy": "0" * 64}})
+    markers.mark_complete(str(tmp_path), fp, config)
+    assert markers.is_complete(str(tmp_path), fp, config)
+    changed = {"teacher_sft": TrainConfig(num_steps=9), "teacher_logit_scale": 1.5}
+    fp2, config2 = markers.stage_config(changed, {"oracle_data": {"a.npy": "0" * 64}})
+    with pytest.raises(runner.ExperimentMismatchError) as info:
+        markers.is_complete(str(tmp_path), fp2, config2)
+    message = str(info.value)
+    assert "teacher_sft.num_steps: stored 4, requested 9" in message
+    assert "teacher_logit_scale" not in message
+    # The fingerprint is the one of the values in order (as before the record existed).
+    assert fp == fingerprint([*parts.values(), {"oracle_data": {"a.npy": "0" * 64}}])
 
 
 def test_unknown_stage_and_run_are_named(tmp_path):

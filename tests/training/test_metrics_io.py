@@ -97,11 +97,14 @@ def test_lines_are_plain_json(tmp_path):
 
 
 def test_progress_reports_rate_and_eta(monkeypatch):
-    clock = iter([100.0, 102.0, 102.5, 110.0])
+    clock = iter([0.0, 100.0, 102.0, 102.5, 110.0])
     monkeypatch.setattr(metrics_io.time, "monotonic", lambda: next(clock))
     out = io.StringIO()
     p = Progress(total_steps=100, start_step=0, every_secs=5.0, stream=out)
-    assert p.update(10, {"train/loss": 2.0}) is None  # 2 s after start: too early
+    # Step 0 done 100 s after the start (compilation): the rates start from here, so the
+    # first ETA is the steady one, not 100 s per step.
+    assert p.update(0, {"train/loss": 3.0}, force=True) is None
+    assert p.update(10, {"train/loss": 2.0}) is None  # 2 s later: too early
     line = p.update(20, {"train/loss": 1.25}, force=True)  # 2.5 s, 20 steps
     assert line == "step 20/100 | loss 1.25 | 8.00 steps/s | ETA 0:10"
     line = p.update(95)  # 7.5 s later, 75 steps

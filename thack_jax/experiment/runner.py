@@ -32,7 +32,7 @@ import numpy as np
 
 from thack_jax.core import interrupt, storage
 from thack_jax.evaluation.evaluator import Evaluator
-from thack_jax.experiment import distillation, eval_setup
+from thack_jax.experiment import distillation, eval_setup, markers
 from thack_jax.experiment import stages as stage_work
 from thack_jax.experiment.config import (
     ExperimentConfig,
@@ -41,7 +41,6 @@ from thack_jax.experiment.config import (
     diff,
     to_json,
 )
-from thack_jax.experiment.config import fingerprint as config_fingerprint
 from thack_jax.parallel import distributed, partitioning
 
 logger = logging.getLogger(__name__)
@@ -152,38 +151,6 @@ def check_workdir(cfg: ExperimentConfig, workdir: str) -> None:
         stage_work.write_json(path, requested)
 
 
-def _is_complete(directory: str, fp: str) -> bool:
-    path = storage.join(directory, "COMPLETE.json")
-    if not storage.exists(path):
-        return False
-    stored = storage.read_json(path).get("fingerprint")
-    if stored != fp:
-        raise ExperimentMismatchError(
-            f"{path} was written under configuration {stored}, this run is {fp}; the stage "
-            "config changed. Use a new workdir (or a new run name)."
-        )
-    return True
-
-
-def _mark_complete(directory: str, fp: str, **info) -> None:
-    stage_work.write_json(storage.join(directory, "COMPLETE.json"), {"fingerprint": fp, **info})
-
-
-def file_digests(root: str) -> dict[str, str]:
-    """{path relative to `root`: sha256} of every file under the folder `root` (but the
-    stage's own COMPLETE.json, where a stage's output is its whole folder)."""
-    digests = {}
-    for name in storage.listdir(root):
-        if name == "COMPLETE.json" or storage.is_temporary(name):
-            continue  # a killed writer's leftover is no output of the stage
-        path = storage.join(root, name)
-        if storage.isdir(path):
-            digests.update({f"{name}/{k}": v for k, v in file_digests(path).items()})
-        else:
-            digests[name] = storage.file_digest(path)
-    return digests
-
-
 class Experiment(stage_work.StageContext):
     """Runs the stages of one ExperimentConfig in one workdir: skips the complete ones (their
     COMPLETE.json fingerprint must match) and marks the ones it finishes.
@@ -219,7 +186,7 @@ class Experiment(stage_work.StageContext):
                 f"{marker} records no output digests (written by an older thack_jax); "
                 "use a new workdir"
             )
-        current = file_digests(self.path(output))
+        current = markers.file_digests(self.path(output))
         for name in sorted(set(recorded) | set(current)):
             if recorded.get(name) != current.get(name):
                 path = self.path(output, name)
@@ -240,45 +207,59 @@ class Experiment(stage_work.StageContext):
             producer: self.stage_outputs(producer) for producer in stage_inputs(self.cfg, stage)
         }
 
-    def _run_shared(self, stage: str, fp_parts: list, work) -> None:
-        """Skips `stage` if complete under this configuration and these inputs, else runs
-        `work()` (returning extra COMPLETE.json fields) and marks it complete."""
+    def _run_shared(self, stage: str, parts: dict, work) -> bool:
+        """Skips `stage` if complete under this configuration (`parts`: {name: value}) and
+        these inputs, else runs `work()` (returning extra COMPLETE.json fields) and marks it
+        complete. Returns whether it ran."""
         out = self.path(stage)
-        fp = config_fingerprint([*fp_parts, self.inputs_of(stage)])
-        if _is_complete(out, fp):
+        fp, config = markers.stage_config(parts, self.inputs_of(stage))
+        if markers.is_complete(out, fp, config):
             self.stage_outputs(stage)  # a damaged output is found now, not by its reader
-            return
+            return False
         info = work() or {}
-        outputs = file_digests(self.path(STAGE_OUTPUTS[stage]))
-        _mark_complete(out, fp, outputs=outputs, **info)
+        outputs = markers.file_digests(self.path(STAGE_OUTPUTS[stage]))
+        markers.mark_complete(out, fp, config, outputs=outputs, **info)
         self._verified[stage] = outputs
+        return True
 
     # ------------------------------------------------------------------ stages
-    def stage_oracle(self) -> None:
+    def stage_oracle(self) -> bool:
         cfg = self.cfg
-        self._run_shared(
-            "oracle", [cfg.oracle, cfg.oracle_logit_scale], lambda: stage_work.oracle(self)
-        )
+        parts = {"oracle": cfg.oracle, "oracle_logit_scale": cfg.oracle_logit_scale}
+        return self._run_shared("oracle", parts, lambda: stage_work.oracle(self))
 
-    def stage_oracle_data(self) -> None:
+    def stage_oracle_data(self) -> bool:
         cfg = self.cfg
-        parts = [cfg.oracle, cfg.oracle_logit_scale, cfg.oracle_data_prompts]
-        self._run_shared("oracle_data", parts, lambda: stage_work.oracle_data(self))
+        parts = {
+            "oracle": cfg.oracle,
+            "oracle_logit_scale": cfg.oracle_logit_scale,
+            "oracle_data_prompts": cfg.oracle_data_prompts,
+        }
+        return self._run_shared("oracle_data", parts, lambda: stage_work.oracle_data(self))
 
-    def stage_reference_data(self) -> None:
+    def stage_reference_data(self) -> bool:
         """Field mode: the task's training examples with their references -> reference_data/."""
         cfg = self.cfg
-        parts = [cfg.task, cfg.task_options, cfg.reference_examples, cfg.seed]
-        parts += [cfg.max_input_length, cfg.max_target_length]
-        self._run_shared("reference_data", parts, lambda: stage_work.reference_data(self))
+        names = ("task", "task_options", "reference_examples", "seed")
+        names += ("max_input_length", "max_target_length")
+        parts = {name: getattr(cfg, name) for name in names}
+        return self._run_shared("reference_data", parts, lambda: stage_work.reference_data(self))
 
-    def stage_sft(self, role: str) -> None:
+    def stage_sft(self, role: str) -> bool:
         """SFT of `role` ('teacher' or 'student') on the oracle data (field mode: the
         references) -> <dir>/model."""
         cfg, s = self.cfg, stage_work.sft_settings(self.cfg, role)
         examples = cfg.oracle_data_prompts if cfg.mode == "oracle" else cfg.reference_examples
-        parts = [s.spec, s.train, s.limit, examples, s.logit_scale]
-        self._run_shared(s.directory, parts, lambda: {"sft_examples": stage_work.sft(self, role)})
+        parts = {
+            role: s.spec,
+            f"{role}_sft": s.train,
+            f"{role}_sft_examples": s.limit,
+            "oracle_data_prompts" if cfg.mode == "oracle" else "reference_examples": examples,
+            f"{role}_logit_scale": s.logit_scale,
+        }
+        return self._run_shared(
+            s.directory, parts, lambda: {"sft_examples": stage_work.sft(self, role)}
+        )
 
     def eval_prompts(self) -> np.ndarray:
         """Held-out prompts [N, Lx] of the evaluator (eval_setup.py), cached as .npy."""
@@ -292,20 +273,49 @@ class Experiment(stage_work.StageContext):
         """The inline evaluator of every run (and eval_settings.json for launch/eval.py)."""
         return eval_setup.build_evaluator(self)
 
+    def _distill_config(self, run: RunConfig) -> tuple[str, dict]:
+        cfg = self.cfg
+        parts = {
+            "run": run,
+            "distill": cfg.distill,
+            "evaluation": cfg.evaluation,
+            "guard_mode": cfg.guard_mode,
+        }
+        return markers.stage_config(parts, self.inputs_of("distill"))
+
+    def run_is_complete(self, run: RunConfig) -> bool:
+        """Whether `run` finished under this configuration (another one is refused, naming
+        the fields that differ)."""
+        return markers.is_complete(self.path("runs", run.name), *self._distill_config(run))
+
     def stage_distill(self, run: RunConfig, evaluator: Evaluator | None = None) -> str:
         """One distillation run with periodic evaluation; returns its metrics path."""
-        cfg = self.cfg
         out = self.path("runs", run.name)
-        inputs = self.inputs_of("distill")
-        fp = config_fingerprint([run, cfg.distill, cfg.evaluation, cfg.guard_mode, inputs])
         metrics_path = storage.join(out, "train", "metrics.jsonl")
         distillation.write_guard_settings(self, out)  # also for a finished run: the report reads it
-        if _is_complete(out, fp):
+        if self.run_is_complete(run):
             return metrics_path
         stage_work.write_json(storage.join(out, "run.json"), to_json(run))
         seconds = distillation.distill(self, run, evaluator or self.evaluator())
-        _mark_complete(out, fp, wall_seconds=round(seconds, 1))
+        markers.mark_complete(out, *self._distill_config(run), wall_seconds=round(seconds, 1))
         return metrics_path
+
+    def _run_distill(self, runs: tuple[str, ...] | None) -> bool:
+        """The selected runs in order; the evaluator is built once, for the first run with
+        work left. Returns whether any run ran."""
+        selected = [r for r in self.cfg.runs if runs is None or r.name in runs]
+        self.inputs_of("distill")  # the models are checked before the evaluator loads them
+        evaluator, ran = None, False
+        for run in selected:
+            distributed.stop_if_signalled(f"before distillation run {run.name}")
+            if self.run_is_complete(run):
+                distillation.write_guard_settings(self, self.path("runs", run.name))
+                print(f"[thack_jax] run {run.name} skipped (complete)", flush=True)
+                continue
+            evaluator = evaluator or self.evaluator()
+            self.stage_distill(run, evaluator)
+            ran = True
+        return ran
 
     # --------------------------------------------------------------------- run
     def run(self, stages=None, runs: tuple[str, ...] | None = None) -> None:
@@ -326,26 +336,25 @@ class Experiment(stage_work.StageContext):
     def _run_stage(self, stage: str, runs: tuple[str, ...] | None) -> None:
         start = time.time()
         logger.info("stage %s", stage)
+        ran = True
         if stage == "oracle":
-            self.stage_oracle()
+            ran = self.stage_oracle()
         elif stage == "oracle_data":
-            self.stage_oracle_data()
+            ran = self.stage_oracle_data()
         elif stage == "reference_data":
-            self.stage_reference_data()
+            ran = self.stage_reference_data()
         elif stage == "teacher":
-            self.stage_sft("teacher")
+            ran = self.stage_sft("teacher")
         elif stage == "student_init":
-            self.stage_sft("student")
+            ran = self.stage_sft("student")
         elif stage == "distill":
-            selected = [r for r in self.cfg.runs if runs is None or r.name in runs]
-            self.inputs_of("distill")  # the models are checked before the evaluator loads them
-            evaluator = self.evaluator() if selected else None
-            for run in selected:
-                distributed.stop_if_signalled(f"before distillation run {run.name}")
-                self.stage_distill(run, evaluator)
+            ran = self._run_distill(runs)
         elif stage == "report":
             from thack_jax.reporting import report
 
             report.write_report([self.workdir], self.workdir)
+        if not ran:
+            print(f"[thack_jax] stage {stage} skipped (complete)", flush=True)
+            return
         seconds = round(time.time() - start, 1)
         print(f"[thack_jax] stage {stage} done in {seconds} s", flush=True)

@@ -297,8 +297,9 @@ def _format_duration(seconds: float) -> str:
 class Progress:
     """Prints `step N/T | loss x | steps/s | ETA` at most every `every_secs` seconds.
 
-    The rate is measured over the steps since the previous line, so compilation time only
-    slows the first line down.
+    The rate (and the ETA) is measured over the steps since the previous line, starting
+    from the first step seen: that step's call only marks the start, so the compilation
+    before it (or a resume's restore) never enters a rate or an ETA.
     """
 
     def __init__(
@@ -315,12 +316,17 @@ class Progress:
         self.enabled = enabled
         self._last_time = time.monotonic()
         self._last_step = start_step
+        self._started = False
 
     def update(self, step: int, metrics: Mapping[str, float] | None = None, force=False):
         """Returns the printed line, or None when it is not yet time for one."""
         if not self.enabled:
             return None
         now = time.monotonic()
+        if not self._started:  # the first step: compiled and run; rates start here
+            self._started = True
+            self._last_time, self._last_step = now, step
+            return None
         elapsed = now - self._last_time
         if not force and elapsed < self.every_secs:
             return None
