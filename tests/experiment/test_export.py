@@ -92,7 +92,7 @@ def test_snapshots_prune_and_export_load_in_transformers(tmp_path):
     assert summary["guard_best"]["step"] == 20 and summary["final"]["step"] == 40
     assert summary["guard_best"]["metrics"] == dict(CARD.metrics[20])
     best_dir, final_dir = tmp_path / "run/export/guard_best", tmp_path / "run/export/final"
-    assert summary["guard_best"]["path"] == str(best_dir)
+    assert summary["guard_best"]["path"] == "export/guard_best"
     assert sorted(p.name for p in best_dir.iterdir()) == ["README.md", *export.HF_FILES]
     for name, digest in summary["guard_best"]["files"].items():
         assert storage.file_digest(str(best_dir / name)) == digest
@@ -176,7 +176,7 @@ def test_snapshots_and_export_on_gcs(gcs_bucket, tmp_path, monkeypatch):
     summary = export.export_students(
         run_dir, config=CONFIG, final_params=_params(40), final_step=40, best_step=10, card=CARD
     )
-    assert summary["guard_best"]["path"] == run_dir + "/export/guard_best"
+    assert summary["guard_best"]["path"] == "export/guard_best"
     assert storage.read_json(run_dir + "/export/export.json") == summary
     _, loaded = hf.load_hf_checkpoint(run_dir + "/export/guard_best")
     jax.tree.map(np.testing.assert_array_equal, loaded, jax.device_get(_params(10)))

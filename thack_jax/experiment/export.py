@@ -239,7 +239,8 @@ def export_students(
     (the snapshot of best_step from `StudentSnapshots(run_dir, config)`; final_params when
     best_step == final_step and no snapshot of it was kept), each config.json +
     model.safetensors + README.md (`model_card`), then `<run_dir>/export/export.json`, the
-    returned summary: {kind: {path, step, metrics, files: {name: sha256}}, guard: {fired,
+    returned summary: {kind: {path (relative to run_dir), step, metrics, files: {name:
+    sha256}}, guard: {fired,
     fired_at, best_step}, run, regime}. Call on every process (final_params are gathered);
     process 0 writes, the others return the summary without the `files` digests.
 
@@ -261,7 +262,8 @@ def export_students(
     }
     for kind, step in steps.items():
         summary[kind] = {
-            "path": storage.join(export_dir, kind),
+            # Relative to the run's folder: a workdir copied elsewhere stays consistent.
+            "path": f"{EXPORT_DIR}/{kind}",
             "step": step,
             "metrics": dict(card.metrics.get(step, {})),
         }
@@ -277,7 +279,7 @@ def export_students(
     # A half-redone export must not keep the old summary, which marks an export complete.
     storage.remove(storage.join(export_dir, EXPORT_FILE))
     for kind, step in steps.items():
-        target = summary[kind]["path"]
+        target = storage.join(run_dir, summary[kind]["path"])
         if kind == "guard_best" and best_saved:
             files = _copy_snapshot(snapshots, step, target)
         else:
