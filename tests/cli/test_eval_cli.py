@@ -177,7 +177,7 @@ def test_run_settings_of_a_run_directory(tmp_path):
 
 def _write_settings_if_missing(cfg, workdir: Path) -> bool:
     """The runner writes eval_settings.json; until it does, the test writes what it would."""
-    path = workdir / eval_inputs.EVAL_SETTINGS_FILE
+    path = workdir / eval_inputs.EVAL_SETTINGS
     if path.exists():
         return False
     ev = cfg.evaluation

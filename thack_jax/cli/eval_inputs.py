@@ -13,6 +13,8 @@ import numpy as np
 
 from thack_jax import models
 from thack_jax.core import storage
+from thack_jax.experiment.config import MODES
+from thack_jax.experiment.eval_setup import EVAL_SETTINGS
 from thack_jax.models import hf, hf_config
 from thack_jax.models.config import T5Config
 from thack_jax.training import checkpoints
@@ -22,8 +24,6 @@ class EvalCliError(Exception):
     pass
 
 
-# What the experiment runner writes next to eval_prompts.npy for the separate evaluator.
-EVAL_SETTINGS_FILE = "eval_settings.json"
 RUN_CKPT_SUBDIR = "train/checkpoints"  # a run's student checkpoints, relative to the run
 _SETTING_TYPES = {
     "num_samples": int,
@@ -34,7 +34,6 @@ _SETTING_TYPES = {
     "mode": str,
     "prompts": str,
 }
-MODES = ("oracle", "field")
 
 
 def run_settings(workdir: str) -> tuple[str, dict] | None:
@@ -51,7 +50,7 @@ def run_settings(workdir: str) -> tuple[str, dict] | None:
     if not storage.is_remote(run):
         run = os.path.abspath(run)
     runs = storage.dirname(run)
-    path = storage.join(storage.dirname(runs), EVAL_SETTINGS_FILE)
+    path = storage.join(storage.dirname(runs), EVAL_SETTINGS)
     if storage.basename(runs) != "runs" or not storage.exists(path):
         return None
     record = storage.read_json(path)  # ValueError naming the file when damaged

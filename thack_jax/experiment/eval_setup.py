@@ -21,6 +21,7 @@ import numpy as np
 from thack_jax.core import storage
 from thack_jax.evaluation.evaluator import EvalSettings, Evaluator
 from thack_jax.experiment import stages as stage_work
+from thack_jax.experiment import task_data
 from thack_jax.experiment.config import ExperimentMismatchError
 
 EVAL_PROMPTS = "eval_prompts.npy"
@@ -45,8 +46,10 @@ def _cached(ctx: stage_work.StageContext, name: str, array: np.ndarray) -> np.nd
 
 
 def eval_prompts(ctx: stage_work.StageContext) -> np.ndarray:
-    """Oracle mode's held-out prompts [N, Lx] (validation split, fixed by the eval seed)."""
+    """The held-out prompts [N, Lx] (validation split, fixed by the eval seed)."""
     ev = ctx.cfg.evaluation
+    if ctx.cfg.mode == "field":  # the inputs of the examples whose references are used
+        return eval_data(ctx)[0]
     return _cached(ctx, EVAL_PROMPTS, ctx.prompts("validation", ev.num_prompts, ev.seed))
 
 
@@ -58,7 +61,8 @@ def eval_data(ctx: stage_work.StageContext) -> tuple[np.ndarray, np.ndarray]:
         prompts = _cached(ctx, EVAL_PROMPTS, prompts)
     else:
         prompts = eval_prompts(ctx)
-        references = stage_work.oracle_references(ctx, prompts)
+        oracle = ctx.load_model("oracle")
+        references = task_data.oracle_references(oracle, prompts, ctx.cfg, ctx.mesh)
     return prompts, _cached(ctx, EVAL_REFERENCES, references)
 
 

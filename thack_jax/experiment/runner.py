@@ -263,11 +263,7 @@ class Experiment(stage_work.StageContext):
 
     def eval_prompts(self) -> np.ndarray:
         """Held-out prompts [N, Lx] of the evaluator (eval_setup.py), cached as .npy."""
-        return (
-            eval_setup.eval_data(self)[0]
-            if self.cfg.mode == "field"
-            else (eval_setup.eval_prompts(self))
-        )
+        return eval_setup.eval_prompts(self)
 
     def evaluator(self) -> Evaluator:
         """The inline evaluator of every run (and eval_settings.json for launch/eval.py)."""
@@ -293,11 +289,12 @@ class Experiment(stage_work.StageContext):
         out = self.path("runs", run.name)
         metrics_path = storage.join(out, "train", "metrics.jsonl")
         distillation.write_guard_settings(self, out)  # also for a finished run: the report reads it
-        if self.run_is_complete(run):
+        fp, config = self._distill_config(run)
+        if markers.is_complete(out, fp, config):
             return metrics_path
         stage_work.write_json(storage.join(out, "run.json"), to_json(run))
         seconds = distillation.distill(self, run, evaluator or self.evaluator())
-        markers.mark_complete(out, *self._distill_config(run), wall_seconds=round(seconds, 1))
+        markers.mark_complete(out, fp, config, wall_seconds=round(seconds, 1))
         return metrics_path
 
     def _run_distill(self, runs: tuple[str, ...] | None) -> bool:

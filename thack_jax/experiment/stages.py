@@ -145,11 +145,6 @@ def reference_data(ctx: StageContext) -> dict:
     return {"examples": task_data.build_reference_data(ctx.path("reference_data"), ctx.cfg)}
 
 
-def oracle_references(ctx: StageContext, prompts: np.ndarray) -> np.ndarray:
-    """Oracle mode: one oracle sample per evaluation prompt, the references [N, Ly]."""
-    return task_data.oracle_references(ctx.load_model("oracle"), prompts, ctx.cfg, ctx.mesh)
-
-
 class SftSettings(NamedTuple):
     """What the SFT of one role reads from the configuration."""
 
@@ -184,11 +179,19 @@ def sft(ctx: StageContext, role: str) -> int:
         params = load_checkpoint(s.spec, config)
     else:
         params = models.init_params(config, jax.random.key(s.spec.init_seed))
-    if tc.num_steps == 0:
-        params = jax.tree.map(np.array, params)
-        _scale_output_layer(config, params, s.logit_scale, "teacher_logit_scale")
-        hf.save_hf_checkpoint(ctx.path(s.directory, "model"), config, params)
-        return 0
+    n = 0
+    if tc.num_steps > 0:
+        params, n = _train_sft(ctx, role, s, (config, params))
+    params = jax.tree.map(np.array, params)
+    _scale_output_layer(config, params, s.logit_scale, "teacher_logit_scale")
+    hf.save_hf_checkpoint(ctx.path(s.directory, "model"), config, params)
+    return n
+
+
+def _train_sft(ctx: StageContext, role: str, s: SftSettings, model) -> tuple[dict, int]:
+    """(trained params, rows trained on) of `role`'s SFT on the store `ctx.sft_data`."""
+    config, params = model
+    tc = s.train
     store = OfflineStore.open(ctx.path(ctx.sft_data))
     n = s.limit or store.inputs.shape[0]
     source = trainer.ArraySource(
@@ -210,10 +213,7 @@ def sft(ctx: StageContext, role: str) -> int:
         mesh=ctx.mesh,
     )
     stop_if_interrupted(result, f"the {role} SFT", tc.num_steps)
-    params = jax.tree.map(np.array, result.state.params)
-    _scale_output_layer(config, params, s.logit_scale, "teacher_logit_scale")
-    hf.save_hf_checkpoint(ctx.path(s.directory, "model"), config, params)
-    return n
+    return result.state.params, n
 
 
 def _scale_output_layer(config, params: dict, scale: float, field: str) -> None:

@@ -16,6 +16,7 @@ import numpy as np
 from thack_jax.data import synthetic
 from thack_jax.decoding import sampling
 from thack_jax.decoding.settings import SamplingConfig
+from thack_jax.evaluation.references import batches_of
 from thack_jax.experiment.config import ExperimentConfig
 from thack_jax.parallel import partitioning
 
@@ -110,15 +111,11 @@ def oracle_references(model, prompts_: np.ndarray, cfg: ExperimentConfig, mesh) 
     ev = cfg.evaluation
     key = jax.random.fold_in(jax.random.key(ev.seed), REFERENCE_STREAM)
     settings = SamplingConfig(max_decode_len=cfg.max_target_length)
-    batch = ev.batch_size
-    multiple = 1 if mesh is None else partitioning.data_parallel_size(mesh)
-    batch += -batch % multiple
+    batches = batches_of(np.asarray(prompts_, np.int32), ev.batch_size)
     out = []
-    for start in range(0, len(prompts_), batch):
-        rows = prompts_[start : start + batch]
-        padded = np.concatenate([rows, np.repeat(rows[:1], batch - len(rows), 0)])
+    for b, batch in enumerate(batches):
         s = sampling.sample(
-            config, params, padded.astype(np.int32), key, settings, mesh=mesh, first_row=start
+            config, params, batch, key, settings, mesh=mesh, first_row=b * ev.batch_size
         )
-        out.append(partitioning.to_host(s.tokens)[: len(rows)])
-    return np.concatenate(out).astype(np.int32)
+        out.append(partitioning.to_host(s.tokens))
+    return np.concatenate(out)[: len(prompts_)].astype(np.int32)
