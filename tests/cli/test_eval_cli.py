@@ -138,6 +138,9 @@ def test_field_mode_with_references_measures_proxy_and_reference_only(setup, tmp
     result = run(cmd)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "settings from" not in result.stdout  # not a run of an experiment
+    # Library INFO lines (orbax's checkpoint reads, absl's) are hidden without --verbosity.
+    noise = [line for line in result.stderr.splitlines() if re.match(r"(I\d{4} |INFO:absl)", line)]
+    assert noise == [] and "orbax" not in result.stderr, result.stderr[-3000:]
     (row,) = read_metrics(str(workdir / watcher.EVAL_METRICS_FILE))
     prefixes = {key.split("/")[0] for key in row if "/" in key}
     assert prefixes == {"proxy", "reference"}

@@ -37,8 +37,11 @@ def test_default_out_dir_is_first_workdir(tmp_path):
 @pytest.mark.parametrize(
     "setup, message",
     [
-        ("absent", "report: error: workdir not found: {dir}/absent"),
-        ("empty", "report: error: no runs found; searched: {dir}/empty/runs/*/train/metrics.jsonl"),
+        ("absent", "report.py: error: workdir not found: {dir}/absent"),
+        (
+            "empty",
+            "report.py: error: no runs found; searched: {dir}/empty/runs/*/train/metrics.jsonl",
+        ),
         ("no_eval", "{dir}/no_eval/runs/r/train/metrics.jsonl: no evaluation lines"),
     ],
 )

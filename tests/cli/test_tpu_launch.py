@@ -5,6 +5,7 @@ The gcloud argument lists and remote-shell quoting: tests/cli/test_tpu_commands.
 
 from __future__ import annotations
 
+import os
 import shlex
 import subprocess
 import sys
@@ -17,6 +18,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = REPO_ROOT / "launch" / "tpu.py"
 
 from thack_jax.cli import tpu  # noqa: E402
+from thack_jax.experiment import gin_registry  # noqa: E402
 
 
 def _remote_command(argv) -> str:
@@ -29,7 +31,8 @@ def _fake_repo(tmp_path: Path, gin_names=("exp.gin",)) -> Path:
     (repo / "gin_configs").mkdir(parents=True)
     (repo / "setup.cfg").write_text("[metadata]\nname = x\n")
     for gin_name in gin_names:
-        (repo / "gin_configs" / gin_name).write_text("# gin\n")
+        # A real experiment (the package's default), so that the configuration check passes.
+        (repo / "gin_configs" / gin_name).write_text("include 'experiments/default.gin'\n")
     return repo
 
 
@@ -40,7 +43,7 @@ def _config(tmp_path, **overrides):
         zone="us-central2-b",
         accelerator_type="v4-32",
         gin_files=("gin_configs/exp.gin",),
-        gin_bindings=("train.num_steps = 10",),
+        gin_bindings=("distill/TrainConfig.num_steps = 10",),
         workdir="gs://bucket/run1",
         repo_dir=str(repo),
     )
@@ -67,14 +70,67 @@ def test_plan_validation_errors(tmp_path):
         tpu.plan(_config(tmp_path, workdir=""), "run")
     with pytest.raises(ValueError, match="--gin_file='missing.gin'"):
         tpu.plan(_config(tmp_path / "a", gin_files=("missing.gin",)), "run")
-    with pytest.raises(ValueError, match="--gin_file='/etc/passwd'"):
-        tpu.plan(_config(tmp_path / "b", gin_files=("/etc/passwd",)), "all")
+    with pytest.raises(ValueError, match="--gin_search_paths='/etc'"):
+        tpu.plan(_config(tmp_path / "b", gin_search_paths=("/etc",)), "all")
     with pytest.raises(ValueError, match="--action='deploy'"):
         tpu.plan(_config(tmp_path / "c"), "deploy")
     with pytest.raises(ValueError, match="--name='Bad_Name'"):
         tpu.plan(_config(tmp_path / "d", name="Bad_Name"), "delete")
     # delete needs neither a workdir nor gin files
     assert tpu.plan(_config(tmp_path / "e", workdir="", gin_files=()), "delete")
+
+
+def test_gin_files_follow_train_py_convention_and_outside_ones_are_shipped(tmp_path):
+    mine = tmp_path / "elsewhere" / "mine.gin"
+    mine.parent.mkdir()
+    mine.write_text("include 'experiments/default.gin'\nExperimentConfig.seed = 3\n")
+    # The package's configs by their short name, a checkout file, and a file from outside.
+    names = ("experiments/default.gin", "gin_configs/exp.gin", str(mine))
+    cfg = _config(tmp_path, gin_files=names)
+    where = tpu.gin_locations(cfg)
+    assert where.remote[1] == "gin_configs/exp.gin"
+    assert where.remote[2] == "_shipped_gin/2_mine.gin"
+    # The fake checkout has no experiments/: the file came from this package, and is shipped.
+    package_default = os.path.join(gin_registry.GIN_DIR, "experiments", "default.gin")
+    assert where.remote[0] == "_shipped_gin/0_default.gin"
+    assert where.shipped == {
+        "_shipped_gin/0_default.gin": package_default,
+        "_shipped_gin/2_mine.gin": str(mine),
+    }
+    train_tokens = shlex.split(_remote_command(tpu.plan(cfg, "run")[-1].argv))
+    assert "--gin_file=_shipped_gin/2_mine.gin" in train_tokens
+    out = tpu.make_source_tarball(cfg.repo_dir, str(tmp_path / "s.tgz"), where.shipped)
+    with tarfile.open(out) as tar:
+        assert tar.extractfile("./_shipped_gin/2_mine.gin").read() == mine.read_bytes()
+    assert tpu.check_experiment(cfg) == "default"
+
+
+def test_configuration_is_checked_as_train_py_will(tmp_path):
+    with pytest.raises(ValueError, match="doesn't have a parameter named 'sead'"):
+        tpu.check_experiment(_config(tmp_path / "a", gin_bindings=("ExperimentConfig.sead = 1",)))
+    with pytest.raises(ValueError, match="ExperimentConfig.seed=-3 must be an integer >= 0"):
+        tpu.check_experiment(_config(tmp_path / "b", gin_bindings=("ExperimentConfig.seed = -3",)))
+    with pytest.raises(ValueError, match="scheme 's3' is not supported"):
+        tpu.check_experiment(_config(tmp_path / "c", workdir="s3://bucket/run"))
+    with pytest.raises(ValueError, match="names no bucket"):
+        tpu.check_experiment(_config(tmp_path / "d", workdir="gs:///run"))
+
+
+def test_dry_run_refuses_a_bad_config_before_printing_any_command(tmp_path):
+    repo = _fake_repo(tmp_path)
+    result = _run_cli(
+        "--action=all",
+        "--dry_run",
+        "--name=thack-v4",
+        "--zone=us-central2-b",
+        f"--repo_dir={repo}",
+        "--gin_file=gin_configs/exp.gin",
+        "--gin_bindings=ExperimentConfig.sead = 1",
+        "--workdir=gs://bucket/run1",
+    )
+    assert result.returncode == 1 and result.stdout == ""
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("tpu.py: error: ") and "'sead'" in line
 
 
 def test_source_tarball_excludes_vcs_and_caches(tmp_path):
@@ -113,7 +169,7 @@ def _run_cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_dry_run_prints_the_exact_commands(tmp_path):
     repo = _fake_repo(tmp_path, gin_names=("exp.gin", "odd name $(x).gin"))
-    binding = "train.note = 'a; b' \"$(id)\" `id`\nsecond line"
+    binding = "ExperimentConfig.name = 'a; b \"$(id)\" `id`'\nExperimentConfig.seed = 5"
     workdir = "gs://bucket/run 1;$(id)"
     result = _run_cli(
         "--action=all",
@@ -126,7 +182,7 @@ def test_dry_run_prints_the_exact_commands(tmp_path):
         "--gin_file=gin_configs/exp.gin",
         "--gin_file=gin_configs/odd name $(x).gin",
         f"--gin_bindings={binding}",
-        "--gin_bindings=train.num_steps = 5",
+        "--gin_bindings=distill/TrainConfig.num_steps = 5",
         f"--workdir={workdir}",
     )
     assert result.returncode == 0, result.stderr
@@ -137,7 +193,7 @@ def test_dry_run_prints_the_exact_commands(tmp_path):
     assert "--spot" in commands[0] and "--accelerator-type=v4-32" in commands[0]
     train_tokens = shlex.split(_remote_command(commands[3]))
     assert f"--gin_bindings={binding}" in train_tokens
-    assert "--gin_bindings=train.num_steps = 5" in train_tokens
+    assert "--gin_bindings=distill/TrainConfig.num_steps = 5" in train_tokens
     assert "--gin_file=gin_configs/odd name $(x).gin" in train_tokens
     assert f"--workdir={workdir}" in train_tokens
     assert "python3" in train_tokens and "launch/train.py" in train_tokens

@@ -97,3 +97,59 @@ def test_sigterm_exits_non_zero_saying_rerun_to_resume(tmp_path):
     assert "Traceback" not in stderr
     assert not (workdir / "teacher" / "COMPLETE.json").exists()
     assert not (workdir / "student_init").exists()  # no later stage ran
+
+
+def _run(cwd, *args):
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=60, cwd=cwd
+    )
+
+
+def test_gin_file_convention_search_paths_package_then_current_folder(tmp_path):
+    """The same experiment named four ways, from a folder that is not the checkout."""
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "local.gin").write_text("include 'experiments/default.gin'\n")
+    (tmp_path / "search").mkdir()
+    (tmp_path / "search" / "found.gin").write_text("include 'experiments/default.gin'\n")
+    workdir = tmp_path / "wd"
+    names = [
+        ["--gin_file=experiments/default.gin"],  # the package's configs
+        ["--gin_file=gin_configs/experiments/default.gin"],  # with the folder's name
+        ["--gin_file=mine/local.gin"],  # the current folder
+        [f"--gin_file={tmp_path / 'mine' / 'local.gin'}"],  # absolute
+        ["--gin_file=found.gin", f"--gin_search_paths={tmp_path / 'search'}"],
+    ]
+    for args in names:
+        result = _run(tmp_path, *args, f"--workdir={workdir}", "--dry_run")
+        assert result.returncode == 0, (args, result.stderr)
+        assert "dry run: experiment default (oracle mode)" in result.stdout
+    assert not workdir.exists()  # a dry run writes nothing
+    missing = _run(tmp_path, "--gin_file=nope.gin", f"--workdir={workdir}")
+    (line,) = missing.stderr.strip().splitlines()
+    assert missing.returncode == 1
+    assert line.startswith("train.py: error: gin file 'nope.gin' not found (looked in ")
+    assert str(tmp_path) in line and "gin_configs" in line
+
+
+def test_dry_run_checks_the_workdir_and_verbose_shows_the_traceback(tmp_path):
+    from thack_jax.experiment import gin_registry, runner
+
+    workdir = tmp_path / "wd"
+    gin_registry.parse(["experiments/default.gin"])
+    runner.check_workdir(gin_registry.experiment_config(), str(workdir))  # experiment.json
+    before = sorted(p.name for p in workdir.iterdir())
+    same = _run(tmp_path, "--gin_file=experiments/default.gin", f"--workdir={workdir}", "--dry_run")
+    assert same.returncode == 0, same.stderr
+    other = ["--gin_file=experiments/default.gin", "--gin_bindings=ExperimentConfig.seed = 1"]
+    refused = _run(tmp_path, *other, f"--workdir={workdir}", "--dry_run")
+    assert refused.returncode == 1
+    assert refused.stderr.startswith("train.py: error: workdir ") and "seed" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    verbose = _run(tmp_path, *other, f"--workdir={workdir}", "--dry_run", "--verbose")
+    assert verbose.returncode == 1 and "Traceback" in verbose.stderr
+    assert "ExperimentMismatchError" in verbose.stderr
+    scheme = _run(tmp_path, "--gin_file=experiments/default.gin", "--workdir=s3://b/x", "--dry_run")
+    assert scheme.stderr.strip() == (
+        "train.py: error: workdir 's3://b/x': scheme 's3' is not supported (a local path, or gs://)"
+    )
+    assert sorted(p.name for p in workdir.iterdir()) == before

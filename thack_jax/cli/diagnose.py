@@ -16,11 +16,11 @@ import io
 import math
 import os
 import posixpath
-import sys
 
 import numpy as np
 from absl import app, flags
 
+from thack_jax.cli import common
 from thack_jax.core import storage
 from thack_jax.hacking import (
     diagnostics,  # noqa: E402
@@ -33,6 +33,7 @@ from thack_jax.training import metrics_io
 
 AUTO = "auto"
 FLAGS = flags.FLAGS
+flags.adopt_module_key_flags(common)  # --help lists --verbose
 flags.DEFINE_string("metrics", None, "JSONL or CSV metrics file.")
 flags.DEFINE_string("step_key", "step", "Key (column) of the training step.")
 flags.DEFINE_string("proxy_key", "proxy/forward_kl", "Key of the proxy metric.")
@@ -340,15 +341,12 @@ def main(argv):
         return
     if not FLAGS.metrics:
         raise app.UsageError("--metrics is required (or --simulate)")
-    try:
-        diagnose(FLAGS.metrics)
-    except (DiagnoseError, ValueError) as e:
-        sys.exit(f"diagnose: error: {e}")
+    diagnose(FLAGS.metrics)
 
 
 def run() -> None:
     """Console script `thack-diagnose` (and `python launch/diagnose.py`)."""
-    app.run(main)
+    common.run(main, "diagnose.py", (DiagnoseError, *common.EXPECTED_ERRORS))
 
 
 if __name__ == "__main__":

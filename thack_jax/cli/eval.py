@@ -38,12 +38,13 @@ import sys
 
 from absl import app, flags
 
-from thack_jax.cli import eval_inputs
+from thack_jax.cli import common, eval_inputs
 from thack_jax.cli.eval_inputs import EvalCliError, load_config, load_model, load_prompts
 from thack_jax.evaluation import evaluator, watcher
 from thack_jax.parallel import partitioning
 
 FLAGS = flags.FLAGS
+flags.adopt_module_key_flags(common)  # --help lists --verbose
 flags.DEFINE_string("workdir", None, "Training workdir to watch.")
 flags.DEFINE_string("ckpt_subdir", "checkpoints", "Student checkpoints, relative to --workdir.")
 flags.DEFINE_string("oracle_ckpt", None, "Oracle: HF safetensors dir or orbax checkpoint dir.")
@@ -141,30 +142,29 @@ def build_evaluator(values: dict) -> evaluator.Evaluator:
 
 def main(argv):
     del argv
+    # The watcher's progress lines (INFO); absl's and orbax's INFO stay hidden (common.run).
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if not FLAGS.workdir:
         raise app.UsageError("--workdir is required")
-    try:
-        values = resolved_flags()
-        ev = build_evaluator(values)
-        steps = watcher.watch(
-            FLAGS.workdir,
-            ev,
-            ckpt_subdir=values["ckpt_subdir"],
-            poll_seconds=FLAGS.poll_seconds,
-            timeout=FLAGS.timeout if FLAGS.timeout >= 0 else None,
-            stop_after_step=FLAGS.stop_after_step if FLAGS.stop_after_step >= 0 else None,
-        )
-    except (EvalCliError, FileNotFoundError, ValueError) as e:
-        print(f"eval.py: error: {e}", file=sys.stderr)
-        return 1
+    values = resolved_flags()
+    ev = build_evaluator(values)
+    steps = watcher.watch(
+        FLAGS.workdir,
+        ev,
+        ckpt_subdir=values["ckpt_subdir"],
+        poll_seconds=FLAGS.poll_seconds,
+        timeout=FLAGS.timeout if FLAGS.timeout >= 0 else None,
+        stop_after_step=FLAGS.stop_after_step if FLAGS.stop_after_step >= 0 else None,
+    )
     print(f"evaluated steps: {steps}")
     return 0
 
 
 def run() -> None:
     """Console script `thack-eval` (and `python launch/eval.py`)."""
-    app.run(lambda argv: sys.exit(main(argv)))
+    common.run(
+        lambda argv: sys.exit(main(argv)), "eval.py", (EvalCliError, *common.EXPECTED_ERRORS)
+    )
 
 
 if __name__ == "__main__":

@@ -28,12 +28,18 @@ from __future__ import annotations
 from absl import app, flags
 
 from thack_jax import models
+from thack_jax.cli import common
 from thack_jax.training import memory  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_multi_string("gin_file", [], "Experiment gin files (relative to gin_configs/).")
-flags.DEFINE_multi_string("gin_bindings", [], "Extra gin bindings.")
-flags.DEFINE_integer("num_devices", 1, "Devices the training mesh spans (replaces its -1).")
+common.define_gin_flags()
+flags.adopt_module_key_flags(common)  # --help lists the gin flags and --verbose
+flags.DEFINE_integer(
+    "num_devices",
+    None,
+    "Devices the training mesh spans: replaces its -1 (default 1); a mesh without -1 "
+    "(--mesh=data=16) spans its product.",
+)
 flags.DEFINE_string("mesh", None, "Training mesh, e.g. 'data=8' or 'data=4,model=2'.")
 flags.DEFINE_string("sampling_mesh", "data=1", "Mesh of the offline-data sampling stages.")
 flags.DEFINE_integer("sampling_chunk", 256, "Prompts per sampler call (build_offline_store).")
@@ -62,11 +68,14 @@ def parse_mesh(text: str) -> dict[str, int]:
     return mesh
 
 
-def resolve_mesh(mesh_shape: dict, num_devices: int) -> dict[str, int]:
-    """Replaces a -1 size with what is left of `num_devices`."""
+def resolve_mesh(mesh_shape: dict, num_devices: int | None) -> dict[str, int]:
+    """Replaces a -1 size with what is left of `num_devices` (None: 1 device for a -1, the
+    mesh's own product otherwise)."""
     known = 1
     for size in mesh_shape.values():
         known *= size if size != -1 else 1
+    if num_devices is None:
+        num_devices = known
     if num_devices % known:
         raise ValueError(f"mesh {mesh_shape} does not divide {num_devices} devices")
     return {k: (num_devices // known if v == -1 else v) for k, v in mesh_shape.items()}
@@ -131,10 +140,7 @@ def experiment_rows(cfg, mesh_shape: dict, sampling_mesh: dict, chunk: int = 256
 def main(argv):
     del argv
     if FLAGS.gin_file:
-        from thack_jax.experiment import gin_registry
-
-        gin_registry.parse(FLAGS.gin_file, FLAGS.gin_bindings)
-        cfg = gin_registry.experiment_config()
+        cfg = common.experiment_config("memory.py")
         mesh = parse_mesh(FLAGS.mesh) if FLAGS.mesh else dict(cfg.mesh_shape)
         mesh = resolve_mesh(mesh, FLAGS.num_devices)
         rows = experiment_rows(cfg, mesh, parse_mesh(FLAGS.sampling_mesh), FLAGS.sampling_chunk)
@@ -166,7 +172,7 @@ def main(argv):
 
 def run() -> None:
     """Console script `thack-memory` (and `python launch/memory.py`)."""
-    app.run(main)
+    common.run(main, "memory.py")
 
 
 if __name__ == "__main__":

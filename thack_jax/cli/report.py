@@ -16,14 +16,14 @@ be local or a URI (gs://...). Neither jax nor tensorflow is imported.
 
 from __future__ import annotations
 
-import sys
-
 from absl import app, flags
 
+from thack_jax.cli import common
 from thack_jax.core import storage
 from thack_jax.reporting import reference_check, report, summary  # noqa: E402
 
 FLAGS = flags.FLAGS
+flags.adopt_module_key_flags(common)  # --help lists --verbose
 flags.DEFINE_multi_string("workdir", None, "Experiment workdir (repeat for several).")
 flags.DEFINE_multi_string(
     "summary_dir", None, "Directory of run summaries, *.json (repeat for several)."
@@ -57,26 +57,17 @@ def main(argv):
     if FLAGS.reference_check is not None:
         if not FLAGS.workdir or len(FLAGS.workdir) != 1:
             raise app.UsageError("--reference_check needs exactly one --workdir")
-        try:
-            path = reference_check.write(FLAGS.workdir[0], FLAGS.reference_check)
-        except (ValueError, OSError) as e:
-            sys.exit(f"report: error: {e}")
+        path = reference_check.write(FLAGS.workdir[0], FLAGS.reference_check)
         print(f"report: {path}")
         print(reference_check.summary_line(reference_check.agreement(FLAGS.workdir[0])))
         return
     if FLAGS.write_summary is not None:
         if not FLAGS.workdir or FLAGS.summary_dir:
             raise app.UsageError("--write_summary needs --workdir (and no --summary_dir)")
-        try:
-            paths = summary.summarize(FLAGS.workdir, FLAGS.write_summary)
-        except (ValueError, OSError) as e:
-            sys.exit(f"report: error: {e}")
+        paths = summary.summarize(FLAGS.workdir, FLAGS.write_summary)
         print(f"report: {len(paths)} run summaries in {FLAGS.write_summary}")
         return
-    try:
-        path = _report()
-    except (ValueError, OSError) as e:  # ReportError is a ValueError; so are bad JSON lines
-        sys.exit(f"report: error: {e}")
+    path = _report()  # ReportError is a ValueError (one line, common.run); so are bad JSON lines
     print(f"report: {path}")
     if not storage.exists(path):  # another process than 0 of a multi-process run
         return
@@ -87,7 +78,7 @@ def main(argv):
 
 def run() -> None:
     """Console script `thack-report` (and `python launch/report.py`)."""
-    app.run(main)
+    common.run(main, "report.py")
 
 
 if __name__ == "__main__":

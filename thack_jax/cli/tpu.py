@@ -1,8 +1,14 @@
 r"""Run thack_jax on a Cloud TPU VM (single host or pod slice) with one command.
 
   python launch/tpu.py --action=all --name=thack-v4 --zone=us-central2-b \
-      --accelerator_type=v4-32 --gin_file=gin_configs/experiments/x.gin \
-      --gin_bindings='train.num_steps = 1000' --workdir=gs://my-bucket/thack/run1
+      --accelerator_type=v4-32 --gin_file=experiments/paper_xsum_small.gin \
+      --gin_bindings='distill/TrainConfig.num_steps = 1000' --workdir=gs://my-bucket/thack/run1
+
+Gin files follow train.py's convention (--gin_search_paths, then gin_configs/, then the
+current folder). Before anything runs, the gin files and bindings are parsed and the
+ExperimentConfig built exactly as train.py will, and the workdir's scheme is checked: a
+typo fails here, in a second, not after a pod was created. A gin file inside --repo_dir is
+passed by its path there; one outside it is shipped in the tarball (under _shipped_gin/).
 
 Actions:
   create  create the TPU VM (or a queued resource with --queued_resource, then wait for it)
@@ -13,8 +19,8 @@ Actions:
   all     create, then run (then delete with --delete_after)
 
 The commands come from `thack_jax.cli.tpu_commands` (argument lists run without a shell; the
-one shell string per ssh is quoted there). `--dry_run` prints the commands (shlex.join,
-one per line) and runs nothing.
+one shell string per ssh is quoted there). `--dry_run` checks the configuration, prints the
+commands (shlex.join, one per line) and runs nothing.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from absl import app, flags
+
+from thack_jax.cli import common  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -75,6 +83,7 @@ class LaunchConfig:
     queued_resource: bool = False
     gin_files: tuple[str, ...] = ()
     gin_bindings: tuple[str, ...] = ()
+    gin_search_paths: tuple[str, ...] = ()
     workdir: str = ""
     repo_dir: str = str(REPO_ROOT)
     remote_dir: str = "thack_jax"
@@ -121,13 +130,76 @@ def validate_config(cfg: LaunchConfig, action: str) -> None:
         repo = Path(cfg.repo_dir)
         if not (repo / "setup.cfg").is_file() and not (repo / "pyproject.toml").is_file():
             raise ValueError(f"--repo_dir={cfg.repo_dir!r} is not a Python project checkout.")
-        for gin_file in cfg.gin_files:
-            path = Path(gin_file)
-            if path.is_absolute() or ".." in path.parts or not (repo / path).is_file():
-                raise ValueError(
-                    f"--gin_file={gin_file!r} must be a file inside --repo_dir={cfg.repo_dir!r}, "
-                    "given relative to it (it is shipped with the code)."
-                )
+        gin_locations(cfg)  # every file found, every search path inside the checkout
+
+
+SHIPPED_GIN = "_shipped_gin"  # where gin files from outside --repo_dir go in the tarball
+
+
+@dataclass(frozen=True)
+class GinLocations:
+    """Where the gin files are here (`local`) and what train.py is given there (`remote`,
+    relative to the shipped checkout); `shipped`: {tarball name: local path} of the files
+    from outside the checkout; `search_paths`: the search paths, relative to it."""
+
+    local: tuple[str, ...]
+    remote: tuple[str, ...]
+    shipped: dict[str, str]
+    search_paths: tuple[str, ...]
+
+
+def gin_locations(cfg: LaunchConfig) -> GinLocations:
+    """Resolves --gin_file as train.py will on the workers (the checkout's gin_configs/
+    standing in for the package's). Raises ValueError naming the flag."""
+    from thack_jax.experiment import gin_registry
+
+    repo = Path(cfg.repo_dir).resolve()
+    search = []
+    for folder in cfg.gin_search_paths:
+        path = Path(folder).resolve()
+        if not path.is_dir() or not path.is_relative_to(repo):
+            raise ValueError(
+                f"--gin_search_paths={folder!r} must be a folder inside --repo_dir="
+                f"{cfg.repo_dir!r} (it is shipped with the code)."
+            )
+        search.append(str(path))
+    local, remote, shipped = [], [], {}
+    for i, name in enumerate(cfg.gin_files):
+        try:
+            roots = [*search, str(repo / "gin_configs"), str(repo)]
+            path = Path(gin_registry.resolve_gin_file(name, roots))
+        except gin_registry.GinConfigError as e:
+            raise ValueError(f"--gin_file={name!r}: {e}") from None
+        path = path.resolve()
+        if path.is_relative_to(repo):
+            remote.append(path.relative_to(repo).as_posix())
+        else:
+            arcname = f"{SHIPPED_GIN}/{i}_{path.name}"
+            shipped[arcname] = str(path)
+            remote.append(arcname)
+        local.append(str(path))
+    rel = tuple(Path(p).relative_to(repo).as_posix() for p in search)
+    return GinLocations(tuple(local), tuple(remote), shipped, rel)
+
+
+def check_experiment(cfg: LaunchConfig) -> str:
+    """Parses the gin files and bindings and builds the ExperimentConfig as train.py will,
+    and checks the workdir's scheme. Returns the experiment's name; raises ValueError with
+    train.py's one-line message."""
+    from thack_jax.core import storage
+    from thack_jax.experiment import gin_registry, runner
+
+    storage.check_scheme(cfg.workdir)
+    where = gin_locations(cfg)
+    search = [str(Path(cfg.repo_dir).resolve() / p) for p in where.search_paths]
+    search.append(str(Path(cfg.repo_dir).resolve() / "gin_configs"))  # its includes
+    try:
+        gin_registry.parse(where.local, cfg.gin_bindings, search)
+        experiment = gin_registry.experiment_config()
+        runner.check_models(experiment)
+    except ValueError as e:
+        raise ValueError(f"the experiment's configuration: {e}") from None
+    return experiment.name
 
 
 def plan(cfg: LaunchConfig, action: str) -> list[Step]:
@@ -156,14 +228,16 @@ def plan(cfg: LaunchConfig, action: str) -> list[Step]:
         steps.append(
             Step("install", tuple(build_ssh_command(cfg.name, remote_command=install, **loc)))
         )
+        where = gin_locations(cfg)
         train = build_train_remote_command(
             cfg.remote_dir,
-            cfg.gin_files,
+            where.remote,
             cfg.gin_bindings,
             cfg.workdir,
             log_file=cfg.log_file,
             background=cfg.background,
             env=cfg.env,
+            gin_search_paths=where.search_paths,
         )
         steps.append(Step("train", tuple(build_ssh_command(cfg.name, remote_command=train, **loc))))
     if action == "logs":
@@ -176,8 +250,9 @@ def plan(cfg: LaunchConfig, action: str) -> list[Step]:
     return steps
 
 
-def make_source_tarball(repo_dir: str, out_path: str) -> str:
-    """Packs `repo_dir` (minus EXCLUDED_NAMES and *.pyc) into a .tar.gz at `out_path`."""
+def make_source_tarball(repo_dir: str, out_path: str, extra: dict[str, str] | None = None) -> str:
+    """Packs `repo_dir` (minus EXCLUDED_NAMES and *.pyc) into a .tar.gz at `out_path`, plus
+    the files `extra` ({name in the tarball: local path})."""
 
     def keep(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
         parts = Path(info.name).parts
@@ -189,6 +264,8 @@ def make_source_tarball(repo_dir: str, out_path: str) -> str:
 
     with tarfile.open(out_path, "w:gz") as tar:
         tar.add(repo_dir, arcname=".", filter=keep)
+        for arcname, path in (extra or {}).items():
+            tar.add(path, arcname=f"./{arcname}")
     return out_path
 
 
@@ -214,7 +291,7 @@ def execute(steps: Sequence[Step], cfg: LaunchConfig, wait_timeout_s: float) -> 
             wait_until_active(step.argv, wait_timeout_s)
             continue
         if step.needs_tarball:
-            make_source_tarball(cfg.repo_dir, cfg.tarball())
+            make_source_tarball(cfg.repo_dir, cfg.tarball(), gin_locations(cfg).shipped)
         try:
             rc = subprocess.run(list(step.argv), check=False).returncode
         finally:
@@ -234,8 +311,8 @@ def _define_flags() -> None:
     flags.DEFINE_string("runtime_version", "tpu-ubuntu2204-base", "TPU VM software version.")
     flags.DEFINE_bool("spot", False, "Use Spot capacity (preemptible, cheaper).")
     flags.DEFINE_bool("queued_resource", False, "Create through the queued-resources API.")
-    flags.DEFINE_multi_string("gin_file", [], "Gin file, relative to --repo_dir (repeatable).")
-    flags.DEFINE_multi_string("gin_bindings", [], "Gin binding (repeatable).")
+    common.define_gin_flags()
+    flags.adopt_module_key_flags(common)  # --help lists the gin flags and --verbose
     flags.DEFINE_string("workdir", "", "Training workdir; gs://bucket/path for pods.")
     flags.DEFINE_string("repo_dir", str(REPO_ROOT), "Local checkout to ship.")
     flags.DEFINE_string("remote_dir", "thack_jax", "Code directory under the remote home.")
@@ -247,7 +324,9 @@ def _define_flags() -> None:
     flags.DEFINE_bool("follow", True, "--action=logs: keep following the log (tail -F).")
     flags.DEFINE_bool("delete_after", False, "--action=all: delete the TPU when training ends.")
     flags.DEFINE_float("wait_timeout_s", 6 * 3600, "Max wait for a queued resource (seconds).")
-    flags.DEFINE_bool("dry_run", False, "Print the gcloud commands, one per line; run nothing.")
+    flags.DEFINE_bool(
+        "dry_run", False, "Check the configuration, print the gcloud commands; run nothing."
+    )
 
 
 def main(argv: Sequence[str]) -> None:
@@ -264,8 +343,11 @@ def main(argv: Sequence[str]) -> None:
     cfg = LaunchConfig(**kwargs)
     try:
         steps = plan(cfg, f.action)
+        if f.action in ("run", "all"):
+            name = check_experiment(cfg)
+            print(f"[tpu] configuration checked: experiment {name!r}", file=sys.stderr)
     except ValueError as e:
-        raise app.UsageError(str(e)) from None
+        raise SystemExit(f"tpu.py: error: {e}") from None
     if cfg.workdir and not cfg.workdir.startswith("gs://") and f.action in ("run", "all"):
         print(
             f"[tpu] warning: --workdir={cfg.workdir!r} is local to each worker; on a multi-host "
@@ -277,17 +359,17 @@ def main(argv: Sequence[str]) -> None:
             print(shlex.join(step.argv))
         return
     if shutil.which("gcloud") is None:
-        raise SystemExit("[tpu] error: gcloud not found on PATH; install the Google Cloud CLI.")
+        raise SystemExit("tpu.py: error: gcloud not found on PATH; install the Google Cloud CLI.")
     try:
         execute(steps, cfg, f.wait_timeout_s)
     except (RuntimeError, TimeoutError) as e:
-        raise SystemExit(f"[tpu] error: {e}") from None
+        raise SystemExit(f"tpu.py: error: {e}") from None
 
 
 def run() -> None:
     """Console script `thack-tpu` (and `python launch/tpu.py`)."""
     _define_flags()
-    app.run(main)
+    common.run(main, "tpu.py")
 
 
 if __name__ == "__main__":

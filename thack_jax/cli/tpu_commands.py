@@ -161,6 +161,7 @@ def build_train_remote_command(
     background: bool = False,
     env: Sequence[str] = (),
     train_script: str = "launch/train.py",
+    gin_search_paths: Sequence[str] = (),
 ) -> str:
     """`cd remote_dir && python3 launch/train.py --gin_file=.. --gin_bindings=.. --workdir=..`.
 
@@ -175,6 +176,7 @@ def build_train_remote_command(
             raise ValueError(f"--env={item!r} must be KEY=VALUE with KEY a variable name.")
     argv = ["env", *env] if env else []
     argv += ["python3", train_script]
+    argv += [f"--gin_search_paths={p}" for p in gin_search_paths]
     argv += [f"--gin_file={f}" for f in gin_files]
     argv += [f"--gin_bindings={b}" for b in gin_bindings]
     argv.append(f"--workdir={workdir}")

@@ -55,6 +55,26 @@ def is_remote(path: str) -> bool:
     return _URI_MARK in str(path)
 
 
+# The remote schemes a workdir may use: the checkpoints go through TensorStore and the
+# other files through gcsfs, and both are installed for gs:// only.
+WORKDIR_SCHEMES = ("gs",)
+
+
+def check_scheme(path: str) -> None:
+    """Refuses a URI whose scheme the workdir cannot use (s3://, gcs://, a typo), or a
+    gs:// URI without a bucket, before anything is written."""
+    if not is_remote(path):
+        return
+    scheme, rest = str(path).split(_URI_MARK, 1)
+    if scheme not in WORKDIR_SCHEMES:
+        raise ValueError(
+            f"workdir {path!r}: scheme {scheme!r} is not supported (a local path, or "
+            f"{', '.join(s + _URI_MARK for s in WORKDIR_SCHEMES)})"
+        )
+    if not rest.split("/", 1)[0]:
+        raise ValueError(f"workdir {path!r} names no bucket (gs://BUCKET/path)")
+
+
 def _epath(path: str):
     from etils import epath  # lazy: the local path needs none of it
 

@@ -35,17 +35,39 @@ class ConfigError(ValueError):
     message (dataclass, field, value, what is allowed) and the gin scope it was bound in."""
 
 
-def parse(gin_files, gin_bindings=(), search_paths=()) -> None:
-    """Parses gin files (searched in `search_paths`, then the package's gin_configs/)."""
+def gin_file_roots(search_paths=()) -> list[str]:
+    """Where a relative gin file name is looked for, in order: the search paths, the
+    package's gin_configs/ (and the folder above it, so that `gin_configs/...` works from
+    any folder), then the current folder. The one convention of every entry point."""
+    roots = [*search_paths, GIN_DIR, os.path.dirname(GIN_DIR), os.getcwd()]
+    return list(dict.fromkeys(os.path.abspath(r) for r in roots))  # each folder once
+
+
+def resolve_gin_file(name: str, search_paths=()) -> str:
+    """The absolute path of gin file `name` (an absolute `name` is used as is).
+
+    Raises:
+      GinConfigError: it is in none of gin_file_roots; the message lists them.
+    """
+    roots = [""] if os.path.isabs(name) else gin_file_roots(search_paths)
+    for root in roots:
+        path = os.path.join(root, name)
+        if os.path.isfile(path):
+            return os.path.abspath(path)
+    where = f" (looked in {', '.join(roots)})" if roots != [""] else ""
+    raise GinConfigError(f"gin file {name!r} not found{where}")
+
+
+def parse(gin_files, gin_bindings=(), search_paths=()) -> list[str]:
+    """Parses gin files (resolve_gin_file's convention) and then the bindings. Includes
+    inside the files are searched in `search_paths`, then the package's gin_configs/.
+    Returns the resolved paths."""
     for path in (*search_paths, GIN_DIR):
         gin.add_config_file_search_path(path)
-    for name in gin_files:
-        if not any(os.path.exists(os.path.join(p, name)) for p in ("", *search_paths, GIN_DIR)):
-            raise GinConfigError(
-                f"gin file {name!r} not found (looked in ., {', '.join([*search_paths, GIN_DIR])})"
-            )
+    resolved = [resolve_gin_file(name, search_paths) for name in gin_files]
     with _quiet_path_probes():
-        _parse(gin_files, gin_bindings)
+        _parse(resolved, gin_bindings)
+    return resolved
 
 
 class _DropPathProbes(logging.Filter):
@@ -78,11 +100,32 @@ def _parse(gin_files, gin_bindings) -> None:
             line = e.args[1][0] if len(e.args) > 1 else "?"
             raise GinConfigError(f"gin file {name!r}, line {line}: {e.args[0]}") from e
         except Exception as e:  # gin raises many types (SyntaxError, ValueError, ...).
-            raise GinConfigError(f"gin file {name!r}: {type(e).__name__}: {e}") from e
-    try:
-        gin.parse_config(list(gin_bindings))
-    except Exception as e:
-        raise GinConfigError(f"gin bindings {list(gin_bindings)}: {type(e).__name__}: {e}") from e
+            raise GinConfigError(f"gin file {name!r}: {_gin_message(e)}") from e
+    for binding in gin_bindings:  # one at a time, so that the error names the binding
+        try:
+            gin.parse_config(binding)
+        except Exception as e:
+            raise GinConfigError(f"gin binding {binding!r}: {_gin_message(e)}") from e
+
+
+_GIN_LOCATION = re.compile(
+    r'In (?:file "(?P<file>[^"]+)", line|bindings string line) (?P<line>\d+)'
+)
+
+
+def _gin_message(error: Exception) -> str:
+    """gin's message on one line: its first line and, when gin appended the location
+    ("In file X, line N" and the offending text), where and what (an included file's
+    name, when the error is in an include)."""
+    lines = str(error).splitlines() or [type(error).__name__]
+    text = f"{type(error).__name__}: {lines[0]}"
+    for i, line in enumerate(lines):
+        found = _GIN_LOCATION.search(line)
+        if found:
+            code = lines[i + 1].strip() if i + 1 < len(lines) else ""
+            where = f"{found['file']}, " if found["file"] else ""
+            return f"{text} ({where}line {found['line']}: {code})"
+    return text
 
 
 _GIN_SCOPE = re.compile(r"in scope '([^']+)'")

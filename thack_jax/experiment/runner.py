@@ -134,9 +134,12 @@ def check_models(cfg: ExperimentConfig) -> None:
             raise ValueError(f"ExperimentConfig.{role}: {e}") from e
 
 
-def check_workdir(cfg: ExperimentConfig, workdir: str) -> None:
-    """Writes experiment.json, or refuses a workdir made under another configuration."""
-    storage.makedirs(workdir)
+def check_workdir(cfg: ExperimentConfig, workdir: str, write: bool = True) -> None:
+    """Writes experiment.json (`write`), or refuses a workdir made under another
+    configuration. Refuses a workdir scheme storage cannot write (storage.check_scheme)."""
+    storage.check_scheme(workdir)
+    if write:
+        storage.makedirs(workdir)
     path = storage.join(workdir, "experiment.json")
     requested = _shared_section(cfg)
     if storage.exists(path):
@@ -147,7 +150,7 @@ def check_workdir(cfg: ExperimentConfig, workdir: str) -> None:
                 f"workdir {workdir} holds another experiment's stages ({path}); differing "
                 "fields:\n  " + "\n  ".join(differences) + "\nUse a new workdir."
             )
-    else:
+    elif write:
         stage_work.write_json(path, requested)
 
 
