@@ -31,7 +31,7 @@ from thack_jax.experiment.stages import (
 )
 from thack_jax.hacking import noise
 from thack_jax.hacking.guard import GUARD_FILE, HackingGuard, fit_start_step, guard_settings
-from thack_jax.training import train_step, trainer
+from thack_jax.training import checkpoints, train_step, trainer
 from thack_jax.training.metrics_io import read_metrics
 
 # The metric the hacking guard watches (from the end of warmup, with its per-prompt values).
@@ -45,6 +45,21 @@ def write_guard_settings(ctx: StageContext, run_dir: str) -> None:
     first_step = fit_start_step(ctx.cfg.distill.warmup_steps)
     settings = guard_settings(first_step, GUARD_KEY, guard.config)
     write_json(storage.join(run_dir, GUARD_FILE), settings)
+
+
+def last_checkpoint(ctx: StageContext, run: RunConfig) -> int | None:
+    """The newest finalized checkpoint step of the run (runs/<name>/train/checkpoints), the
+    one `trainer.train` resumes from, or None."""
+    return checkpoints.latest_step(ctx.path("runs", run.name, "train", "checkpoints"))
+
+
+def guard_stopped(ctx: StageContext, run: RunConfig) -> int | None:
+    """The step at which the hacking guard stopped the run (guard_mode 'stop' and its
+    guard.json, written when it fired), or None when it did not stop it."""
+    path = ctx.path("runs", run.name, "guard.json")
+    if ctx.cfg.guard_mode != "stop" or not storage.exists(path):
+        return None
+    return int(storage.read_json(path)["last_eval_step"])
 
 
 def distill_source(ctx: StageContext, run: RunConfig, teacher, student_config):
@@ -92,7 +107,13 @@ def distill_source(ctx: StageContext, run: RunConfig, teacher, student_config):
 def distill(ctx: StageContext, run: RunConfig, evaluator: Evaluator) -> float:
     """One distillation run into runs/<name>/train, evaluated at the configured steps and
     watched by the hacking guard; returns the wall seconds from building the batch source
-    to the end of training."""
+    to the end of training.
+
+    A resumed run (interrupted, or finished and extended to a larger num_steps:
+    `markers.extension`) continues from its last checkpoint: the metrics lines up to it stay
+    (the trainer drops only later ones), the guard replays their evaluations, later
+    evaluations follow `EvalConfig.steps` of the current num_steps, the candidate snapshots
+    on disk are those the replayed guard keeps, and the export is rewritten at the end."""
     cfg, tc = ctx.cfg, ctx.cfg.distill
     out = ctx.path("runs", run.name)
     metrics_path = storage.join(out, "train", "metrics.jsonl")

@@ -282,22 +282,45 @@ class Experiment(stage_work.StageContext):
         }
         return markers.stage_config(parts, self.inputs_of("distill"))
 
+    def _run_state(self, run: RunConfig) -> tuple[bool, markers.Extension | None]:
+        """(complete, extension): a finished run whose only change is a larger step budget
+        is not complete but extended (markers.extension says when that is refused)."""
+        out = self.path("runs", run.name)
+        fp, config = self._distill_config(run)
+        extension = markers.extension(
+            out,
+            fp,
+            config,
+            last_checkpoint=lambda: distillation.last_checkpoint(self, run),
+            guard_stopped=lambda: distillation.guard_stopped(self, run),
+        )
+        if extension is not None:
+            return False, extension
+        return markers.is_complete(out, fp, config), None
+
     def run_is_complete(self, run: RunConfig) -> bool:
         """Whether `run` finished under this configuration (another one is refused, naming
-        the fields that differ)."""
-        return markers.is_complete(self.path("runs", run.name), *self._distill_config(run))
+        the fields that differ; a larger distill.num_steps alone extends the run)."""
+        return self._run_state(run)[0]
 
     def stage_distill(self, run: RunConfig, evaluator: Evaluator | None = None) -> str:
-        """One distillation run with periodic evaluation; returns its metrics path."""
+        """One distillation run with periodic evaluation; returns its metrics path. A
+        finished run given a larger step budget resumes from its last checkpoint."""
         out = self.path("runs", run.name)
         metrics_path = storage.join(out, "train", "metrics.jsonl")
         distillation.write_guard_settings(self, out)  # also for a finished run: the report reads it
-        fp, config = self._distill_config(run)
-        if markers.is_complete(out, fp, config):
+        complete, extension = self._run_state(run)
+        if complete:
             return metrics_path
+        if extension is not None:
+            print(extension.line(run.name), flush=True)
         stage_work.write_json(storage.join(out, "run.json"), to_json(run))
         seconds = distillation.distill(self, run, evaluator or self.evaluator())
-        markers.mark_complete(out, fp, config, wall_seconds=round(seconds, 1))
+        fp, config = self._distill_config(run)
+        info = (
+            extension.complete_info(seconds) if extension else {"wall_seconds": round(seconds, 1)}
+        )
+        markers.mark_complete(out, fp, config, **info)
         return metrics_path
 
     def _run_distill(self, runs: tuple[str, ...] | None) -> bool:
