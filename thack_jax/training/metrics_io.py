@@ -55,6 +55,18 @@ def _import_summary_writer():
     return SummaryWriter
 
 
+def _event_file_suffix() -> str:
+    """The end of an event file's name: the creation time in ns, then a random part.
+
+    tensorboardX names the file by the second and the host only, and opens it with "wb": a
+    writer started in the same second as the previous one (a fast resume) would replace
+    that writer's events, locally or in the bucket. TensorBoard reads a folder's files in
+    name order and a resumed file's purge step hides only the events of the files before
+    it, so the names must also sort as the writers started: the nanoseconds do that (19
+    digits until 2286)."""
+    return f".{time.time_ns()}.{uuid.uuid4().hex[:8]}"
+
+
 def _to_python(name: str, value):
     """A metric value as a JSON-able Python int or float."""
     array = np.asarray(value)
@@ -114,9 +126,7 @@ class _EventFile:
         from tensorboardX.event_file_writer import EventsWriter
         from tensorboardX.proto.event_pb2 import Event, SessionLog
 
-        # Event files are named by the second and the host: a resumed run's file must not
-        # replace the previous run's in the bucket, hence a random suffix.
-        self._writer = EventsWriter(os.path.join(folder, "events"), f".{uuid.uuid4().hex[:8]}")
+        self._writer = EventsWriter(os.path.join(folder, "events"), _event_file_suffix())
         if purge_step is not None:  # what SummaryWriter(purge_step=...) writes first
             self._writer.write_event(Event(step=purge_step, file_version="brain.Event:2"))
             start = SessionLog(status=SessionLog.START)
@@ -238,6 +248,7 @@ class MetricsWriter:
                 self._tb = _import_summary_writer()(
                     logdir=storage.join(self.workdir, TENSORBOARD_DIR),
                     purge_step=self._purge_step,
+                    filename_suffix=_event_file_suffix(),
                 )
         return self._tb
 
