@@ -238,6 +238,9 @@ def test_mirrored_names_equal_their_sources():
     from thack_jax.training import losses, optim
 
     assert c.MODEL_SIZES == tuple(model_config.NAMED_CONFIGS)
+    from thack_jax.models import decoder_config
+
+    assert c.DECODER_SIZES == tuple(decoder_config.DECODER_CONFIGS)
     assert c.OPTIMIZER_NAMES == optim.OPTIMIZERS
     assert c.SCHEDULE_NAMES == optim.SCHEDULES
     assert c.LOSS_NAMES == tuple(losses.LOSSES)

@@ -177,7 +177,7 @@ def test_relative_position_buckets_match_reference():
 
 
 def test_config_errors_name_the_field():
-    with pytest.raises(ValueError, match="unknown T5 size 'huge'"):
+    with pytest.raises(ValueError, match="unknown model size 'huge'"):
         models.get_config("huge")
     with pytest.raises(ValueError, match="d_modle"):
         models.get_config("tiny", d_modle=3)

@@ -15,7 +15,7 @@ from thack_jax import models
 from thack_jax.core import storage
 from thack_jax.experiment.config import MODES
 from thack_jax.experiment.eval_setup import EVAL_SETTINGS
-from thack_jax.models import hf, hf_config
+from thack_jax.models import hf_config, hf_decoder_config, hf_io
 from thack_jax.models.config import T5Config
 from thack_jax.training import checkpoints
 
@@ -85,18 +85,20 @@ def _is_file(path: str) -> bool:
     return storage.exists(path) and not storage.isdir(path)
 
 
-def load_config(spec: str, flag: str) -> T5Config:
-    """A size name, or a JSON file (HF config.json or T5Config fields)."""
-    if spec in models.NAMED_CONFIGS:
+def load_config(spec: str, flag: str) -> models.ModelConfig:
+    """A size name (T5 or decoder-only), or a JSON file (HF config.json of either family,
+    or T5Config fields)."""
+    if spec in models.NAMED_CONFIGS or spec in models.DECODER_CONFIGS:
         return models.get_config(spec)
     if not _is_file(spec):
-        raise EvalCliError(
-            f"--{flag}={spec!r} is neither a size name {sorted(models.NAMED_CONFIGS)} nor a file"
-        )
+        names = sorted(models.NAMED_CONFIGS) + sorted(models.DECODER_CONFIGS)
+        raise EvalCliError(f"--{flag}={spec!r} is neither a size name {names} nor a file")
     data = storage.read_json(spec)  # ValueError naming the file when it is not JSON
     if not isinstance(data, dict):
         raise EvalCliError(f"--{flag}={spec}: a JSON object expected, got {type(data).__name__}")
-    if "num_layers" in data or "model_type" in data:  # a Hugging Face config.json
+    if data.get("model_type") in hf_io.DECODER_TYPES:  # a Llama / Qwen2 config.json
+        return hf_decoder_config.config_from_hf(data)
+    if "num_layers" in data or "model_type" in data:  # a Hugging Face T5 config.json
         return hf_config.config_from_hf(spec)
     fields = {f.name for f in dataclasses.fields(T5Config)}
     unknown = sorted(set(data) - fields)
@@ -105,7 +107,7 @@ def load_config(spec: str, flag: str) -> T5Config:
     return T5Config(**data)
 
 
-def load_model(path: str, config_spec: str | None, role: str) -> tuple[T5Config, dict]:
+def load_model(path: str, config_spec: str | None, role: str) -> tuple[models.ModelConfig, dict]:
     """(config, params) of a reference model from an HF or an orbax checkpoint directory."""
     if not path:
         raise EvalCliError(f"--{role}_ckpt is required")
@@ -114,7 +116,7 @@ def load_model(path: str, config_spec: str | None, role: str) -> tuple[T5Config,
     config = load_config(config_spec, f"{role}_config") if config_spec else None
     names = set(storage.listdir(path))
     if names & {"model.safetensors", "model.safetensors.index.json"}:
-        return hf.load_hf_checkpoint(path, config=config)
+        return hf_io.load(path, config=config)
     steps = checkpoints.list_finalized_steps(path)
     if not steps:
         raise EvalCliError(

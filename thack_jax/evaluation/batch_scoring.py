@@ -80,7 +80,11 @@ def _score_batch(params, inputs, samples, references, *, configs, num_samples):
     rep = jnp.repeat(inputs, num_samples, axis=0)
     # Each encoder once per prompt, repeated for its n samples.
     once = {role: models.encode(configs[role], params[role], inputs) for role in params}
-    encoded = {role: jnp.repeat(x, num_samples, axis=0) for role, x in once.items()}
+    # A tree map: the decoder-only family's encoding is a prefill pytree (batch-major).
+    encoded = {
+        role: jax.tree.map(lambda x: jnp.repeat(x, num_samples, axis=0), tree)
+        for role, tree in once.items()
+    }
 
     def logprobs(role, targets):
         return _decode_logprobs(configs[role], params[role], encoded[role], rep, targets)

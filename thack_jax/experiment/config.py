@@ -42,6 +42,13 @@ MODEL_SIZES = (  # models/config.py NAMED_CONFIGS
     "t5_1_0_small",
     "t5_1_0_base",
 )
+DECODER_SIZES = (  # models/decoder_config.py DECODER_CONFIGS (the decoder-only family)
+    "llama-tiny",
+    "qwen2-tiny",
+    "smollm2-135m",
+    "qwen2.5-0.5b",
+    "llama-3.2-1b",
+)
 OPTIMIZER_NAMES = ("adafactor", "adamw")  # training/optim.py OPTIMIZERS
 SCHEDULE_NAMES = ("constant", "cosine", "rsqrt")  # training/optim.py SCHEDULES
 LOSS_NAMES = ("forward_kl", "reverse_kl", "jsd", "tv", "skew_kl", "skew_reverse_kl")  # LOSSES
@@ -64,8 +71,10 @@ class ExperimentMismatchError(ValueError):
 class ModelSpec:
     """Which network a role uses.
 
-    size: a named size of models.get_config ('tiny', 'small', ..., 'xl').
-    overrides: T5Config fields to change, e.g. {'d_model': 64, 'vocab_size': 64}.
+    size: a named size of models.get_config: T5 ('tiny', 'small', ..., 'xl') or
+      decoder-only ('llama-tiny', 'qwen2-tiny', 'smollm2-135m', 'qwen2.5-0.5b',
+      'llama-3.2-1b'); the size selects the family.
+    overrides: config fields to change, e.g. {'d_model': 64, 'vocab_size': 64}.
     checkpoint: optional HF (config.json + safetensors) or T5X directory to load instead of
       a random initialisation (`checkpoint_format` 'hf' or 't5x').
     init_seed: seed of the random initialisation when there is no checkpoint.
@@ -80,11 +89,12 @@ class ModelSpec:
     def __post_init__(self):
         if isinstance(self.overrides, dict):
             object.__setattr__(self, "overrides", tuple(sorted(self.overrides.items())))
-        checks.choice(self, "size", MODEL_SIZES)
+        checks.choice(self, "size", MODEL_SIZES + DECODER_SIZES)
         checks.choice(self, "checkpoint_format", ("hf", "t5x"))
         checks.integer(self, "init_seed", 0)
 
     def t5_config(self, **extra) -> T5Config:
+        """The role's model config (a T5Config, or a DecoderConfig for a decoder size)."""
         # Imported here: thack_jax.models imports jax, which building a config must not.
         from thack_jax.models.config import get_config
 

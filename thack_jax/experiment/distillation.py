@@ -22,7 +22,7 @@ from thack_jax.data import generation, regimes
 from thack_jax.decoding.settings import SamplingConfig
 from thack_jax.evaluation.evaluator import Evaluator, metrics_of
 from thack_jax.experiment import export
-from thack_jax.experiment.config import RunConfig
+from thack_jax.experiment.config import DECODER_SIZES, RunConfig
 from thack_jax.experiment.stages import (
     StageContext,
     make_optimizer,
@@ -222,7 +222,8 @@ def export_run(ctx: StageContext, run: RunConfig, result, last: dict, metrics_pa
     cfg = ctx.cfg
     final_step = int(result.state.step)
     best_step = last["result"].best_step if "result" in last else final_step
-    teacher = cfg.teacher.checkpoint or f"T5 '{cfg.teacher.size}' (SFT in this experiment)"
+    kind = "decoder-only" if cfg.teacher.size in DECODER_SIZES else "T5"
+    teacher = cfg.teacher.checkpoint or f"{kind} '{cfg.teacher.size}' (SFT in this experiment)"
     metrics = {}
     for row in read_metrics(metrics_path):
         if GUARD_KEY in row:
@@ -234,6 +235,7 @@ def export_run(ctx: StageContext, run: RunConfig, result, last: dict, metrics_pa
         cfg.distill.num_steps,
         metrics=metrics,
         fired_at=last.get("fired_at"),
+        family=getattr(ctx.cfg.model_config("student"), "family", "t5"),
     )
     return export.export_students(
         ctx.path("runs", run.name),

@@ -6,8 +6,9 @@ keeps the student params of the evaluations the guard may still choose
 (`HackingGuard.candidate_steps()`) as Hugging Face directories under
 `<run_dir>/candidates/step_<k>/`; `export_students` writes the final student and the
 guard's one to `<run_dir>/export/{final,guard_best}/` (config.json + model.safetensors,
-loadable by transformers' `T5ForConditionalGeneration.from_pretrained`, and a model card
-README.md) with a machine-readable `<run_dir>/export/export.json`.
+loadable by transformers' `T5ForConditionalGeneration.from_pretrained`, decoder-only:
+`LlamaForCausalLM` / `Qwen2ForCausalLM`, and a model card README.md) with a
+machine-readable `<run_dir>/export/export.json`.
 
 The wiring (in `distillation.distill`'s eval_fn, after `guard.update`, on every process):
 
@@ -34,8 +35,8 @@ from collections.abc import Mapping
 import jax
 
 from thack_jax.core import storage
-from thack_jax.models.config import T5Config
-from thack_jax.models.hf import save_hf_checkpoint
+from thack_jax.models import ModelConfig
+from thack_jax.models.hf_io import save as save_hf_checkpoint
 from thack_jax.parallel import partitioning
 
 CANDIDATES_DIR = "candidates"
@@ -44,6 +45,9 @@ EXPORT_FILE = "export.json"
 CARD_FILE = "README.md"
 DONE_FILE = "DONE.json"
 HF_FILES = ("config.json", "model.safetensors")  # what save_hf_checkpoint writes
+_FAMILY_NAMES = {"t5": "T5", "llama": "decoder-only (Llama)", "qwen2": "decoder-only (Qwen2)"}
+_LOADERS = {"t5": "T5ForConditionalGeneration", "llama": "LlamaForCausalLM"}
+_LOADERS["qwen2"] = "Qwen2ForCausalLM"
 _STEP_DIR = re.compile(r"step_(\d+)")
 
 
@@ -56,7 +60,8 @@ class CardInfo:
     num_steps: the run's training steps; metrics: {evaluation step: {metric key: value}},
     the logged evaluations (`proxy/<div>`, `golden/<div>`, each with `<key>_stderr` where
     estimated; other keys are listed as they are); fired_at: the first evaluation step at
-    which the guard fired, or None when it never did.
+    which the guard fired, or None when it never did; family: 't5' or a decoder-only
+    family ('llama', 'qwen2'), which the card names with the transformers class to load it.
     """
 
     run: str
@@ -65,6 +70,7 @@ class CardInfo:
     num_steps: int
     metrics: Mapping[int, Mapping[str, float]] = dataclasses.field(default_factory=dict)
     fired_at: int | None = None
+    family: str = "t5"
 
 
 def _host(params) -> dict:
@@ -76,7 +82,7 @@ class StudentSnapshots:
     """The student params at chosen evaluations, one HF directory per step, under
     `<run_dir>/candidates/`."""
 
-    def __init__(self, run_dir: str, config: T5Config):
+    def __init__(self, run_dir: str, config: ModelConfig):
         self.directory = storage.join(run_dir, CANDIDATES_DIR)
         self.config = config
 
@@ -182,7 +188,8 @@ def model_card(kind: str, step: int, best_step: int, card: CardInfo) -> str:
     lines = [
         f"# {card.run}: {title} (step {step})",
         "",
-        "A T5 student distilled with thack_jax (arXiv 2502.02671).",
+        f"A {_FAMILY_NAMES.get(card.family, card.family)} student distilled with thack_jax "
+        "(arXiv 2502.02671).",
         "",
         f"- Chosen: {_how_chosen(kind, step, card)}",
         f"- Regime: {card.regime}",
@@ -204,7 +211,8 @@ def model_card(kind: str, step: int, best_step: int, card: CardInfo) -> str:
                 lines.append(f"| {key} | {value:.4g} | {shown} |")
     lines += [
         "",
-        "Load: `transformers.T5ForConditionalGeneration.from_pretrained(<this folder>)`.",
+        f"Load: `transformers.{_LOADERS.get(card.family, 'AutoModelForCausalLM')}"
+        ".from_pretrained(<this folder>)`.",
         "",
     ]
     return "\n".join(lines)
@@ -229,7 +237,7 @@ def _copy_snapshot(snapshots: StudentSnapshots, step: int, target: str) -> dict[
 def export_students(
     run_dir: str,
     *,
-    config: T5Config,
+    config: ModelConfig,
     final_params,
     final_step: int,
     best_step: int,

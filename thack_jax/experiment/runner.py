@@ -125,13 +125,24 @@ def check_selection(
 
 
 def check_models(cfg: ExperimentConfig) -> None:
-    """Builds the mode's T5Configs (size names, overrides), so that a typo there is refused
-    before the workdir is touched rather than when the first stage needs the model."""
+    """Builds the mode's model configs (size names, overrides), so that a typo there is
+    refused before the workdir is touched rather than when the first stage needs the model;
+    and refuses roles of different vocabularies (distillation and every divergence compare
+    distributions over one vocabulary), naming each role's size."""
+    sizes = {}
     for role in cfg.roles:
         try:
-            cfg.model_config(role)
+            sizes[role] = cfg.model_config(role).vocab_size
         except (ValueError, TypeError) as e:
             raise ValueError(f"ExperimentConfig.{role}: {e}") from e
+    if len(set(sizes.values())) > 1:
+        named = ", ".join(f"{role} {size}" for role, size in sizes.items())
+        raise ValueError(
+            f"the roles' vocabularies differ ({named}): distillation and the divergences "
+            "compare distributions over one vocabulary; give every role the same vocab_size "
+            "(a checkpoint's padded vocabulary, e.g. Qwen2.5-0.5B's 151936 against the 7B's "
+            "152064, needs the others' overrides to match)"
+        )
 
 
 def check_workdir(cfg: ExperimentConfig, workdir: str, write: bool = True) -> None:

@@ -21,7 +21,7 @@ from thack_jax.data import generation
 from thack_jax.data.offline_store import OfflineStore
 from thack_jax.experiment import task_data
 from thack_jax.experiment.config import ExperimentConfig, ModelSpec, TrainConfig
-from thack_jax.models import hf
+from thack_jax.models import hf_io
 from thack_jax.training import optim, train_step, trainer
 
 
@@ -67,22 +67,29 @@ class StageContext:
         references."""
         return "oracle_data" if self.cfg.mode == "oracle" else "reference_data"
 
-    def load_model(self, role_dir: str) -> tuple[models.T5Config, dict]:
-        """(config, host params) of the model a stage exported to <role_dir>/model."""
-        config, params = hf.load_hf_checkpoint(self.path(role_dir, "model"))
+    def load_model(self, role_dir: str) -> tuple[models.ModelConfig, dict]:
+        """(config, host params) of the model a stage exported to <role_dir>/model. A T5
+        model's config is its config.json's; a decoder-only one's is the role's (HF's
+        config.json has no length caps), checked against the checkpoint's shape."""
+        role = "student" if role_dir == "student_init" else role_dir
+        expected = self.cfg.model_config(role)
+        expected = expected if models.is_decoder_only(expected) else None
+        config, params = hf_io.load(self.path(role_dir, "model"), config=expected)
         return config, jax.tree.map(np.asarray, params)
 
     def vocab_fingerprint(self) -> str:
         return task_data.vocab_fingerprint(self.cfg)
 
 
-def load_checkpoint(spec: ModelSpec, config: models.T5Config) -> dict:
-    """The params of `spec.checkpoint` (T5X or HF format)."""
+def load_checkpoint(spec: ModelSpec, config: models.ModelConfig) -> dict:
+    """The params of `spec.checkpoint` (T5X or HF format; decoder-only: HF)."""
     if spec.checkpoint_format == "t5x":
+        if models.is_decoder_only(config):
+            raise ValueError(f"{spec.checkpoint}: T5X checkpoints hold T5 models only")
         from thack_jax.models import t5x
 
         return t5x.load_t5x_checkpoint(spec.checkpoint, config)
-    return hf.load_hf_checkpoint(spec.checkpoint, config)[1]
+    return hf_io.load(spec.checkpoint, config)[1]
 
 
 def make_optimizer(tc: TrainConfig):
@@ -116,7 +123,7 @@ def oracle(ctx: StageContext) -> None:
         params = jax.tree.map(np.array, params)  # Writable host copies.
         # The scale sets the oracle's sharpness (per-token entropy); see docs/experiment.md.
         _scale_output_layer(config, params, cfg.oracle_logit_scale, "oracle_logit_scale")
-    hf.save_hf_checkpoint(ctx.path("oracle", "model"), config, params)
+    hf_io.save(ctx.path("oracle", "model"), config, params)
 
 
 def oracle_data(ctx: StageContext) -> None:
@@ -184,7 +191,7 @@ def sft(ctx: StageContext, role: str) -> int:
         params, n = _train_sft(ctx, role, s, (config, params))
     params = jax.tree.map(np.array, params)
     _scale_output_layer(config, params, s.logit_scale, "teacher_logit_scale")
-    hf.save_hf_checkpoint(ctx.path(s.directory, "model"), config, params)
+    hf_io.save(ctx.path(s.directory, "model"), config, params)
     return n
 
 
@@ -221,5 +228,8 @@ def _scale_output_layer(config, params: dict, scale: float, field: str) -> None:
     if scale == 1.0:
         return
     if config.tie_word_embeddings:
-        raise ValueError(f"ExperimentConfig.{field} needs an untied (v1.1) model")
-    params["decoder"]["logits_dense"]["kernel"] *= scale
+        raise ValueError(f"ExperimentConfig.{field} needs a model with an untied output layer")
+    if models.is_decoder_only(config):
+        params["lm_head"]["kernel"] *= scale
+    else:
+        params["decoder"]["logits_dense"]["kernel"] *= scale

@@ -1,20 +1,28 @@
-"""Layer 1: the T5 family (config, Flax network, cached decoding, checkpoint I/O)."""
+"""Layer 1: the model families (T5 encoder-decoder; decoder-only Llama / Qwen2): configs,
+Flax networks, cached decoding and checkpoint I/O, behind one API (api.py) chosen by the
+config's type."""
 
 from thack_jax.models.api import (
+    ModelConfig,
     count_params,
     decode_logits,
     decode_step,
     encode,
     init_cache,
     init_params,
+    is_decoder_only,
     logits,
     param_axes,
     param_shapes,
     shift_right,
 )
 from thack_jax.models.config import NAMED_CONFIGS, T5Config, get_config
+from thack_jax.models.decoder_config import DECODER_CONFIGS, DecoderConfig
 
 __all__ = [
+    "DECODER_CONFIGS",
+    "DecoderConfig",
+    "ModelConfig",
     "NAMED_CONFIGS",
     "T5Config",
     "count_params",
@@ -24,6 +32,7 @@ __all__ = [
     "get_config",
     "init_cache",
     "init_params",
+    "is_decoder_only",
     "logits",
     "param_axes",
     "param_shapes",

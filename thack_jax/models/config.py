@@ -111,14 +111,21 @@ NAMED_CONFIGS: dict[str, dict] = {
 }
 
 
-def get_config(name: str, **overrides) -> T5Config:
-    """Returns the named T5 configuration, with `overrides` applied.
+def get_config(name: str, **overrides):
+    """Returns the named configuration, with `overrides` applied: a T5Config for the T5
+    sizes (NAMED_CONFIGS), a DecoderConfig for the decoder-only ones (DECODER_CONFIGS of
+    decoder_config.py: 'llama-tiny', 'qwen2-tiny', 'smollm2-135m', ...).
 
     Raises:
       ValueError: unknown name (the message lists the valid names) or an unknown field.
     """
+    from thack_jax.models import decoder_config
+
+    if name in decoder_config.DECODER_CONFIGS:
+        return decoder_config.get_decoder_config(name, **overrides)
     if name not in NAMED_CONFIGS:
-        raise ValueError(f"unknown T5 size {name!r}; valid names: {sorted(NAMED_CONFIGS)}")
+        valid = sorted(NAMED_CONFIGS) + sorted(decoder_config.DECODER_CONFIGS)
+        raise ValueError(f"unknown model size {name!r}; valid names: {valid}")
     fields = {f.name for f in dataclasses.fields(T5Config)}
     unknown = sorted(set(overrides) - fields)
     if unknown:

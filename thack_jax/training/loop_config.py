@@ -15,7 +15,10 @@ import optax
 
 from thack_jax.core import checks
 from thack_jax.models.config import T5Config
+from thack_jax.models.decoder_config import DecoderConfig
 from thack_jax.training.train_step import StepConfig
+
+MODEL_CONFIGS = (T5Config, DecoderConfig)  # the families models.api runs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,14 +75,14 @@ class Student:
     the optimizer, the step's objective/loss, and the optimizer's schedule (only to log
     'train/learning_rate'; None: not logged)."""
 
-    config: T5Config
+    config: T5Config | DecoderConfig
     init_params: Any
     optimizer: optax.GradientTransformation
     step_config: StepConfig
     learning_rate_fn: Callable | None = None
 
     def __post_init__(self):
-        checks.instance(self, "config", T5Config)
+        checks.instance(self, "config", MODEL_CONFIGS)
         checks.instance(self, "step_config", StepConfig)
         if self.init_params is None:
             raise ValueError("Student.init_params is None; pass the initial parameter tree")
@@ -102,11 +105,11 @@ class Teacher:
     """The frozen teacher of distillation: its config and parameters (a tree of
     `models.param_shapes(config)`'s shapes and dtypes)."""
 
-    config: T5Config
+    config: T5Config | DecoderConfig
     params: Any
 
     def __post_init__(self):
-        checks.instance(self, "config", T5Config)
+        checks.instance(self, "config", MODEL_CONFIGS)
         if self.params is None:
             raise ValueError("Teacher.params is None; pass the teacher's parameter tree")
 
