@@ -1,13 +1,19 @@
 """Sampling throughput: `python launch/benchmark.py sampling [--size small] [--batch 1,32]`.
 
-Measures, in the same process and for the same T5 shape, tokens per second of
-  * ours: `thack_jax.decoding.sampling.sample` (jitted, KV cache, one while_loop);
+`--family t5` (default; sizes small, tiny) or a decoder-only family, `--family llama`
+(sizes llama-tiny, smollm2-135m (default), llama-3.2-1b) or `qwen2`; the decoder-only
+specifics (prompts, HF model, bytes read per step) are in `bench_sampling_decoder.py`.
+Measures, in the same process and for the same shape, tokens per second of
+  * ours: `thack_jax.decoding.sampling.sample` (jitted, KV cache, one while_loop; the
+    decoder-only prompt is prefilled once);
   * naive: a jitted decode that recomputes the whole (padded) prefix with `models.logits`
-    (encoder included) at every step; every step costs the same, so only `--naive_steps`
-    steps are timed and the time is scaled to `--new_tokens` steps;
+    (T5: encoder included; decoder-only: prompt + response buffer) at every step; every
+    step costs the same, so only `--naive_steps` steps are timed and the time is scaled to
+    `--new_tokens` steps;
   * hf: Hugging Face `transformers` `generate()` in PyTorch on CPU, random weights,
-    do_sample=True, top_k=0, temperature=1; the faster of torch.set_num_threads(cpu count)
-    and (1) (see `time_hf`).
+    do_sample=True, top_k=0, temperature=1 (T5ForConditionalGeneration; LlamaForCausalLM /
+    Qwen2ForCausalLM on left-padded prompts); the faster of torch.set_num_threads(cpu
+    count) and (1) (see `best_over_threads`).
 
 Every row produces exactly `--new_tokens` tokens in all three: ours with `eos_id=-1` (an id
 that never occurs, so no row stops; the distribution is not changed), HF with
@@ -27,13 +33,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from thack_jax import models  # noqa: E402
+from thack_jax.cli import bench_sampling_decoder as decoder
 from thack_jax.decoding import sampling
 from thack_jax.decoding.settings import SamplingConfig
+
+T5_SIZES = ["small", "tiny"]
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="benchmark.py sampling", description=__doc__)
-    parser.add_argument("--size", default="small", choices=["small", "tiny"])
+    parser.add_argument("--family", default="t5", choices=["t5", *decoder.DEFAULT_SIZES])
+    parser.add_argument(
+        "--size", default=None, help="t5: small (default), tiny; llama / qwen2: see --family"
+    )
     parser.add_argument("--batch", default="1,32", help="comma-separated batch sizes")
     parser.add_argument("--prompt_len", type=int, default=64)
     parser.add_argument("--new_tokens", type=int, default=64)
@@ -45,8 +57,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--gumbel", action="store_true", help="also time ours with draw='gumbel' (categorical)"
     )
+    parser.add_argument(
+        "--ragged",
+        action="store_true",
+        help="decoder-only: prompt lengths vary in [prompt_len // 2, prompt_len] (padded)",
+    )
     args = parser.parse_args(argv[1:])
     args.batch = [int(b) for b in args.batch.split(",")]
+    sizes = T5_SIZES if args.family == "t5" else decoder.sizes(args.family)
+    if args.size is None:
+        args.size = T5_SIZES[0] if args.family == "t5" else decoder.DEFAULT_SIZES[args.family]
+    if args.size not in sizes:
+        parser.error(f"--size={args.size!r} is not a {args.family} size; choose from {sizes}")
+    if args.ragged and args.family == "t5":
+        parser.error("--ragged is for the decoder-only families (--family llama / qwen2)")
     return args
 
 
@@ -75,10 +99,11 @@ def time_ours(config, params, inputs, new_tokens: int, repeats: int, draw: str) 
 def time_breakdown(config, params, inputs, new_tokens: int, repeats: int) -> dict[str, float]:
     """Where the time of one `sample` call goes.
 
-    prefill_s: a 1-token sample (encoder + cross-attention K/V + one step); step_s: the mean
-    in-loop decode step, (full - prefill) / (new_tokens - 1); draw_s: per step, what T=1
-    sampling costs over greedy (softmax, CDF, random numbers); step_gflops: the decoder's
-    and output projection's matmul FLOPs per step over step_s.
+    prefill_s: a 1-token sample (T5: encoder + cross-attention K/V + one step; decoder-only:
+    the prompt's prefill, whose last logits give the token); step_s: the mean in-loop decode
+    step, (full - prefill) / (new_tokens - 1); draw_s: per step, what T=1 sampling costs over
+    greedy (softmax, CDF, random numbers); step_gflops: the decoder's and output
+    projection's matmul FLOPs per step over step_s.
     """
     one = time_ours(config, params, inputs, 1, repeats, "inverse_cdf")
     full = time_ours(config, params, inputs, new_tokens, repeats, "inverse_cdf")
@@ -90,12 +115,15 @@ def time_breakdown(config, params, inputs, new_tokens: int, repeats: int) -> dic
         return sampling.sample(config, params, inputs, rng, settings, eos_id=-1).tokens
 
     argmax = best_time(greedy, repeats)
-    decoder = models.param_shapes(config)["decoder"]
-    matmul_params = sum(
-        int(np.prod(x.shape)) for x in jax.tree.leaves(decoder) if len(x.shape) == 2
-    )
-    if config.tie_word_embeddings:
-        matmul_params += config.vocab_size * config.d_model
+    if models.is_decoder_only(config):
+        matmul_params = decoder.matmul_params(config)
+    else:
+        t5_decoder = models.param_shapes(config)["decoder"]
+        matmul_params = sum(
+            int(np.prod(x.shape)) for x in jax.tree.leaves(t5_decoder) if len(x.shape) == 2
+        )
+        if config.tie_word_embeddings:
+            matmul_params += config.vocab_size * config.d_model
     step = (full - one) / max(new_tokens - 1, 1)
     return {
         "prefill_s": one,
@@ -147,13 +175,28 @@ def hf_config(config):
     )
 
 
-def time_hf(config, inputs: np.ndarray, new_tokens: int, repeats: int) -> tuple[float, int]:
-    """Best seconds of HF generate over torch thread counts {cpu count, 1}, and that count.
+def best_over_threads(run, repeats: int) -> tuple[float, int]:
+    """Best seconds of run() (HF generate) over torch thread counts {cpu count, 1}, and
+    that count.
 
     torch.set_num_threads(cpu count) is the fair setting on an idle machine; on a shared one
     its OpenMP barriers stall when a thread is descheduled (20x slower seen here), so the
     single-thread time is measured too and the faster one counts.
     """
+    import torch
+
+    results = []
+    for threads in sorted({os.cpu_count() or 1, 1}, reverse=True):
+        torch.set_num_threads(threads)
+        results.append((best_time(run, repeats), threads))
+    return min(results)
+
+
+def time_hf(config, inputs: np.ndarray, new_tokens: int, repeats: int) -> tuple[float, int]:
+    """Best seconds of HF generate (`best_over_threads`) on `inputs` [B, Lx] and that
+    thread count; T5ForConditionalGeneration, or the decoder-only `decoder.hf_generate`."""
+    if models.is_decoder_only(config):
+        return best_over_threads(decoder.hf_generate(config, inputs, new_tokens), repeats)
     import torch
     import transformers
 
@@ -176,21 +219,23 @@ def time_hf(config, inputs: np.ndarray, new_tokens: int, repeats: int) -> tuple[
         assert out.shape[1] == new_tokens + 1, out.shape  # decoder start + new tokens
         return None
 
-    results = []
-    for threads in sorted({os.cpu_count() or 1, 1}, reverse=True):
-        torch.set_num_threads(threads)
-        results.append((best_time(run, repeats), threads))
-    return min(results)
+    return best_over_threads(run, repeats)
 
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     config = models.get_config(args.size)
     params = models.init_params(config, jax.random.key(0))
+    if models.is_decoder_only(config):
+        shape = decoder.describe(config, args.size) + (", ragged prompts" if args.ragged else "")
+    else:
+        shape = (
+            f"size={args.size} (d_model={config.d_model}, "
+            f"layers={config.num_encoder_layers}+{config.num_decoder_layers}, "
+            f"vocab={config.vocab_size})"
+        )
     print(
-        f"sampling benchmark: size={args.size} (d_model={config.d_model}, "
-        f"layers={config.num_encoder_layers}+{config.num_decoder_layers}, "
-        f"vocab={config.vocab_size}), prompt_len={args.prompt_len}, "
+        f"sampling benchmark: {shape}, prompt_len={args.prompt_len}, "
         f"new_tokens={args.new_tokens}, best of {args.repeats}, jax {jax.__version__} "
         f"on {jax.devices()[0].platform} x{jax.device_count()}, cpus={os.cpu_count()}"
     )
@@ -200,11 +245,15 @@ def main(argv: list[str]) -> int:
     )
     rows = [header, "|---:|---:|---:|---:|---:|---:|---:|"]
     for batch in args.batch:
-        rng = np.random.RandomState(batch)
-        inputs = rng.randint(2, config.vocab_size, (batch, args.prompt_len)).astype(np.int32)
+        if models.is_decoder_only(config):
+            inputs = decoder.prompts(config, batch, args.prompt_len, args.ragged)
+        else:
+            rng = np.random.RandomState(batch)
+            inputs = rng.randint(2, config.vocab_size, (batch, args.prompt_len)).astype(np.int32)
         tokens = batch * args.new_tokens
         x = jnp.asarray(inputs)
-        ours = tokens / time_ours(config, params, x, args.new_tokens, args.repeats, "inverse_cdf")
+        ours_s = time_ours(config, params, x, args.new_tokens, args.repeats, "inverse_cdf")
+        ours = tokens / ours_s
         naive = hf = gumbel = float("nan")
         if args.gumbel:
             gumbel = tokens / time_ours(config, params, x, args.new_tokens, args.repeats, "gumbel")
@@ -220,13 +269,29 @@ def main(argv: list[str]) -> int:
             f"| {ours / naive:.1f}x | {ours / hf:.2f}x |"
         )
         print(rows[-1], flush=True)
+        step_read = None
+        if models.is_decoder_only(config):
+            weights, kv = decoder.step_bytes(config, batch, args.prompt_len, args.new_tokens)
+            step_read = weights + kv
+            # The call's mean rate: prefill included, so a lower bound of the loop step's.
+            rate = step_read * max(args.new_tokens - 1, 1) / ours_s / 1e9
+            print(
+                f"  batch {batch}: a decode step reads {weights / 1e6:.1f} MB of weights + "
+                f"{kv / 1e6:.1f} MB of K/V cache buffer; ours over the whole call "
+                f"{rate:.1f} GB/s (prefill included)",
+                flush=True,
+            )
         if args.breakdown:
             parts = time_breakdown(config, params, x, args.new_tokens, args.repeats)
+            first = "prefill" if step_read is not None else "encoder + cross K/V + 1 step"
+            loop_rate = (
+                "" if step_read is None else f", {step_read / parts['step_s'] / 1e9:.1f} GB/s"
+            )
             print(
-                f"  batch {batch}: 1-token sample (encoder + cross K/V + 1 step) "
+                f"  batch {batch}: 1-token sample ({first}) "
                 f"{parts['prefill_s'] * 1e3:.1f} ms; mean decode step in the loop "
                 f"{parts['step_s'] * 1e3:.2f} ms ({parts['step_gflops']:.1f} GFLOP/s of "
-                f"matmuls), of which the T=1 draw {parts['draw_s'] * 1e3:.2f} ms; "
+                f"matmuls{loop_rate}), of which the T=1 draw {parts['draw_s'] * 1e3:.2f} ms; "
                 f"{args.new_tokens}-token sample {parts['total_s']:.3f} s",
                 flush=True,
             )
