@@ -134,10 +134,16 @@ def _extend_and_compare(mode, runs, shared_stages, tmp_path, capsys):
         )
         readme = open(os.path.join(extended, "runs", run.name, "export", "final", "README.md"))
         assert f"Steps: {2 * N} of {2 * N} training steps" in readme.read()
-    # Now complete at 2N: a rerun skips it.
+    assert "[thack_jax] stage distill done in " in printed  # a stage that ran: its wall time
+    # Now complete at 2N: a rerun skips it, and every shared stage, each saying so.
     capsys.readouterr()
-    runner.Experiment(longer, extended, progress=False).run(stages=("distill",))
-    assert f"run {runs[0].name} skipped (complete)" in capsys.readouterr().out
+    stages = tuple(s for s in runner.stages_of(longer) if s != "report")
+    runner.Experiment(longer, extended, progress=False).run(stages=stages)
+    printed = capsys.readouterr().out
+    assert f"run {runs[0].name} skipped (complete)" in printed
+    for stage in stages:
+        assert f"[thack_jax] stage {stage} skipped (complete)" in printed, stage
+    assert " done in " not in printed
     return extended
 
 
