@@ -118,15 +118,20 @@ def test_diagnose_simulation_examples_run(example, tmp_path):
     assert "false" in result.stdout.lower()  # the false-positive rate table
 
 
-def test_report_rebuilds_from_the_committed_summaries(tmp_path):
-    """docs/reproduction.md step 3 (and report.py --help), in a copy of the summaries."""
-    (example,) = {
-        e.args: e
-        for e in EXAMPLES
-        if e.tool == "report" and any(a.startswith("--summary_dir=") for a in e.args)
-    }.values()
-    runs = tmp_path / "docs" / "reproduction" / "runs"
-    shutil.copytree(REPO / "docs" / "reproduction" / "runs", runs)
+REBUILDS = [
+    e
+    for e in EXAMPLES
+    if e.tool == "report" and any(a.startswith("--summary_dir=") for a in e.args)
+]
+
+
+@pytest.mark.parametrize("example", _unique(REBUILDS))
+def test_report_rebuilds_from_the_committed_summaries(example, tmp_path):
+    """docs/reproduction.md's and docs/models_decoder.md's last step (and report.py
+    --help), in a copy of the summaries."""
+    args = dict(a.split("=", 1) for a in example.args)
+    runs = tmp_path / args["--summary_dir"]
+    shutil.copytree(REPO / args["--summary_dir"], runs)
     result = _run("report", example.args, tmp_path)
     assert result.returncode == 0, f"{example}\n{result.stderr[-2000:]}"
-    assert (tmp_path / "docs" / "reproduction" / "report.md").is_file()
+    assert (tmp_path / args["--out_dir"] / "report.md").is_file()

@@ -200,3 +200,8 @@ def test_paper_configs_produce_estimates(path):
     table = memory.table(rows)
     assert table.count("\n") == len(rows) + 1 and "GiB" in table
     assert np.isfinite([e["total"] for e in by_stage.values()]).all()
+
+
+def test_decoder_only_configs_are_refused_not_misestimated():
+    with pytest.raises(ValueError, match="T5 family only, not DecoderConfig"):
+        memory.estimate(models.get_config("llama-tiny"), memory.Workload(2, 8, 8))

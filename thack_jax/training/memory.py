@@ -175,6 +175,11 @@ def estimate(
     Returns a dict: 'params', 'grads', 'opt_state', 'activations', 'logits', 'cache',
     'total' (bytes per device), 'num_params', 'rows_per_device' and the arguments.
     """
+    if not isinstance(config, T5Config):  # the activation formulas are the T5 layers'
+        raise ValueError(
+            f"memory estimates cover the T5 family only, not {type(config).__name__} "
+            "(decoder-only roles: measure instead)"
+        )
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; valid modes: {list(MODES)}")
     if not isinstance(workload, Workload):
