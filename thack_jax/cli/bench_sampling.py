@@ -203,15 +203,7 @@ def time_hf(config, inputs: np.ndarray, new_tokens: int, repeats: int) -> tuple[
     torch.manual_seed(0)
     model = transformers.T5ForConditionalGeneration(hf_config(config)).eval()
     input_ids = torch.from_numpy(np.asarray(inputs, np.int64))
-    kwargs = dict(
-        attention_mask=torch.ones_like(input_ids),
-        do_sample=True,
-        top_k=0,
-        top_p=1.0,
-        temperature=1.0,
-        min_new_tokens=new_tokens,
-        max_new_tokens=new_tokens,
-    )
+    kwargs = dict(attention_mask=torch.ones_like(input_ids), **decoder.generate_kwargs(new_tokens))
 
     def run():
         with torch.inference_mode():

@@ -107,6 +107,19 @@ def matmul_params(config) -> int:
     return total
 
 
+def generate_kwargs(new_tokens: int) -> dict:
+    """transformers' `generate` arguments of every baseline: plain sampling at T=1 (no
+    top-k / top-p), exactly `new_tokens` tokens per row (EOS masked until then)."""
+    return dict(
+        do_sample=True,
+        top_k=0,
+        top_p=1.0,
+        temperature=1.0,
+        min_new_tokens=new_tokens,
+        max_new_tokens=new_tokens,
+    )
+
+
 def hf_generate(config, inputs: np.ndarray, new_tokens: int):
     """A no-argument function running transformers' `generate` once on `inputs` (right-padded
     [B, Lx], sent left-padded), sampling at T=1 without truncation, exactly `new_tokens` new
@@ -121,15 +134,7 @@ def hf_generate(config, inputs: np.ndarray, new_tokens: int):
     model = cls(cls.config_class(**hf)).eval()
     ids, mask = left_pad(inputs)
     input_ids = torch.from_numpy(ids.astype(np.int64))
-    kwargs = dict(
-        attention_mask=torch.from_numpy(mask),
-        do_sample=True,
-        top_k=0,
-        top_p=1.0,
-        temperature=1.0,
-        min_new_tokens=new_tokens,
-        max_new_tokens=new_tokens,
-    )
+    kwargs = dict(attention_mask=torch.from_numpy(mask), **generate_kwargs(new_tokens))
 
     def run():
         with torch.inference_mode():

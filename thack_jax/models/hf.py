@@ -38,13 +38,12 @@ from thack_jax.models.config import T5Config
 from thack_jax.models.hf_config import HF_FIELD_NAMES, config_from_hf, config_to_hf
 from thack_jax.models.hf_files import (
     SAFETENSORS_DTYPES,
-    DamagedCheckpointError,
+    check_values,
     checkpoint_dir,
     is_file,
     read_json,
     read_tensors,
     tensor_index,
-    value_problem,
     write_checkpoint,
 )
 from thack_jax.models.mapping import (
@@ -215,18 +214,12 @@ def _check_values(directory: str, arrays: dict, sources: dict, index: dict) -> N
     ours: dict[str, list[str]] = {}
     for path, name in sorted(sources.items()):
         ours.setdefault(name, []).append(path)
-    problems = []
-    for name, array in sorted(arrays.items()):
-        if (problem := value_problem(array)) is not None:
-            label = ", ".join(ours.get(name, ["a copy of token_embedder/embedding"]))
-            problems.append(f"{name} (ours: {label}) in {index[name].file}: {problem}")
-    if problems:
-        lines = "\n  - ".join(problems)
-        raise DamagedCheckpointError(
-            directory,
-            f"{len(problems)} tensor(s) hold non-finite or implausible values (a damaged file "
-            f"or a diverged model):\n  - {lines}",
-        )
+
+    def label(name: str) -> str:
+        paths = ", ".join(ours.get(name, ["a copy of token_embedder/embedding"]))
+        return f"{name} (ours: {paths}) in {index[name].file}"
+
+    check_values(directory, arrays, label)
 
 
 def save_hf_checkpoint(

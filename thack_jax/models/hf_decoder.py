@@ -42,12 +42,11 @@ from thack_jax.models.hf_files import (
     INDEX_FILE,
     SAFETENSORS_DTYPES,
     WEIGHTS_FILE,
-    DamagedCheckpointError,
+    check_values,
     checkpoint_dir,
     is_file,
     read_tensors,
     tensor_index,
-    value_problem,
     write_checkpoint,
 )
 from thack_jax.models.mapping import CheckpointMismatchError, flatten, numpy_dtype, unflatten
@@ -316,17 +315,7 @@ def load_hf_decoder(
 def _check_values(directory: str, arrays: dict, index: dict) -> None:
     """Raises DamagedCheckpointError listing every tensor with NaN/inf or implausible values:
     damaged bytes inside the tensor data leave the format valid."""
-    problems = []
-    for name, array in sorted(arrays.items()):
-        if (problem := value_problem(array)) is not None:
-            problems.append(f"{name} in {index[name].file}: {problem}")
-    if problems:
-        lines = "\n  - ".join(problems)
-        raise DamagedCheckpointError(
-            directory,
-            f"{len(problems)} tensor(s) hold non-finite or implausible values (a damaged file "
-            f"or a diverged model):\n  - {lines}",
-        )
+    check_values(directory, arrays, lambda name: f"{name} in {index[name].file}")
 
 
 def hf_tensors(config: DecoderConfig, params: dict, dtype: str = "float32") -> dict:

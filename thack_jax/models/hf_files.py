@@ -257,6 +257,24 @@ def value_problem(array: np.ndarray) -> str | None:
     return f"{' and '.join(parts)} (first at flat index {first})"
 
 
+def check_values(directory: str, arrays: dict[str, np.ndarray], label) -> None:
+    """Raises DamagedCheckpointError listing every tensor with NaN/inf or implausibly large
+    values (`label(name)`: how the message names it, e.g. with its file): damaged bytes
+    inside the tensor data leave the format valid, and such weights would make every later
+    number NaN or silently 0."""
+    problems = []
+    for name, array in sorted(arrays.items()):
+        if (problem := value_problem(array)) is not None:
+            problems.append(f"{label(name)}: {problem}")
+    if problems:
+        lines = "\n  - ".join(problems)
+        raise DamagedCheckpointError(
+            directory,
+            f"{len(problems)} tensor(s) hold non-finite or implausible values (a damaged file "
+            f"or a diverged model):\n  - {lines}",
+        )
+
+
 def write_checkpoint(directory: str, config_json: dict, tensors: dict[str, np.ndarray]) -> None:
     """Writes config.json + model.safetensors into `directory` (created), replacing both,
     each atomically (the safetensors bytes are built in memory first).
