@@ -153,6 +153,7 @@ _TWO_PROCESSES = textwrap.dedent(
     tempfile.tempdir = scratch
     sys.argv = ["experiment", {workdir!r}]
     exec(compile({experiment!r}, "experiment", "exec"))
+    distributed.shutdown()
     """
 )
 
@@ -184,7 +185,7 @@ def test_two_processes_share_only_the_bucket(gcs_bucket, tmp_path):
         },
     )
     for r in results:
-        assert parse_result(r) == {"done": True}
+        assert parse_result(r, results) == {"done": True}
     for run in ("offline", "online_teacher"):
         steps = [r["step"] for r in _metrics(workdir, run)]
         assert steps == list(range(0, 9)), (run, steps)  # process 0 writes, once

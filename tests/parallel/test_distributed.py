@@ -97,11 +97,21 @@ def run_processes(
     return results
 
 
-def parse_result(completed: subprocess.CompletedProcess) -> dict:
-    """The JSON object a worker printed on a line starting with 'RESULT '."""
-    assert completed.returncode == 0, (
-        f"worker failed (rc={completed.returncode}):\n{completed.stderr[-4000:]}"
-    )
+def parse_result(
+    completed: subprocess.CompletedProcess,
+    results: list[subprocess.CompletedProcess] | None = None,
+) -> dict:
+    """The JSON object a worker printed on a line starting with 'RESULT '.
+
+    `results` (every process of the job): a failure then shows each process's stderr tail,
+    since the first process's log often only says that another one died.
+    """
+    if completed.returncode != 0:
+        logs = [completed] if results is None else results
+        tails = "\n".join(
+            f"[process {i}, rc={r.returncode}]\n{r.stderr[-3000:]}" for i, r in enumerate(logs)
+        )
+        raise AssertionError(f"worker failed (rc={completed.returncode}):\n{tails}")
     for line in completed.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT ") :])
@@ -302,3 +312,9 @@ def test_wait_for_coordinator_returns_once_listening():
     dead = f"127.0.0.1:{free_port()}"
     with pytest.raises(TimeoutError, match=dead):
         distributed.wait_for_coordinator(dead, timeout_s=0.5)
+
+
+def test_shutdown_is_a_no_op_for_one_process():
+    distributed.shutdown()  # not initialised: nothing to leave, no error
+    distributed.shutdown()
+    assert not jax.distributed.is_initialized()

@@ -75,6 +75,7 @@ def main(argv):
 
     try:
         runner.Experiment(cfg, FLAGS.workdir).run(stages, runs=FLAGS.runs)
+        distributed.shutdown()  # every process passed run()'s last barrier: leave together
     except interrupt.Interrupted as e:
         # Preemption is not success: no stage was marked complete, the status says so.
         print(f"train.py: {e}", file=sys.stderr, flush=True)

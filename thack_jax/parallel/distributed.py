@@ -330,6 +330,20 @@ def barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def shutdown() -> None:
+    """Leaves the distributed runtime now (a no-op when it is not up).
+
+    Call it once every process has passed the same barrier (the end of
+    `Experiment.run`): the processes then enter JAX's shutdown barrier together. Left to
+    interpreter exit, that barrier runs after every later-registered atexit handler (gcsfs
+    closing its sessions, orbax, TensorFlow), whose time differs per process; a process
+    that reaches it more than `shutdown_timeout_seconds` (300 s) after another aborts both
+    (SIGABRT, 'Shutdown barrier has failed').
+    """
+    if jax.distributed.is_initialized():
+        jax.distributed.shutdown()
+
+
 def any_process(flag: bool) -> bool:
     """True when `flag` is True on any process (an all-gather; no-op for one process)."""
     if jax.process_count() == 1:
