@@ -237,13 +237,14 @@ def test_report_tables_plots_and_findings(built):
     a = report.analyse(next(r for r in report.load_runs([workdir]) if r.name == "offline"))
     assert row[1:4] == ["offline N=64x1", "offline", "64 prompts x 1"]
     assert row[6] == f"{a['golden_min_step']}: {a['golden_min']:.4g} ± {GOLDEN_SE:.2g}"
-    assert row[10:14] == ["yes", "teacher_hacking", str(a["flag_step"]), str(a["lag"])]
+    assert row[8:11] == ["n/a"] * 3  # no reference_levels.json in this workdir
+    assert row[13:17] == ["yes", "teacher_hacking", str(a["flag_step"]), str(a["lag"])]
     # The oracle-free rule keeps a checkpoint before the flag, near the golden minimum.
-    assert row[14] == f"{a['best_step']} ({a['best_golden_excess']:+.3g})"
+    assert row[17] == f"{a['best_step']} ({a['best_golden_excess']:+.3g})"
     assert a["best_step"] < a["flag_step"] and 0 <= a["best_golden_excess"] < a["golden_rise"]
-    assert row[15:] == ["2.1 min", "`runs/offline/train/metrics.jsonl`"]
+    assert row[18:] == ["2.1 min", "`runs/offline/train/metrics.jsonl`"]
     online = _row(text, "online_student")
-    assert online[10:14] == ["no", "healthy", "–", "–"] and online[15] == "incomplete"
+    assert online[13:17] == ["no", "healthy", "–", "–"] and online[18] == "incomplete"
     assert "| offline N=64x1 | offline, offline_s1 |" in text
     for k in range(1, 7):
         assert re.search(rf"^{k}\. \*\*.*\*\*: \*\*reproduced\*\*\.", text, re.M), k
@@ -381,7 +382,8 @@ def test_verdict_uses_the_per_prompt_noise_covariance(tmp_path):
 def test_oracle_report_without_reference_metrics_is_unchanged(built):
     """report.md of an oracle-mode workdir without reference metrics is, byte for byte, the
     one the report gave before field mode and reference metrics existed (data/
-    oracle_report.md: that code's report of this module's full `make_workdir`)."""
+    oracle_report.md: that code's report of this module's full `make_workdir`), with the
+    reference-level columns and section added since (n/a: no reference_levels.json)."""
     workdir, path, _ = built
     with open(os.path.join(DATA, "oracle_report.md"), "rb") as f:
         expected = f.read().replace(b"{WORKDIR}", workdir.encode())

@@ -375,6 +375,24 @@ class Evaluator:
         mine = None if student is None else student[1]
         sanity.check_estimate(sanity.Checked(key, est, role, step), ref, mine, self.mesh)
 
+    def reference_entropy(self, role: str = "oracle") -> divergences.Estimate:
+        """-E_{y ~ role} log p_role(y | x): the entropy of reference model `role` in nats per
+        response (per token: ratio of sums), from its cached samples (no new draw), with the
+        stderr over prompts (per_prompt [N]: the mean NLL of each prompt's n samples)."""
+        tokens, mask = self.reference_samples(role)  # [N*n, L] each; refuses a missing role
+        config, params = self._refs[role]
+        fn = reference_fn(config, self.mesh)
+        parts = []
+        for inputs, batch in zip(self._batches, self._ref_samples[role], strict=True):
+            rows = np.repeat(inputs, self.num_samples, axis=0)  # [B*n, Lx], prompt-major
+            placed = tuple(self._put(x, ("batch", "length")) for x in batch)
+            lp = fn(params, self._put(rows, ("batch", "length")), placed)
+            parts.append(partitioning.to_host(lp))
+        logprobs = np.where(mask, np.concatenate(parts)[: tokens.shape[0]], 0.0)
+        ids = np.repeat(np.arange(self.num_prompts), self.num_samples)
+        zeros = np.zeros(tokens.shape[0])
+        return divergences.plain_kl(zeros, logprobs.sum(1), mask.sum(1).astype(float), ids)
+
     def reference_samples(self, role: str) -> tuple[np.ndarray, np.ndarray]:
         """The cached responses of 'oracle' or 'teacher': (tokens, mask) [N*n, L], prompt-major."""
         if role not in self._ref_samples:

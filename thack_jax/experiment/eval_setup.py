@@ -9,6 +9,8 @@ Files at the workdir's root (each written once, by process 0, and checked at eve
                          metric can be checked against the golden one
     eval_settings.json   the evaluator's settings, what `launch/eval.py --workdir=runs/<name>`
                          reads to reproduce the inline numbers
+    reference_levels.json  oracle mode: the teacher's and the initial student's golden
+                         divergences and the oracle's entropy (reference_levels.py)
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ import numpy as np
 
 from thack_jax.core import storage
 from thack_jax.evaluation.evaluator import EvalSettings, Evaluator
+from thack_jax.experiment import reference_levels, task_data
 from thack_jax.experiment import stages as stage_work
-from thack_jax.experiment import task_data
 from thack_jax.experiment.config import ExperimentMismatchError
 
 EVAL_PROMPTS = "eval_prompts.npy"
@@ -78,7 +80,8 @@ def settings_of(ctx: stage_work.StageContext) -> EvalSettings:
 
 
 def build_evaluator(ctx: stage_work.StageContext) -> Evaluator:
-    """The inline evaluator (no oracle in field mode); writes eval_settings.json."""
+    """The inline evaluator (no oracle in field mode); writes eval_settings.json and (oracle
+    mode) reference_levels.json, computed with it."""
     cfg, settings = ctx.cfg, settings_of(ctx)
     prompts, references = eval_data(ctx)
     record = dataclasses.asdict(settings) | {
@@ -88,7 +91,7 @@ def build_evaluator(ctx: stage_work.StageContext) -> Evaluator:
     }
     if jax.process_index() == 0:
         stage_work.write_json(ctx.path(EVAL_SETTINGS), record)
-    return Evaluator(
+    evaluator = Evaluator(
         oracle=ctx.load_model("oracle") if cfg.mode == "oracle" else None,
         teacher=ctx.load_model("teacher"),
         student_config=cfg.model_config("student"),
@@ -97,3 +100,5 @@ def build_evaluator(ctx: stage_work.StageContext) -> Evaluator:
         mesh=ctx.mesh,
         references=references,
     )
+    reference_levels.ensure(ctx, evaluator)
+    return evaluator

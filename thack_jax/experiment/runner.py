@@ -18,6 +18,8 @@ bookkeeping; the work of each stage is in stages.py. Workdir layout:
     eval_references.npy         one reference response per held-out prompt (field mode: the
                                 task's; oracle mode: an oracle sample)
     eval_settings.json          the evaluator's settings (read by launch/eval.py)
+    reference_levels.json       oracle mode: the teacher's and the initial student's golden
+                                divergences, the oracle's entropy (reference_levels.py)
     runs/<name>/offline_data/   the run's offline set (offline and mixed regimes)
     runs/<name>/train/          distillation checkpoints and metrics.jsonl
     report.md, plots/*.png      the report (report.py)

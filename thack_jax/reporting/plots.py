@@ -113,12 +113,20 @@ def plot_curves(path_png, runs: dict, fits: dict | None = None) -> None:
 VS = {"proxy": "teacher", "golden": "oracle"}
 
 
-def plot_vs_step(path_png, groups: dict, metric: str) -> None:
+def draw_levels(ax, lines) -> None:
+    """Horizontal lines of constant levels: (label, value, line style) triples."""
+    for label, value, style in lines or ():
+        ax.axhline(value, color="0.2", ls=style, lw=1.1, label=label)
+
+
+def plot_vs_step(path_png, groups: dict, metric: str, levels: dict | None = None) -> None:
     """Proxy and golden (field mode: the proxy alone) against steps, log-log, one colour per
     group, with bands.
 
     Args: groups: group name -> {"proxy": Band, "golden": Band} (or {"proxy": Band}); one
-    panel per key. Only steps > 0 are drawn (a log axis has no step 0)."""
+    panel per key. Only steps > 0 are drawn (a log axis has no step 0). levels: panel key
+    (e.g. "golden") -> (label, value, line style) triples drawn as horizontal lines (the
+    reference levels, levels.py)."""
     keys = tuple(next(iter(groups.values()))) if groups else ("proxy",)
     fig, axes = _figure(len(keys), width=6.0, height=4.5)
     for i, (name, bands) in enumerate(groups.items()):
@@ -131,6 +139,7 @@ def plot_vs_step(path_png, groups: dict, metric: str) -> None:
             ax.plot(steps, band.mean[keep], "o-", ms=2.5, color=f"C{i % 10}", label=name)
             ax.fill_between(steps, band.lo[keep], band.hi[keep], color=f"C{i % 10}", alpha=0.2)
     for ax, key in zip(axes, keys, strict=True):
+        draw_levels(ax, (levels or {}).get(key))
         ax.set(xscale="log", yscale="log", xlabel="step", ylabel=f"{key}/{metric}")
         ax.set_title(f"{key} ({VS[key]} vs student) vs step")
         ax.legend(fontsize=7)
@@ -183,7 +192,9 @@ def _draw_proxy_golden(ax, i, name, proxy: Band, golden: Band) -> None:
     ax.plot(x[i_min], y[i_min], "*", ms=12, color=color)
 
 
-def plot_proxy_golden(path_png, panels: dict, y_name="golden", y_label=None) -> None:
+def plot_proxy_golden(
+    path_png, panels: dict, y_name="golden", y_label=None, levels: dict | None = None
+) -> None:
     """Golden (y) against proxy (x), one panel per divergence, one colour per group.
 
     Args: panels: panel title (e.g. the divergence) -> group name -> (proxy Band, golden
@@ -191,12 +202,14 @@ def plot_proxy_golden(path_png, panels: dict, y_name="golden", y_label=None) -> 
     "reference/cross_entropy"; default: "golden", "golden/<title>"). Markers: o = first
     evaluation, square = last, * = y minimum; arrows point along training. Both axes are
     logarithmic (the late part of training, where a U shows, spans little of the range);
-    the proxy axis is inverted, so training runs left to right."""
+    the proxy axis is inverted, so training runs left to right. levels: panel title ->
+    (label, value, line style) triples of constant y levels (as in `plot_vs_step`)."""
     big = len(panels) == 1
     fig, axes = _figure(len(panels), width=7.0 if big else 4.5, height=5.5 if big else 4.0)
     for ax, (title, groups) in zip(axes, panels.items(), strict=True):
         for i, (name, (proxy, golden)) in enumerate(groups.items()):
             _draw_proxy_golden(ax, i, name, proxy, golden)
+        draw_levels(ax, (levels or {}).get(title))
         ylabel = y_label or f"golden/{title}"
         ax.set(xscale="log", yscale="log", xlabel=f"proxy/{title}", ylabel=ylabel)
         ax.set_title(f"{title}: o start, \u25a0 end, * {y_name} min", fontsize=9)

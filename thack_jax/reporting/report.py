@@ -3,7 +3,8 @@
 numpy + matplotlib only; jax is consulted (for the process index) only when the caller has
 already imported it. For each workdir (layout in experiment.py) it reads `experiment.json`,
 and for each `runs/<name>/`: `run.json`, `train/metrics.jsonl` and, once the run finished,
-`COMPLETE.json` (`wall_seconds`).
+`COMPLETE.json` (`wall_seconds`); and the workdir's `reference_levels.json` when it has one
+(levels.py: the teacher's and the initial student's golden, the oracle's entropy).
 
 Conventions (repeated in the report's Notes):
 - An evaluation is a metrics line with a `proxy/...` or `golden/...` key; a step logged twice
@@ -38,7 +39,7 @@ import numpy as np
 from thack_jax.core import storage
 from thack_jax.data.regime_names import Regime
 from thack_jax.hacking import diagnostics, guard, noise
-from thack_jax.reporting import reference, report_plots, report_text
+from thack_jax.reporting import levels, reference, report_plots, report_text
 from thack_jax.reporting.report_plots import DIVERGENCES
 from thack_jax.training.metrics_io import METRICS_FILE, read_metrics
 
@@ -75,6 +76,9 @@ class Run:
     from_summary: bool = False
     guard_settings: dict | None = None
     noise_covs: dict | None = None
+    # The experiment's reference levels (levels.py: reference_levels.json of the workdir, or
+    # the summary's copy); None when it has none.
+    levels: dict | None = None
 
 
 def _read_json(path: str) -> dict:
@@ -139,7 +143,12 @@ def load_runs(workdirs) -> list[Run]:
         ]
         # As glob("runs/*/train/metrics.jsonl") did: hidden folders are not runs.
         paths = [p for p in paths if not storage.basename(_run_dir(p)).startswith(".")]
-        runs += [_load_run(p, workdir, experiment) for p in paths if storage.exists(p)]
+        try:
+            workdir_levels = levels.read(workdir)
+        except ValueError as e:
+            raise ReportError(str(e)) from None
+        loaded = [_load_run(p, workdir, experiment) for p in paths if storage.exists(p)]
+        runs += [dataclasses.replace(run, levels=workdir_levels) for run in loaded]
     if not runs:
         raise ReportError("no runs found; searched: " + ", ".join(searched))
     return runs

@@ -1,7 +1,8 @@
 """The plots of report.md: which curves of which runs go into which PNG (plots.py draws).
 
 Oracle mode: proxy and golden vs step, the proxy-golden curves (the report's divergence and
-all of them), the power-law fit of each run's proxy. Field mode (no oracle): the proxy vs
+all of them), with the reference levels as horizontal lines (levels.py), the power-law fit
+of each run's proxy. Field mode (no oracle): the proxy vs
 step, the proxy-reference curve when the runs have reference metrics, the power-law fits.
 Either mode, when the runs have `reference/cross_entropy`: it vs step, with the teacher's
 (and oracle's) constant level. Group bands as in report.py's docstring.
@@ -14,7 +15,7 @@ import functools
 import numpy as np
 
 from thack_jax.core import storage
-from thack_jax.reporting import plots, reference
+from thack_jax.reporting import levels, plots, reference
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "js")
 
@@ -61,9 +62,13 @@ def _golden_plots(paths, table, metric) -> None:
         if all(f"{p}/{div}" in r.metrics for r in runs for p in ("proxy", "golden"))
     }
     by_group = {k: {"proxy": p, "golden": g} for k, (p, g) in bands[metric].items()}
-    plots.plot_vs_step(paths[0], by_group, metric)
-    plots.plot_proxy_golden(paths[1], {metric: bands[metric]})
-    plots.plot_proxy_golden(paths[2], bands)
+    # The reference levels: with the oracle's entropy against steps (the scale of the
+    # divergences); the teacher's and the initial student's alone on the proxy-golden axes.
+    step_lines = {"golden": levels.plot_lines(table, members, metric, with_entropy=True)}
+    plots.plot_vs_step(paths[0], by_group, metric, levels=step_lines)
+    lines = {div: levels.plot_lines(table, members, div, with_entropy=False) for div in bands}
+    plots.plot_proxy_golden(paths[1], {metric: bands[metric]}, levels=lines)
+    plots.plot_proxy_golden(paths[2], bands, levels=lines)
 
 
 def _power_law(path, table, metric, oracle: bool) -> None:
@@ -132,8 +137,8 @@ def write_plots(out_dir: str, table, metric: str) -> list[tuple[str, str]]:
     files.append((f"power_law_{metric}.png", f"Power-law fit of each run's proxy ({metric})"))
     _power_law(storage.join(out_dir, "plots", files[-1][0]), table, metric, oracle)
     if ref_bands:
-        levels = "the teacher's and the oracle's levels" if oracle else "the teacher's level"
-        files.append(("reference_cross_entropy.png", f"Reference cross-entropy vs step, {levels}"))
+        named = "the teacher's and the oracle's levels" if oracle else "the teacher's level"
+        files.append(("reference_cross_entropy.png", f"Reference cross-entropy vs step, {named}"))
         path = storage.join(out_dir, "plots", files[-1][0])
         plots.plot_reference(path, ref_bands, _levels(table, ref_members, oracle))
     return files

@@ -2,15 +2,14 @@
 
 Pure formatting over `report.analyse` dicts (numpy only); the findings are decided in
 findings.py, the reference cross-entropy section and the field-mode (no oracle) tables in
-reference_text.py. Oracle mode without reference metrics gives the report as it was before
-either existed.
+reference_text.py, the reference levels' cells and warning in levels.py (oracle mode only).
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-from thack_jax.reporting import findings, reference, reference_text
+from thack_jax.reporting import findings, levels, reference, reference_text
 from thack_jax.reporting.findings import RISE_Z
 from thack_jax.reporting.text_format import data, experiment_lines, g, pm, relative, wall
 
@@ -49,13 +48,13 @@ class ReportRuns:
                 )
 
 
-def _runs_table(table, out_dir: str) -> list[str]:
+def _runs_table(table, out_dir: str, metric: str) -> list[str]:
     lines = [
         "| run | group | regime | data | seed | evals (last step) | golden min: step, value "
-        "| final golden | golden rise (se) | proxy at golden min -> final (se) | U shape "
-        "| verdict | flag step | lag | oracle-free keep: step (golden - min) | wall "
-        "| metrics file |",
-        "|" + "---|" * 17,
+        "| final golden | " + " | ".join(levels.HEADERS) + " | golden rise (se) "
+        "| proxy at golden min -> final (se) | U shape | verdict | flag step | lag "
+        "| oracle-free keep: step (golden - min) | wall | metrics file |",
+        "|" + "---|" * (17 + len(levels.HEADERS)),
     ]
     group_of = {i: grp.label for grp in table.groups for i in grp.members}
     for i, (run, label, a) in enumerate(zip(table.runs, table.labels, table.analyses, strict=True)):
@@ -65,7 +64,8 @@ def _runs_table(table, out_dir: str) -> list[str]:
             f"| {label} | {group_of[i]} | {run.config['regime']} | {data(run.config)} "
             f"| {run.config['seed']} | {a['n_evals']} ({a['last_step']}) "
             f"| {a['golden_min_step']}: {pm(a['golden_min'], a['golden_min_stderr'])} "
-            f"| {pm(a['final_golden'], a['final_golden_stderr'])} | {a['golden_rise_z']:.1f} "
+            f"| {pm(a['final_golden'], a['final_golden_stderr'])} "
+            f"| {' | '.join(levels.cells(run.levels, metric))} | {a['golden_rise_z']:.1f} "
             f"| {g(a['proxy_at_golden_min'])} -> {g(a['final_proxy'])} "
             f"({a['proxy_change_z']:+.1f}) | {u} | {verdict} | {g(a['flag_step'])} "
             f"| {g(a['lag'])} | {_keep(a)} | {wall(run.wall_seconds)} "
@@ -74,22 +74,46 @@ def _runs_table(table, out_dir: str) -> list[str]:
     return lines
 
 
-def _groups_table(table) -> list[str]:
+def _group_finals(table) -> dict:
+    """group label -> its mean final golden (findings.group_stats)."""
+    views = [findings.golden_view(a) for a in table.analyses]
+    return {grp.label: findings.group_stats(grp, views)["final"] for grp in table.groups}
+
+
+def _groups_table(table, metric: str) -> list[str]:
     lines = [
         "| group | runs | golden rise, mean (min..max) | rise (se), mean | final golden, mean "
-        "| final proxy, mean | U shape | flagged |",
-        "|" + "---|" * 8,
+        "| " + " | ".join(levels.HEADERS) + " | final proxy, mean | U shape | flagged |",
+        "|" + "---|" * (8 + len(levels.HEADERS)),
     ]
     views = [findings.golden_view(a) for a in table.analyses]
     for grp in table.groups:
         s = findings.group_stats(grp, views)
         names = ", ".join(table.labels[i] for i in grp.members)
+        level_cells = " | ".join(levels.cells(levels.group_levels(table, grp.members), metric))
         lines.append(
             f"| {grp.label} | {names} | {g(s['rise'])} ({g(s['rise_min'])}.."
-            f"{g(s['rise_max'])}) | {s['rise_z']:.1f} | {g(s['final'])} "
+            f"{g(s['rise_max'])}) | {s['rise_z']:.1f} | {g(s['final'])} | {level_cells} "
             f"| {g(s['final_proxy'])} | {s['u']}/{s['n']} | {s['flagged']}/{s['n']} |"
         )
     return lines
+
+
+def _levels_section(table, metric: str) -> list[str]:
+    """The reference-levels section of an oracle-mode report: what the levels are, and the
+    warning when a run or group mean ends below its teacher."""
+    return [
+        "",
+        "## Reference levels",
+        "",
+        f"Teacher golden = `golden/{metric}` of the teacher scored as if it were the student; "
+        "initial student golden = that of the student before distillation (`student_init`); "
+        "oracle entropy = -E log p(y|x) of the oracle's own samples (nats per response), the "
+        "scale of the golden divergences. The same evaluator, prompts and oracle samples as "
+        "the runs (`reference_levels.json` of the workdir); n/a: none there.",
+        "",
+        *levels.warnings(table, metric, _group_finals(table)),
+    ]
 
 
 def _metric_line(metric: str, oracle: bool, workdirs) -> str:
@@ -127,10 +151,14 @@ def render(workdirs, out_dir, metric, table: ReportRuns, plot_files) -> str:
     ]
     lines += ["## Runs", ""]
     lines += (
-        _runs_table(table, out_dir) if oracle else reference_text.field_runs_table(table, out_dir)
+        _runs_table(table, out_dir, metric)
+        if oracle
+        else reference_text.field_runs_table(table, out_dir)
     )
     lines += ["", "## Groups (runs that differ only in seed)", ""]
-    lines += _groups_table(table) if oracle else reference_text.field_groups_table(table)
+    lines += _groups_table(table, metric) if oracle else reference_text.field_groups_table(table)
+    if oracle:
+        lines += _levels_section(table, metric)
     section = reference_text.reference_section(table, oracle)
     lines += section
     lines += ["", "## Plots", ""]
@@ -166,4 +194,8 @@ NOTES = [
     "- Plots: a group of >= 2 seeds is the mean over seeds with a min-max band (on the steps "
     "every seed evaluated), faint lines are single seeds; a single run has a +- stderr band.",
     "- Findings compare group means over seeds; 'not run' means these runs cannot decide it.",
+    "- Reference levels (columns teacher golden, initial student golden, oracle entropy; "
+    "lines on the golden plots): constants of the experiment, +- their stderr over prompts; "
+    "a group shows its first member's. A final golden below the teacher's golden is "
+    "warned about in the section above the plots.",
 ]

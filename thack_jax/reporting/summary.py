@@ -16,7 +16,9 @@ File `<dir>/<run directory name>.json`:
   guard_settings / guard: guard_settings.json / guard.json, or null;
   evaluations: {"step": [n], key: [n] (NaN where a line lacks the key)};
   noise_covariance: null (no per-prompt values) or {proxy key: {"steps": [m],
-    "cov_upper": rows i of cov[i, i:] (the matrix is symmetric)} or {"error": text}}.
+    "cov_upper": rows i of cov[i, i:] (the matrix is symmetric)} or {"error": text}};
+  reference_levels: the workdir's reference_levels.json or null (absent in summaries
+    written before the levels existed: read as null, the report shows n/a).
 numpy only (no jax), like report.py.
 """
 
@@ -84,6 +86,7 @@ def summary_of(run: report.Run) -> dict:
         "guard": _optional_json(storage.join(run_dir, GUARD_RECORD_FILE)),
         "evaluations": evaluations,
         "noise_covariance": _noise_covariances(run),
+        "reference_levels": run.levels,
     }
 
 
@@ -140,6 +143,13 @@ def _covariances(path: str, saved: dict | None) -> dict | None:
     return out
 
 
+def _levels(path: str, saved) -> dict | None:
+    """The summary's reference levels (absent in summaries written before them: None)."""
+    if saved is not None and not isinstance(saved, dict):
+        raise report.ReportError(f"{path}: reference_levels is not an object or null")
+    return saved
+
+
 def load_summary(path: str, summary_dir: str) -> report.Run:
     """One run from its summary file; raises ReportError naming the file and the field."""
     record = report._read_json(path)
@@ -176,6 +186,7 @@ def load_summary(path: str, summary_dir: str) -> report.Run:
         from_summary=True,
         guard_settings=settings,
         noise_covs=_covariances(path, record["noise_covariance"]),
+        levels=_levels(path, record.get("reference_levels")),
     )
 
 
