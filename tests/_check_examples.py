@@ -1,5 +1,6 @@
 """`python tests/_check_examples.py TOOL < examples.json`: parses each example's
-arguments with TOOL's own flag definitions (absl or argparse, as the tool does) and, where
+arguments with TOOL's own flag definitions (absl or argparse, as the tool does; a
+benchmark's own absl FlagValues through its `parse_args`) and, where
 it names gin files, builds the ExperimentConfig from them as the tool would. Prints one
 JSON list: "" for an example that parses, else the error. One process per tool, because
 the tools define flags of the same names."""
@@ -16,10 +17,6 @@ from absl import flags
 
 FLAGS = flags.FLAGS
 ABSL = {"train", "memory", "eval", "report", "diagnose", "tpu"}
-ARGPARSE = {
-    "sampling": ("bench_sampling", "parse_args"),
-    "train_step": ("bench_train_step", "_parse"),
-}
 
 
 def _absl(args: list[str]) -> str:
@@ -54,20 +51,29 @@ def _argparse(module: str, parse: str, argv: list[str]) -> str:
     return ""
 
 
+def _benchmark(args: list[str]) -> str:
+    from thack_jax.cli import benchmark
+
+    if not args:
+        return "no benchmark named"
+    name, rest = args[0], args[1:]
+    if name not in benchmark.BENCHMARKS:
+        return f"unknown benchmark {name!r}"
+    module = importlib.import_module(f"thack_jax.cli.{benchmark.BENCHMARKS[name]}")
+    try:
+        module.parse_args(["prog", *rest])
+    except flags.Error as e:
+        return f"flags: {e}"
+    return ""
+
+
 def check(tool: str, args: list[str]) -> str:
     if tool in ABSL:
         return _absl(args)
     if tool == "gpu_check":
         return _argparse("gpu_check", "_parse", args)
     if tool == "benchmark":
-        if not args:
-            return "no benchmark named"
-        name, rest = args[0], args[1:]
-        if name in ARGPARSE:
-            return _argparse(*ARGPARSE[name], ["prog", *rest])
-        if name == "evaluation":
-            return _absl(rest)
-        return f"unknown benchmark {name!r}"
+        return _benchmark(args)
     return f"unknown tool {tool!r}"
 
 
@@ -77,8 +83,6 @@ def main() -> None:
         importlib.import_module(f"thack_jax.cli.{tool}")
         if tool == "tpu":
             importlib.import_module("thack_jax.cli.tpu")._define_flags()
-    elif tool == "benchmark":
-        importlib.import_module("thack_jax.cli.bench_evaluation")  # its absl flags
     examples = json.load(sys.stdin)
     print(json.dumps([check(tool, args) for args in examples]))
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from absl import flags
 
 from thack_jax import models
 from thack_jax.cli import bench_sampling, bench_sampling_decoder
@@ -115,5 +116,5 @@ def test_size_flags_follow_the_family():
     assert "qwen2-tiny" not in bench_sampling_decoder.sizes("llama")
     assert bench_sampling.parse_args(["prog", "--family=qwen2"]).size == "qwen2.5-0.5b"
     for argv in (["--family=llama", "--size=small"], ["--size=llama-tiny"], ["--ragged"]):
-        with pytest.raises(SystemExit):
+        with pytest.raises(flags.IllegalFlagValueError):
             bench_sampling.parse_args(["prog", *argv])

@@ -24,21 +24,46 @@ import numpy as np  # noqa: E402
 from absl import flags
 
 from thack_jax import models
+from thack_jax.cli import common
 from thack_jax.evaluation import evaluator  # noqa: E402
 from thack_jax.parallel import partitioning
 
-FLAGS = flags.FLAGS
-flags.DEFINE_list("shapes", ["tiny", "paper"], "Shapes to measure: tiny, paper.")
-flags.DEFINE_integer("repeats", 1, "Steady-state evaluate calls (the median is reported).")
-flags.DEFINE_integer("paper_ref_layers", 2, "Encoder/decoder layers of the base-width refs.")
-flags.DEFINE_integer("batch_size", 8, "Prompts per device batch.")
+SHAPES = ("tiny", "paper")
+FLAGS = flags.FlagValues()  # its own, so that other benchmarks' flags never collide
+_F = dict(flag_values=FLAGS)
+flags.DEFINE_list("shapes", list(SHAPES), "Shapes to measure: tiny, paper.", **_F)
+flags.DEFINE_integer("repeats", 1, "Steady-state evaluate calls (the median is reported).", **_F)
+flags.DEFINE_integer("paper_ref_layers", 2, "Encoder/decoder layers of the base-width refs.", **_F)
+flags.DEFINE_integer("batch_size", 8, "Prompts per device batch.", **_F)
 flags.DEFINE_integer(
     "paper_prompts",
     8,
     "Prompts of the paper shape (32 in docs/evaluation.md; "
     "8 by default so that a 2-core CPU finishes in minutes).",
+    **_F,
 )
-flags.DEFINE_string("estimator", "rao_blackwell", "rao_blackwell or plain.")
+flags.DEFINE_enum(
+    "estimator",
+    "rao_blackwell",
+    evaluator.ESTIMATORS,
+    "rao_blackwell (lower variance) or plain.",
+    **_F,
+)
+
+
+def parse_args(argv: list[str]) -> flags.FlagValues:
+    """Parses `argv` (argv[0] the program) into this module's FLAGS, which it returns.
+
+    Raises:
+      flags.Error: an unknown flag, a bad value, or a shape other than tiny / paper.
+    """
+    common.parse_own_flags(FLAGS, argv)
+    unknown = [s for s in FLAGS.shapes if s not in SHAPES]
+    if unknown:
+        raise flags.IllegalFlagValueError(
+            f"--shapes: unknown {', '.join(unknown)}; expected {', '.join(SHAPES)}"
+        )
+    return FLAGS
 
 
 def shape_spec(name: str) -> dict:
@@ -110,8 +135,8 @@ def measure(name: str) -> dict:
     )
 
 
-def main(argv) -> int:
-    FLAGS(argv)
+def main(argv: list[str]) -> int:
+    parse_args(argv)
     devices = jax.devices()
     print(f"command: python launch/benchmark.py evaluation {' '.join(argv[1:])}")
     print(
@@ -135,4 +160,6 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    from thack_jax.cli import benchmark
+
+    sys.exit(benchmark.main([sys.argv[0], "evaluation", *sys.argv[1:]]))

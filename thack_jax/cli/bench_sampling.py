@@ -23,54 +23,82 @@ Each timing is the best of `--repeats` runs after one warm-up (compilation) run.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
+import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
 from thack_jax import models  # noqa: E402
 from thack_jax.cli import bench_sampling_decoder as decoder
+from thack_jax.cli import common
 from thack_jax.decoding import sampling
 from thack_jax.decoding.settings import SamplingConfig
 
 T5_SIZES = ["small", "tiny"]
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="benchmark.py sampling", description=__doc__)
-    parser.add_argument("--family", default="t5", choices=["t5", *decoder.DEFAULT_SIZES])
-    parser.add_argument(
-        "--size", default=None, help="t5: small (default), tiny; llama / qwen2: see --family"
+FLAGS = flags.FlagValues()  # its own, so that other benchmarks' flags never collide
+_F = dict(flag_values=FLAGS)
+flags.DEFINE_enum(
+    "family", "t5", ["t5", *decoder.DEFAULT_SIZES], "Model family: t5 or decoder-only.", **_F
+)
+flags.DEFINE_string(
+    "size",
+    None,
+    "Model size; default the family's first. t5: small, tiny; "
+    + "; ".join(
+        f"{family}: {default}, " + ", ".join(s for s in decoder.sizes(family) if s != default)
+        for family, default in decoder.DEFAULT_SIZES.items()
     )
-    parser.add_argument("--batch", default="1,32", help="comma-separated batch sizes")
-    parser.add_argument("--prompt_len", type=int, default=64)
-    parser.add_argument("--new_tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--naive_steps", type=int, default=4, help="timed naive steps")
-    parser.add_argument("--skip_hf", action="store_true")
-    parser.add_argument("--skip_naive", action="store_true")
-    parser.add_argument("--breakdown", action="store_true", help="time encoder vs loop")
-    parser.add_argument(
-        "--gumbel", action="store_true", help="also time ours with draw='gumbel' (categorical)"
-    )
-    parser.add_argument(
-        "--ragged",
-        action="store_true",
-        help="decoder-only: prompt lengths vary in [prompt_len // 2, prompt_len] (padded)",
-    )
-    args = parser.parse_args(argv[1:])
-    args.batch = [int(b) for b in args.batch.split(",")]
+    + ".",
+    **_F,
+)
+flags.DEFINE_list("batch", ["1", "32"], "Comma-separated batch sizes, one table row each.", **_F)
+flags.DEFINE_integer("prompt_len", 64, "Prompt (T5: encoder input) tokens per row.", **_F)
+flags.DEFINE_integer("new_tokens", 64, "Tokens sampled per row.", **_F)
+flags.DEFINE_integer("repeats", 3, "Timed runs after the warm-up; the best is reported.", **_F)
+flags.DEFINE_integer("naive_steps", 4, "Timed naive steps (scaled to --new_tokens).", **_F)
+flags.DEFINE_bool("skip_hf", False, "Skip the Hugging Face generate() baseline.", **_F)
+flags.DEFINE_bool("skip_naive", False, "Skip the naive (recompute the prefix) decode.", **_F)
+flags.DEFINE_bool("breakdown", False, "Time encoder / prefill vs the decode loop.", **_F)
+flags.DEFINE_bool("gumbel", False, "Also time ours with draw='gumbel' (categorical).", **_F)
+flags.DEFINE_bool(
+    "ragged",
+    False,
+    "Decoder-only: prompt lengths vary in [prompt_len // 2, prompt_len] (padded).",
+    **_F,
+)
+
+
+def parse_args(argv: list[str]) -> types.SimpleNamespace:
+    """The flags of `argv` (argv[0] the program), with --batch as ints and --size resolved.
+
+    Raises:
+      flags.Error: an unknown flag, a bad value, or a size of another family.
+    """
+    common.parse_own_flags(FLAGS, argv)
+    args = types.SimpleNamespace(**FLAGS.flag_values_dict())
+    try:
+        args.batch = [int(b) for b in args.batch]
+    except ValueError:
+        message = f"--batch={','.join(args.batch)}: expected comma-separated integers"
+        raise flags.IllegalFlagValueError(message) from None
     sizes = T5_SIZES if args.family == "t5" else decoder.sizes(args.family)
     if args.size is None:
         args.size = T5_SIZES[0] if args.family == "t5" else decoder.DEFAULT_SIZES[args.family]
     if args.size not in sizes:
-        parser.error(f"--size={args.size!r} is not a {args.family} size; choose from {sizes}")
+        raise flags.IllegalFlagValueError(
+            f"--size={args.size!r} is not a {args.family} size; choose from {sizes}"
+        )
     if args.ragged and args.family == "t5":
-        parser.error("--ragged is for the decoder-only families (--family llama / qwen2)")
+        raise flags.IllegalFlagValueError(
+            "--ragged is for the decoder-only families (--family llama / qwen2)"
+        )
     return args
 
 
@@ -292,4 +320,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    from thack_jax.cli import benchmark
+
+    sys.exit(benchmark.main([sys.argv[0], "sampling", *sys.argv[1:]]))

@@ -22,35 +22,54 @@ of them, `steps` consecutive steps each) and each figure is its best round.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 import platform
 import subprocess
 import sys
 import time
+import types
 
 import numpy as np
+from absl import flags
+
+from thack_jax.cli import common
+
+FLAGS = flags.FlagValues()  # its own, so that other benchmarks' flags never collide
+_F = dict(flag_values=FLAGS)
+flags.DEFINE_list("sizes", ["tiny", "small"], "T5 v1.1 sizes, teacher = student size.", **_F)
+flags.DEFINE_integer("repeats", 5, "Interleaved timing rounds; each figure is its best.", **_F)
+flags.DEFINE_integer("steps", 3, "Consecutive steps per round.", **_F)
+flags.DEFINE_integer("batch", 32, "Sequences per step.", **_F)
+flags.DEFINE_integer("input_len", 64, "Input (encoder) tokens per sequence.", **_F)
+flags.DEFINE_integer("target_len", 64, "Target (decoder) tokens per sequence.", **_F)
+flags.DEFINE_integer("matmul_size", 2048, "Side of the f32 jnp.dot timed as the peak.", **_F)
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Model dtype.", **_F)
+flags.DEFINE_bool("no_torch", False, "Skip the PyTorch reference.", **_F)
+flags.DEFINE_list(
+    "torch_threads",
+    ["1", "2"],
+    "PyTorch intra-op thread counts to time; the best is the reference.",
+    **_F,
+)
+flags.DEFINE_bool("profile", False, "Time the parts of the JAX step.", **_F)
 
 
-def _parse(argv):
-    p = argparse.ArgumentParser(prog="benchmark.py train_step")
-    p.add_argument("--sizes", default="tiny,small")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--input_len", type=int, default=64)
-    p.add_argument("--target_len", type=int, default=64)
-    p.add_argument("--matmul_size", type=int, default=2048)
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    p.add_argument("--no_torch", action="store_true", help="skip the PyTorch reference")
-    p.add_argument(
-        "--torch_threads",
-        default="1,2",
-        help="PyTorch intra-op thread counts to time; the best is the reference",
-    )
-    p.add_argument("--profile", action="store_true", help="time the parts of the JAX step")
-    return p.parse_args([a.replace("--no-", "--no_") for a in argv[1:]])
+def parse_args(argv: list[str]) -> types.SimpleNamespace:
+    """The flags of `argv` (argv[0] the program; `--no-torch` reads as `--no_torch`), with
+    --torch_threads as ints.
+
+    Raises:
+      flags.Error: an unknown flag or a bad value.
+    """
+    common.parse_own_flags(FLAGS, [argv[0], *(a.replace("--no-", "--no_") for a in argv[1:])])
+    args = types.SimpleNamespace(**FLAGS.flag_values_dict())
+    try:
+        args.torch_threads = [int(t) for t in args.torch_threads]
+    except ValueError:
+        message = f"--torch_threads={','.join(args.torch_threads)}: expected integers"
+        raise flags.IllegalFlagValueError(message) from None
+    return args
 
 
 def _best(fn, repeats: int, steps: int) -> float:
@@ -240,7 +259,7 @@ def _lscpu() -> str:
 
 
 def main(argv: list[str]) -> int:
-    args = _parse(argv)
+    args = parse_args(argv)
     import jax
 
     from thack_jax import models
@@ -255,14 +274,14 @@ def main(argv: list[str]) -> int:
         "| MFU (CPU time) | speed-up vs best PyTorch (wall / CPU time) |"
     )
     rows = [header, "|---|---|---|---|---|---|---|---|"]
-    for size in args.sizes.split(","):
+    for size in args.sizes:
         cfg = models.get_config(size, dtype=args.dtype)
         flops = 4 * forward_flops(cfg, args.batch, args.input_len, args.target_len)
         jax_run, info = jax_runner(cfg, args, args.profile)
         torch_run = None if args.no_torch else torch_runner(cfg, args)
         runners = {"peak": None, "jax": jax_run}
         if torch_run is not None:
-            for t in (int(x) for x in args.torch_threads.split(",")):
+            for t in args.torch_threads:
                 runners[f"PyTorch {t} thread(s)"] = functools.partial(torch_run, t)
         # Rounds interleave the matmul peak, the JAX step and the PyTorch steps, and each
         # figure is its best round. Wall clock: the peak is timed over as many dots as fit
@@ -306,4 +325,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    from thack_jax.cli import benchmark
+
+    sys.exit(benchmark.main([sys.argv[0], "train_step", *sys.argv[1:]]))

@@ -62,6 +62,20 @@ def experiment_config(tool: str):
         _fail(tool, e)
 
 
+def parse_own_flags(flag_values: flags.FlagValues, argv: list[str]) -> None:
+    """Parses `argv` (argv[0] the program) into a tool's own FlagValues, every flag not in
+    argv back at its default: the benchmarks each define theirs on their own FlagValues, so
+    several can be imported, and each parsed again, in one process.
+
+    Raises:
+      flags.Error: an unknown flag, a bad value, or a positional argument.
+    """
+    flag_values.unparse_flags()
+    rest = flag_values(list(argv))
+    if len(rest) > 1:
+        raise flags.Error(f"unexpected arguments {rest[1:]}")
+
+
 def quiet_library_logs() -> None:
     """orbax and absl log every checkpoint read and write at INFO (dozens of lines per
     evaluation), drowning the progress lines; --verbosity=0 brings them back."""
