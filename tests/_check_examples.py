@@ -16,7 +16,7 @@ import sys
 from absl import flags
 
 FLAGS = flags.FLAGS
-ABSL = {"train", "memory", "eval", "report", "diagnose", "tpu"}
+ABSL = {"train", "memory", "eval", "report", "diagnose", "tpu", "coverage"}
 
 
 def _absl(args: list[str]) -> str:

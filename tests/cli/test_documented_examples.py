@@ -23,7 +23,17 @@ import pytest
 
 REPO = _examples.REPO
 EXAMPLES = _examples.all_examples()
-TOOLS = ("train", "tpu", "memory", "eval", "report", "diagnose", "benchmark", "gpu_check")
+TOOLS = (
+    "train",
+    "tpu",
+    "memory",
+    "eval",
+    "report",
+    "diagnose",
+    "benchmark",
+    "gpu_check",
+    "coverage",
+)
 
 
 def _concrete(example) -> bool:

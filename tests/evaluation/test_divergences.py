@@ -1,6 +1,5 @@
 """Tests of thack_jax.evaluation.divergences: unit properties and exactness against enumeration."""
 
-import functools
 import itertools
 import math
 
@@ -9,11 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from thack_jax import models
-from thack_jax.decoding import sampling, scoring
+from thack_jax.decoding import sampling
+from thack_jax.evaluation import coverage as cv
 from thack_jax.evaluation import divergences as dv
 
-V, L, LX, EOS = 5, 3, 3, 1
+V, L, LX, EOS = cv.V, cv.L, cv.LX, cv.EOS
 
 
 # ------------------------------------------------------------------------------ unit properties
@@ -99,102 +98,42 @@ def test_bad_inputs_are_refused_with_names():
         )
     with pytest.raises(ValueError, match="non-finite"):
         dv.plain_kl([0.0, -np.inf], [0.0, 0.0], [1, 1], [0, 1])
+    with pytest.raises(ValueError, match="interval method"):
+        dv.half_width(1.0, 10, method="bootstrap")
+
+
+def test_intervals_normal_and_student_t():
+    est = dv.plain_kl([1.0, 2.0, 4.0, 3.0], np.zeros(4), np.ones(4), np.arange(4))
+    low, high = dv.interval(est)
+    assert (high - low) / 2 == pytest.approx(1.959964 * est.stderr, rel=1e-6)
+    low_t, high_t = dv.interval(est, method="t")  # t with 3 dof: 3.182
+    assert (high_t - low_t) / 2 == pytest.approx(3.182446 * est.stderr, rel=1e-6)
+    assert low_t + high_t == pytest.approx(2 * est.value)
+    # vectorised over stderrs and prompt counts; the t quantile tends to the normal one
+    half = dv.half_width(np.array([1.0, 1.0]), np.array([40, 100000]), method="t")
+    assert half[0] == pytest.approx(2.022691, rel=1e-6) and half[1] == pytest.approx(1.96, rel=1e-3)
+    assert np.isnan(dv.half_width(1.0, 1, method="t"))
 
 
 # ------------------------------------------------------------------- exactness by enumeration
 
 
-def response_mask(targets):
-    """Scored positions: every token up to and including the first EOS. [S, L] -> bool."""
-    eos = targets == EOS
-    return (np.cumsum(eos, axis=1) - eos) == 0
-
-
-def enumerate_responses():
-    """Every response of at most L tokens: ends at its first EOS or is cut at L tokens.
-
-    Any token (the pad id 0 included) may appear before EOS. Returns targets [S, L] with
-    0 after EOS, and the mask [S, L].
-    """
-    rows = []
-    for length in range(1, L + 1):
-        for body in itertools.product([t for t in range(V) if t != EOS], repeat=length - 1):
-            rows.append([*body, EOS] + [0] * (L - length))
-            if length == L:  # cut at max length: the last token is anything
-                rows.extend([*body, t] for t in range(V) if t != EOS)
-    targets = np.array(rows, np.int32)
-    return targets, response_mask(targets)
-
-
-_logits = jax.jit(models.logits, static_argnums=0)
-
-
-def random_params(config, seed):
-    """Random parameters drawn with numpy at T5-like scales (kernels N(0, 1/fan_in),
-    embeddings N(0, 1), norm scales 1): avoids compiling flax's init, slow on small CPUs."""
-    rng = np.random.default_rng(seed)
-
-    def draw(path, shape):
-        name = jax.tree_util.keystr(path)
-        if "scale" in name:
-            return np.ones(shape.shape, np.float32)
-        std = 1.0 if "embedding" in name else shape.shape[0] ** -0.5
-        return (rng.standard_normal(shape.shape) * std).astype(np.float32)
-
-    return jax.tree_util.tree_map_with_path(draw, models.param_shapes(config))
-
-
-@functools.lru_cache(maxsize=16)
-def make_model(seed, sharpness=2.0):
-    """A tiny random T5 with vocab V whose output logits are scaled (not near-uniform)."""
-    config = models.get_config("tiny", vocab_size=V)
-    params = random_params(config, seed)
-    kernel = params["decoder"]["logits_dense"]["kernel"] * sharpness
-    # Relabel the outputs so EOS is the most likely token on average: responses of every
-    # length then have visible probability (the column swap only renames the vocabulary).
-    probe = _logits(config, params, jnp.full((4, LX), 2), jnp.full((4, L), 3))
-    top = int(jnp.argmax(probe.mean(axis=(0, 1))))
-    kernel[:, [EOS, top]] = kernel[:, [top, EOS]]
-    params["decoder"]["logits_dense"] = {"kernel": kernel}
-    return config, params
-
-
-_score = jax.jit(scoring.score, static_argnums=0)
-
-
-def masked_scores(model, inputs, targets, mask):
-    """(token log-probs [B, L] 0 at pads, full log-probs [B, L, V]) with an explicit mask."""
-    config, params = model
-    full = _score(config, params, jnp.asarray(inputs), jnp.asarray(targets)).full_logprobs
-    tok = scoring.gather_logprobs(full, jnp.asarray(targets))
-    return np.where(mask, np.asarray(tok, np.float64), 0.0), full
-
-
-def make_pair(mix=0.2):
-    """Reference p and student q: q is p moved `mix` of the way towards another random model."""
-    p, other = make_model(0), make_model(1)
-    q_params = jax.tree.map(lambda a, b: (1 - mix) * a + mix * b, p[1], other[1])
-    return p, (p[0], q_params)
+# The enumeration helpers live in the coverage study (thack_jax/evaluation/coverage.py).
+response_mask = cv.response_mask
+enumerate_responses = cv.enumerate_responses
+masked_scores = cv.masked_scores
+make_model = cv.make_model
+make_pair = cv.make_pair
+random_params = cv.random_params
 
 
 def exact_divergences(p, q, population):
-    """Exact forward KL, reverse KL and JS averaged over the prompt population, by
-    enumerating every response."""
-    targets, mask = enumerate_responses()
-    k, s = population.shape[0], targets.shape[0]
-    inputs = np.repeat(population, s, axis=0)
-    tiled_t, tiled_m = np.tile(targets, (k, 1)), np.tile(mask, (k, 1))
-    lp = masked_scores(p, inputs, tiled_t, tiled_m)[0].sum(1).reshape(k, s)
-    lq = masked_scores(q, inputs, tiled_t, tiled_m)[0].sum(1).reshape(k, s)
-    np.testing.assert_allclose(np.exp(lp).sum(1), 1.0, rtol=1e-5)  # the space is complete
-    np.testing.assert_allclose(np.exp(lq).sum(1), 1.0, rtol=1e-5)
-    lm = np.logaddexp(lp, lq) - math.log(2)
-    pp, pq = np.exp(lp), np.exp(lq)
-    return {
-        "forward_kl": (pp * (lp - lq)).sum(1).mean(),
-        "reverse_kl": (pq * (lq - lp)).sum(1).mean(),
-        "js": (0.5 * pp * (lp - lm) + 0.5 * pq * (lq - lm)).sum(1).mean(),
-    }
+    """{forward_kl, reverse_kl, js}: exact over the population (`coverage.exact_divergences`),
+    checking that the enumerated space is complete (callers iterate over the three)."""
+    exact = cv.exact_divergences(p, q, population)
+    assert exact["p_mass"] == pytest.approx(1.0, rel=1e-5)
+    assert exact["q_mass"] == pytest.approx(1.0, rel=1e-5)
+    return {div: exact[div] for div in cv.DIVERGENCES}
 
 
 def all_estimates(p, q, prompts, num_samples, rng):

@@ -23,6 +23,11 @@ averages the samples of each prompt, A_i, and the standard error is the one of a
 independent prompts: std(A_i, ddof=1) / sqrt(P). JS pairs the p- and q-samples of a prompt:
 A_i = 0.5 mean_p(i) + 0.5 mean_q(i). With fewer than 2 prompts the stderr is nan.
 
+Intervals (`half_width`, `interval`): value +- c * stderr with c the normal quantile
+(`method="normal"`, 1.96 at 95%) or Student's t with P - 1 degrees of freedom
+(`method="t"`, 2.02 at P = 40, 1.97 at P = 200): the t interval allows for the stderr
+itself being estimated from P prompt means (docs/evaluation.md, "Coverage and bias").
+
 Per-token normalisation: a ratio of sums, (sum of per-sequence values) / (number of response
 tokens, EOS included), i.e. mean_i A_i / mean_i B_i with B_i the prompt's mean response
 length (for JS, length under m: 0.5 mean_p(i) + 0.5 mean_q(i)). It estimates
@@ -43,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 LOG2 = math.log(2.0)
+INTERVAL_METHODS = ("normal", "t")
 
 
 class NonFiniteValuesError(ValueError):
@@ -67,6 +73,33 @@ class Estimate(NamedTuple):
     per_sequence: np.ndarray
     num_prompts: int
     per_prompt: np.ndarray
+
+
+def half_width(stderr, num_prompts, level: float = 0.95, method: str = "normal"):
+    """Half-width of the two-sided `level` interval: stderr [...] x quantile -> [...].
+
+    method: 'normal' (z quantile) or 't' (Student's t with num_prompts - 1 dof; nan below 2
+    prompts). Array or scalar stderr; num_prompts an int or an array broadcasting with it.
+    """
+    from scipy import stats  # numpy-only callers (reports) need not import it
+
+    if method not in INTERVAL_METHODS:
+        raise ValueError(f"interval method {method!r}; valid: {INTERVAL_METHODS}")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"interval level {level} must be in (0, 1)")
+    tail = 0.5 + 0.5 * level
+    if method == "normal":
+        quantile = stats.norm.ppf(tail)
+    else:
+        dof = np.asarray(num_prompts, np.float64) - 1.0
+        quantile = np.where(dof >= 1, stats.t.ppf(tail, np.maximum(dof, 1.0)), np.nan)
+    return np.asarray(stderr, np.float64) * quantile
+
+
+def interval(est: Estimate, level: float = 0.95, method: str = "normal") -> tuple[float, float]:
+    """(low, high) of the `level` interval of an Estimate's value (see `half_width`)."""
+    half = float(half_width(est.stderr, est.num_prompts, level, method))
+    return est.value - half, est.value + half
 
 
 # ----------------------------------------------------------------------------- token level (jnp)
