@@ -318,3 +318,28 @@ def test_shutdown_is_a_no_op_for_one_process():
     distributed.shutdown()  # not initialised: nothing to leave, no error
     distributed.shutdown()
     assert not jax.distributed.is_initialized()
+
+
+_SLOW_PROCESS_0 = textwrap.dedent(
+    """
+    import json, time
+    from thack_jax.parallel import distributed
+    distributed.initialize(initialization_timeout=60)
+    import jax
+    if jax.process_index() == 0:
+        time.sleep(45)  # work of its own (a report): longer than gloo's 30 s timeout
+    distributed.barrier("after_report")
+    agreed = distributed.any_process(jax.process_index() == 1)
+    distributed.shutdown()
+    print("RESULT " + json.dumps({"agreed": agreed}))
+    """
+)
+
+
+@pytest.mark.slow
+def test_barrier_waits_for_a_process_busy_longer_than_the_collectives_timeout():
+    # With a device collective as the barrier (multihost_utils.sync_global_devices) the
+    # waiting process fails after 30 s ('Gloo context initialization failed:
+    # DEADLINE_EXCEEDED') and leaves, and process 0 then hangs: the CI failure this replaces.
+    results = run_processes(_SLOW_PROCESS_0, devices_per_process=1, timeout_s=240)
+    assert [parse_result(r, results) for r in results] == [{"agreed": True}] * 2

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import glob
+import itertools
 import logging
 import os
 import socket
@@ -322,12 +323,34 @@ def primary_only(fn: _F) -> _F:
     return wrapper  # type: ignore[return-value]
 
 
-def barrier(name: str) -> None:
-    """Blocks until every process reaches the barrier `name`; a no-op for one process."""
-    if jax.process_count() > 1:
+# How long a process waits at `barrier` for the others: process 0 may be writing a report
+# or an export to a bucket meanwhile, which can take minutes on a loaded machine.
+BARRIER_TIMEOUT_S = 3600
+_barrier_calls = itertools.count()  # every process calls barriers in the same order
+
+
+def barrier(name: str, timeout_s: float = BARRIER_TIMEOUT_S) -> None:
+    """Blocks until every process reaches the barrier `name`; a no-op for one process.
+
+    The barrier is the coordination service's (`wait_at_barrier`), not a device collective:
+    a collective waiting on a process busy with work of its own (process 0 writing the
+    report) fails after the CPU collectives' (gloo's) fixed timeout, about 30 s, and the
+    waiting process then leaves while process 0 hangs in the next collective. Each call gets
+    a unique id (`name` and a call counter), since the service refuses a reused one.
+    Raises the service's error (naming the barrier) after `timeout_s`.
+    """
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed as jax_distributed  # the runtime's client (no public API)
+
+    client = jax_distributed.global_state.client
+    barrier_id = f"thack_{name}_{next(_barrier_calls)}"
+    if client is None:  # not started by jax.distributed.initialize: a device collective
         from jax.experimental import multihost_utils
 
-        multihost_utils.sync_global_devices(name)
+        multihost_utils.sync_global_devices(barrier_id)
+        return
+    client.wait_at_barrier(barrier_id, int(timeout_s * 1000))
 
 
 def shutdown() -> None:
@@ -348,6 +371,9 @@ def any_process(flag: bool) -> bool:
     """True when `flag` is True on any process (an all-gather; no-op for one process)."""
     if jax.process_count() == 1:
         return bool(flag)
+    # Everyone present first (see `barrier`): the gather is a CPU collective with a 30 s
+    # timeout, and process 0 may come from work of its own.
+    barrier("any_process")
     import numpy as np
     from jax.experimental import multihost_utils
 
