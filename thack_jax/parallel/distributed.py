@@ -371,9 +371,6 @@ def any_process(flag: bool) -> bool:
     """True when `flag` is True on any process (an all-gather; no-op for one process)."""
     if jax.process_count() == 1:
         return bool(flag)
-    # Everyone present first (see `barrier`): the gather is a CPU collective with a 30 s
-    # timeout, and process 0 may come from work of its own.
-    barrier("any_process")
     import numpy as np
     from jax.experimental import multihost_utils
 
@@ -388,6 +385,10 @@ def stop_if_signalled(where: str) -> None:
 
     from thack_jax.core import interrupt
 
+    # Everyone present first (see `barrier`): the gather below is a CPU collective with a
+    # 30 s timeout, and between stages process 0 may come from work of its own (reports,
+    # exports). Not in `any_process`, which the trainer calls every step in lockstep.
+    barrier(f"stop_check_{where}")
     if any_process(interrupt.requested() is not None):
         raise interrupt.Interrupted(interrupt.requested() or signal.SIGTERM, where)
 
