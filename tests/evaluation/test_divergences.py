@@ -104,9 +104,9 @@ def test_bad_inputs_are_refused_with_names():
 
 def test_intervals_normal_and_student_t():
     est = dv.plain_kl([1.0, 2.0, 4.0, 3.0], np.zeros(4), np.ones(4), np.arange(4))
-    low, high = dv.interval(est)
+    low, high = dv.interval(est, method="normal")
     assert (high - low) / 2 == pytest.approx(1.959964 * est.stderr, rel=1e-6)
-    low_t, high_t = dv.interval(est, method="t")  # t with 3 dof: 3.182
+    low_t, high_t = dv.interval(est)  # the default: t with 3 dof, 3.182
     assert (high_t - low_t) / 2 == pytest.approx(3.182446 * est.stderr, rel=1e-6)
     assert low_t + high_t == pytest.approx(2 * est.value)
     # vectorised over stderrs and prompt counts; the t quantile tends to the normal one

@@ -23,10 +23,11 @@ averages the samples of each prompt, A_i, and the standard error is the one of a
 independent prompts: std(A_i, ddof=1) / sqrt(P). JS pairs the p- and q-samples of a prompt:
 A_i = 0.5 mean_p(i) + 0.5 mean_q(i). With fewer than 2 prompts the stderr is nan.
 
-Intervals (`half_width`, `interval`): value +- c * stderr with c the normal quantile
-(`method="normal"`, 1.96 at 95%) or Student's t with P - 1 degrees of freedom
-(`method="t"`, 2.02 at P = 40, 1.97 at P = 200): the t interval allows for the stderr
-itself being estimated from P prompt means (docs/evaluation.md, "Coverage and bias").
+Intervals (`half_width`, `interval`): value +- c * stderr with c Student's t quantile with
+P - 1 degrees of freedom (`method="t"`, the default: 2.02 at P = 40, 1.97 at P = 200) or
+the normal one (`method="normal"`, 1.96 at 95%): the t interval allows for the stderr
+itself being estimated from P prompt means, and it is the one that covered at >= 94% with
+few prompts (docs/evaluation.md, "Coverage and bias").
 
 Per-token normalisation: a ratio of sums, (sum of per-sequence values) / (number of response
 tokens, EOS included), i.e. mean_i A_i / mean_i B_i with B_i the prompt's mean response
@@ -75,11 +76,12 @@ class Estimate(NamedTuple):
     per_prompt: np.ndarray
 
 
-def half_width(stderr, num_prompts, level: float = 0.95, method: str = "normal"):
+def half_width(stderr, num_prompts, level: float = 0.95, method: str = "t"):
     """Half-width of the two-sided `level` interval: stderr [...] x quantile -> [...].
 
-    method: 'normal' (z quantile) or 't' (Student's t with num_prompts - 1 dof; nan below 2
-    prompts). Array or scalar stderr; num_prompts an int or an array broadcasting with it.
+    method: 't' (Student's t with num_prompts - 1 dof; nan below 2 prompts; the default) or
+    'normal' (z quantile). Array or scalar stderr; num_prompts an int or an array
+    broadcasting with it.
     """
     from scipy import stats  # numpy-only callers (reports) need not import it
 
@@ -96,7 +98,7 @@ def half_width(stderr, num_prompts, level: float = 0.95, method: str = "normal")
     return np.asarray(stderr, np.float64) * quantile
 
 
-def interval(est: Estimate, level: float = 0.95, method: str = "normal") -> tuple[float, float]:
+def interval(est: Estimate, level: float = 0.95, method: str = "t") -> tuple[float, float]:
     """(low, high) of the `level` interval of an Estimate's value (see `half_width`)."""
     half = float(half_width(est.stderr, est.num_prompts, level, method))
     return est.value - half, est.value + half
