@@ -246,6 +246,10 @@ class ExperimentConfig:
     checkpoint. teacher_logit_scale multiplies the SFT teacher's output layer (> 1: an
     over-confident teacher), a controlled, prompt-independent systematic error of the
     teacher (docs/experiment.md); 1.0 leaves the SFT teacher as trained.
+
+    world: the whole-world seed (experiment/worlds.py): 0 is the configured seeds as they
+    are; another value derives every seed (the oracle's, teacher's and student's
+    initialisations, the data, the SFTs, the runs and the evaluation) from (world, seed).
     """
 
     name: str = "default"
@@ -272,6 +276,7 @@ class ExperimentConfig:
     guard_mode: str = "log"
     mesh_shape: tuple = DEFAULT_MESH_SHAPE
     seed: int = 0
+    world: int = 0
 
     def __post_init__(self):
         for field in ("task_options", "mesh_shape"):
@@ -319,6 +324,7 @@ class ExperimentConfig:
         checks.instance(self, "evaluation", EvalConfig, "in gin: @EvalConfig()")
         checks.choice(self, "guard_mode", GUARD_MODES)
         checks.integer(self, "seed", 0)
+        checks.integer(self, "world", 0)
         if self.mode == "field":
             self._check_field_mode()
 

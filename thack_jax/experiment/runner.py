@@ -34,7 +34,7 @@ import numpy as np
 
 from thack_jax.core import interrupt, storage
 from thack_jax.evaluation.evaluator import Evaluator
-from thack_jax.experiment import distillation, eval_setup, markers
+from thack_jax.experiment import distillation, eval_setup, markers, worlds
 from thack_jax.experiment import stages as stage_work
 from thack_jax.experiment.config import (
     ExperimentConfig,
@@ -96,13 +96,19 @@ class ChangedInputError(ExperimentMismatchError):
 
 
 def _shared_section(cfg: ExperimentConfig) -> dict:
-    """The part of the configuration that the shared stages depend on."""
+    """The part of the configuration that the shared stages depend on, with the seeds of
+    its world (worlds.in_world; a world > 0 also records the world and the base seeds)."""
+    cfg = worlds.in_world(cfg)  # idempotent: a mapped configuration is kept as it is
     shared = to_json(cfg)
     for key in ("runs", "distill", "evaluation", "guard_mode", "distill_prompt_pool", "name"):
         shared.pop(key)
     if cfg.mode == "oracle":
         # Written as before field mode existed, so that older oracle workdirs stay valid.
         del shared["mode"], shared["reference_examples"]
+    if cfg.world == 0:  # likewise written as before worlds existed
+        del shared["world"]
+    else:
+        shared[worlds.BASE_KEY] = worlds.base_seeds(cfg, shared)
     return shared
 
 
@@ -178,6 +184,8 @@ class Experiment(stage_work.StageContext):
     from the old one instead of being silently mixed with them."""
 
     def __init__(self, cfg: ExperimentConfig, workdir: str, progress: bool = True):
+        # Every stage reads the seeds of cfg's world (the identity in world 0); once here.
+        cfg = worlds.in_world(cfg)
         super().__init__(cfg, workdir, partitioning.make_mesh(dict(cfg.mesh_shape)), progress)
         check_models(cfg)
         check_workdir(cfg, workdir)

@@ -67,9 +67,33 @@ def cells(levels: dict | None, metric: str) -> list[str]:
 
 
 def group_levels(table, members) -> dict | None:
-    """The levels of a group: its first member's that has some (the members of a group share
-    the experiment, hence the models and the evaluator)."""
-    return next((table.runs[i].levels for i in members if table.runs[i].levels), None)
+    """The levels of a group: its members' when they share them (one world: the same
+    models and evaluator); for a group spanning worlds (experiment/worlds.py), the mean
+    over its runs of each run's own levels, so that it compares with the group's mean
+    final golden as each run with its own teacher. None when no member has levels."""
+    records = [table.runs[i].levels for i in members if table.runs[i].levels]
+    if not records or all(r == records[0] for r in records):
+        return records[0] if records else None
+    out = {}
+    for model in MODELS:
+        divs = set.intersection(*(set(r.get(model) or {}) for r in records))
+        per_div = {d: [golden(r, model, d) for r in records] for d in sorted(divs)}
+        out[model] = {d: _mean(v) for d, v in per_div.items() if None not in v}
+    if all(entropy(r) is not None for r in records):
+        out[ENTROPY] = _mean([entropy(r) for r in records])
+    return out
+
+
+def _mean(levels: list) -> dict:
+    """{"value", "stderr"} of the mean over runs of (value, stderr) levels; runs sharing a
+    workdir share its level (the same estimate, counted once in the stderr)."""
+    counts: dict[tuple, int] = {}
+    for level in levels:
+        counts[level] = counts.get(level, 0) + 1
+    n = len(levels)
+    value = sum(v * k for (v, _), k in counts.items()) / n
+    stderr = sum((se * k) ** 2 for (_, se), k in counts.items()) ** 0.5 / n
+    return {"value": value, "stderr": stderr}
 
 
 def plot_lines(table, members: dict, metric: str, with_entropy: bool) -> list[tuple]:

@@ -15,9 +15,12 @@ Conventions (repeated in the report's Notes):
   sees by default): the evaluations from the end of the distillation warmup on
   (`runs/<name>/guard_settings.json`), without stderrs, with the evaluation-noise covariance
   of the per-prompt values in `train/per_prompt/` when the run has them (docs/diagnostics.md).
-- Runs that differ only in `seed` form a group. A group of >= 2 seeds is drawn as the mean
-  over seeds with a min-max band (with 2-3 seeds a std is poorly estimated, and min-max shows
-  every seed), on the steps every seed evaluated; a single run as its curve +- its stderr.
+- Runs that differ only in `seed` form a group, also across workdirs that differ only in
+  `world` (whole-world seeds, experiment/worlds.py: experiment.json dicts are compared as
+  `text_format.pooled_experiment` gives them, world 0's). A group of >= 2 seeds is drawn
+  as the mean over seeds with a min-max band (with 2-3 seeds a std is poorly estimated,
+  and min-max shows every seed), on the steps every seed evaluated; a single run as its
+  curve +- its stderr.
 - Golden rise = final golden - minimum golden, in units of sqrt(se_min^2 + se_final^2),
   significant above 2 (the U-shape rule of `diagnostics.detect_u_shape`).
 - Field mode (`experiment.json` "mode": "field"; absent: "oracle"): no oracle, no golden
@@ -41,6 +44,7 @@ from thack_jax.data.regime_names import Regime
 from thack_jax.hacking import diagnostics, guard, noise
 from thack_jax.reporting import levels, reference, report_plots, report_text
 from thack_jax.reporting.report_plots import DIVERGENCES
+from thack_jax.reporting.text_format import pooled_experiment
 from thack_jax.training.metrics_io import METRICS_FILE, read_metrics
 
 GROUP_FIELDS = ("regime", "num_prompts", "completions_per_prompt", "online_fraction", "online_role")
@@ -321,6 +325,7 @@ class Group:
     experiment: int  # index of the run's experiment.json among the distinct ones
     config: dict  # run.json of the first run, seed aside
     members: list  # indices into the runs list
+    worlds: tuple = (0,)  # the members' worlds (experiment.json "world"; absent: 0)
 
 
 def _base_label(cfg: dict) -> str:
@@ -333,16 +338,20 @@ def _base_label(cfg: dict) -> str:
 
 
 def group_runs(runs: list[Run]) -> tuple[list[Group], list[dict]]:
-    """Groups of runs that differ only in seed (and the distinct experiment.json contents)."""
+    """Groups of runs that differ only in seed or world, and the distinct experiment.json
+    contents (as `pooled_experiment` gives them: world 0's)."""
     experiments, by_key = [], {}
     for i, run in enumerate(runs):
-        if run.experiment not in experiments:
-            experiments.append(run.experiment)
-        exp = experiments.index(run.experiment)
+        experiment = pooled_experiment(run.experiment)
+        if experiment not in experiments:
+            experiments.append(experiment)
+        exp = experiments.index(experiment)
         key = (exp, *(json.dumps(run.config[f]) for f in GROUP_FIELDS))
         if key not in by_key:
             by_key[key] = Group(_base_label(run.config), exp, run.config, [])
         by_key[key].members.append(i)
+    for grp in by_key.values():
+        grp.worlds = tuple(sorted({runs[i].experiment.get("world", 0) for i in grp.members}))
     order = {r: k for k, r in enumerate(REGIMES)}
     groups = sorted(by_key.values(), key=lambda g: (g.experiment, order.get(g.config["regime"], 9)))
     seen: dict[str, int] = {}

@@ -11,7 +11,15 @@ import dataclasses
 
 from thack_jax.reporting import findings, levels, reference, reference_text
 from thack_jax.reporting.findings import RISE_Z
-from thack_jax.reporting.text_format import data, experiment_lines, g, pm, relative, wall
+from thack_jax.reporting.text_format import (
+    data,
+    experiment_lines,
+    g,
+    pm,
+    pooled_experiment,
+    relative,
+    wall,
+)
 
 
 def _keep(a) -> str:
@@ -74,6 +82,14 @@ def _runs_table(table, out_dir: str, metric: str) -> list[str]:
     return lines
 
 
+def worlds_note(grp) -> str:
+    """ " (3 worlds)" after a group's runs when they span several worlds, " (world 2)" for
+    one world other than 0, "" in world 0 (the report of one world reads as before)."""
+    if len(grp.worlds) > 1:
+        return f" ({len(grp.worlds)} worlds)"
+    return f" (world {grp.worlds[0]})" if grp.worlds[0] else ""
+
+
 def _group_finals(table) -> dict:
     """group label -> its mean final golden (findings.group_stats)."""
     views = [findings.golden_view(a) for a in table.analyses]
@@ -89,7 +105,7 @@ def _groups_table(table, metric: str) -> list[str]:
     views = [findings.golden_view(a) for a in table.analyses]
     for grp in table.groups:
         s = findings.group_stats(grp, views)
-        names = ", ".join(table.labels[i] for i in grp.members)
+        names = ", ".join(table.labels[i] for i in grp.members) + worlds_note(grp)
         level_cells = " | ".join(levels.cells(levels.group_levels(table, grp.members), metric))
         lines.append(
             f"| {grp.label} | {names} | {g(s['rise'])} ({g(s['rise_min'])}.."
@@ -131,6 +147,18 @@ def _metric_line(metric: str, oracle: bool, workdirs) -> str:
     )
 
 
+def _worlds_line(runs) -> list[str]:
+    """The line naming the worlds of an experiment's runs; none in world 0 alone."""
+    spanned = sorted({r.experiment.get("world", 0) for r in runs})
+    if spanned == [0]:
+        return []
+    return [
+        f"- worlds: {spanned} (whole-world seeds, docs/experiment.md: every seed derived from "
+        "(world, base seed); the seeds above are the base ones, each workdir's "
+        "`experiment.json` holds its own)"
+    ]
+
+
 def render(workdirs, out_dir, metric, table: ReportRuns, plot_files) -> str:
     """The whole report.md text of `table`'s runs (plot_files: (file name, title) pairs).
     Oracle mode when every run has an oracle (`reference.report_mode`), else field mode."""
@@ -139,10 +167,11 @@ def render(workdirs, out_dir, metric, table: ReportRuns, plot_files) -> str:
     lines = ["# Teacher-hacking report", ""]
     lines += [_metric_line(metric, oracle, workdirs), "", "## What was run", ""]
     for k, exp in enumerate(experiments):
-        dirs = sorted({r.workdir for r in runs if r.experiment == exp})
+        mine = [r for r in runs if pooled_experiment(r.experiment) == exp]
+        dirs = sorted({r.workdir for r in mine})
         head = f"Experiment {k + 1} " if len(experiments) > 1 else ""
         lines += [f"{head}(`experiment.json` of {', '.join(dirs)}):", ""]
-        lines += experiment_lines(exp) + [""]
+        lines += experiment_lines(exp) + _worlds_line(mine) + [""]
     seeds = sorted({r.config["seed"] for r in runs})
     n_groups = f"{len(groups)} group{'s' if len(groups) > 1 else ''}"
     lines += [
@@ -171,6 +200,7 @@ def render(workdirs, out_dir, metric, table: ReportRuns, plot_files) -> str:
         notes = reference_text.FIELD_NOTES
     else:
         notes = NOTES + ([reference_text.REFERENCE_NOTE] if section else [])
+        notes += [WORLDS_NOTE] if any(len(grp.worlds) > 1 for grp in groups) else []
     lines += ["## Notes", "", *notes]
     return "\n".join(lines) + "\n"
 
@@ -199,3 +229,9 @@ NOTES = [
     "a group shows its first member's. A final golden below the teacher's golden is "
     "warned about in the section above the plots.",
 ]
+WORLDS_NOTE = (
+    "- Worlds: a group spanning several worlds pools runs of workdirs that differ only in "
+    "`ExperimentConfig.world` (their oracle, teacher, initial student, data and evaluation "
+    "prompts all differ); each run is compared with its own workdir's reference levels, and "
+    "a group's level is the mean over its runs of their own levels."
+)

@@ -1,8 +1,9 @@
 """Formatting shared by the parts of report.md: numbers, paths, a run's data, the
-experiment's lines (numpy only)."""
+experiment's lines and its world-0 form (numpy only)."""
 
 from __future__ import annotations
 
+import copy
 import os
 import posixpath
 
@@ -49,6 +50,28 @@ def data(cfg: dict) -> str:
     if cfg["regime"] == "mixed":
         return f"{offline} + {100 * cfg['online_fraction']:g}% online {cfg['online_role']}"
     return f"fresh {cfg['regime'].removeprefix('online_')} samples per batch"
+
+
+# experiment.json of a world > 0 (experiment/worlds.py, which imports these two): {dotted
+# path of a seed: its base value}, from which `pooled_experiment` recovers world 0's record.
+WORLD_BASE_KEY = "world_base_seeds"
+
+
+def pooled_experiment(experiment: dict) -> dict:
+    """The experiment.json of world 0 of the experiment that `experiment` (an experiment.json
+    dict) belongs to: no `world`, its seeds back at their base values. A dict without
+    `world` (world 0, or written before worlds existed) is returned as it is."""
+    if "world" not in experiment:
+        return experiment
+    out = copy.deepcopy({k: v for k, v in experiment.items() if k not in ("world", WORLD_BASE_KEY)})
+    for path, value in (experiment.get(WORLD_BASE_KEY) or {}).items():
+        *parents, last = path.split(".")
+        record = out
+        for key in parents:
+            record = record.get(key) if isinstance(record, dict) else None
+        if isinstance(record, dict) and last in record:
+            record[last] = value
+    return out
 
 
 def experiment_lines(exp: dict) -> list[str]:
