@@ -67,8 +67,11 @@ def test_each_benchmarks_help_gives_its_doc_and_every_flag_with_its_help(name):
 @pytest.mark.parametrize(
     "args, error",
     [
-        ((), "no benchmark named; choose from sampling, train_step, evaluation"),
-        (("speed",), "unknown benchmark 'speed'; choose from sampling, train_step, evaluation"),
+        ((), "no benchmark named; choose from sampling, train_step, evaluation, table"),
+        (
+            ("speed",),
+            "unknown benchmark 'speed'; choose from sampling, train_step, evaluation, table",
+        ),
     ],
 )
 def test_a_missing_or_unknown_benchmark_prints_the_usage_and_one_error_line(args, error):
@@ -88,6 +91,9 @@ def test_a_missing_or_unknown_benchmark_prints_the_usage_and_one_error_line(args
         (["evaluation", "--shapes=tiny,big"], "--shapes: unknown big; expected tiny, paper"),
         (["evaluation", "--bogus"], "Unknown command line flag 'bogus'"),
         (["train_step", "tiny"], "unexpected arguments ['tiny']"),
+        (["table", "--decode_batch=1,x"], "--decode_batch=1,x: expected integers"),
+        (["table", "--size=base"], "flag --size=base: value should be one of"),
+        (["table", "--batch=0"], "--batch=0: must be >= 1"),
     ],
 )
 def test_a_bad_flag_is_one_error_line_before_any_work(argv, error, capsys):

@@ -88,8 +88,11 @@ def init(config, seed):
     return jax.jit(models.init_params, static_argnums=0)(config, jax.random.key(seed))
 
 
-def measure(name: str) -> dict:
-    spec = shape_spec(name)
+def measure(name: str, spec: dict | None = None) -> dict:
+    """Times the Evaluator of shape `name` (`shape_spec`), or of `spec` (the same keys:
+    ref, student configs; prompts, samples, lx, ly) labelled `name`; the settings (batch
+    size, estimator, repeats) are this module's parsed FLAGS."""
+    spec = shape_spec(name) if spec is None else spec
     rng = np.random.default_rng(0)
     vocab = spec["student"].vocab_size
     prompts = rng.integers(2, vocab, (spec["prompts"], spec["lx"])).astype(np.int32)

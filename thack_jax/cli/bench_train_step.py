@@ -116,7 +116,8 @@ def forward_flops(cfg, batch: int, lx: int, ly: int) -> float:
     return float(batch * (enc + dec + ly * 2 * d * v))
 
 
-def _batch(cfg, batch, lx, ly, seed=0):
+def random_batch(cfg, batch, lx, ly, seed=0):
+    """Random (inputs [batch, lx], targets [batch, ly]) int32 token ids, targets ending in EOS."""
     rng = np.random.default_rng(seed)
     inputs = rng.integers(3, cfg.vocab_size, (batch, lx)).astype(np.int32)
     targets = rng.integers(3, cfg.vocab_size, (batch, ly)).astype(np.int32)
@@ -136,7 +137,7 @@ def jax_runner(cfg, args, profile: bool):
     teacher = jax.jit(models.init_params, static_argnums=0)(cfg, jax.random.key(1))
     opt = optim.make_optimizer(optim.OptimizerConfig("adamw", 1e-4))
     state = jax.jit(lambda p: train_state.create_train_state(p, opt, jax.random.key(0)))(student)
-    inputs, targets = _batch(cfg, args.batch, args.input_len, args.target_len)
+    inputs, targets = random_batch(cfg, args.batch, args.input_len, args.target_len)
     batch = {"inputs": jnp.asarray(inputs), "targets": jnp.asarray(targets)}
     step = train_step.make_train_step(cfg, opt, train_step.StepConfig("distill", "forward_kl"), cfg)
     start = time.perf_counter()
@@ -219,7 +220,7 @@ def torch_runner(cfg, args):
     for p in teacher.parameters():
         p.requires_grad_(False)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-4, weight_decay=0.0)
-    inputs, targets = _batch(cfg, args.batch, args.input_len, args.target_len)
+    inputs, targets = random_batch(cfg, args.batch, args.input_len, args.target_len)
     inputs, labels = torch.from_numpy(inputs).long(), torch.from_numpy(targets).long()
     mask = (labels != 0).float()
     attention = (inputs != 0).long()

@@ -1,7 +1,8 @@
-"""Benchmark entry point: `python launch/benchmark.py {sampling,train_step,evaluation} [flags]`.
+"""Benchmark entry point: `python launch/benchmark.py {sampling,train_step,evaluation,table}`.
 
 Each benchmark lives in its own module beside this file (bench_<name>.py) and prints
-tokens/s (or seconds per checkpoint) with ratios against baselines measured in the same run.
+tokens/s (or seconds per checkpoint) with ratios against baselines measured in the same run;
+`table` measures them all, with the machine's limits, and prints one table.
 `benchmark.py --help` lists them; `benchmark.py <name> --help` prints one's flags. Each
 defines its absl flags on its own FlagValues (several can be imported in one process); a
 bad flag prints one line `benchmark.py: error: ...` and exits with status 1, a missing or
@@ -22,6 +23,7 @@ BENCHMARKS = {
     "sampling": "bench_sampling",
     "train_step": "bench_train_step",
     "evaluation": "bench_evaluation",
+    "table": "bench_table",  # all of them, each against its baseline or limit, in one table
 }
 HELP = ("-h", "--help", "-help", "--helpshort", "--helpfull")
 USAGE = f"usage: python launch/{TOOL} {{{','.join(BENCHMARKS)}}} [--flags]"

@@ -151,7 +151,7 @@ class TrainResult:
     interrupted: bool = False  # by SIGTERM / SIGINT: the caller must not call the run done
 
 
-def _place_batch(mesh, batch: Mapping) -> dict[str, jax.Array]:
+def place_batch(mesh, batch: Mapping) -> dict[str, jax.Array]:
     if mesh is None:
         return {k: jnp.asarray(v) for k, v in batch.items()}
     host = {k: v for k, v in batch.items() if not isinstance(v, jax.Array)}
@@ -238,7 +238,7 @@ def _initial_state(student: Student, source: BatchSource, ckpt, shardings, seed:
     return init(student.init_params), None
 
 
-def _place_teacher(teacher: Teacher | None, mesh):
+def place_teacher(teacher: Teacher | None, mesh):
     """The teacher's parameters on the devices (sharded with a mesh), or None."""
     if teacher is None:
         return None
@@ -304,7 +304,7 @@ def train(
         state, resumed = _initial_state(student, source, ckpt, shardings, loop.seed)
         start = resumed or 0
         writer.truncate_after(-1 if resumed is None else resumed)
-        teacher_params = _place_teacher(teacher, mesh)
+        teacher_params = place_teacher(teacher, mesh)
         step_fn = make_train_step(
             student.config,
             student.optimizer,
@@ -334,7 +334,7 @@ def train(
                     stopped = True
                     break
                 try:
-                    batch = _place_batch(mesh, source.next_batch(done, state.params))
+                    batch = place_batch(mesh, source.next_batch(done, state.params))
                     state, device_metrics = step_fn(state, batch, teacher_params)
                 except Exception:
                     if pending is not None:  # as before: the previous update is logged first
