@@ -149,6 +149,29 @@ def test_reference_cross_entropy_equals_a_direct_computation(trio, mesh):
     )  # the student's params are the teacher's
 
 
+def test_sampled_references_may_be_all_pad_ids_and_are_scored_whole(trio):
+    """A model sample of pad ids only (no EOS) is a full-length response (world 1 of the
+    default: the oracle sampled one of 256): accepted with references_sampled, scored at
+    every position, while a task's all-pad row stays refused as missing."""
+    prompts = prompts_(4, seed=3)
+    refs = np.where(np.arange(4)[:, None] == 2, 0, REFS)
+    with pytest.raises(ValueError, match="row 2 has no token at all"):
+        make_ev(trio, prompts, refs)
+    ev = evaluator.Evaluator(
+        trio[0],
+        trio[1],
+        trio[2][0],
+        prompts,
+        evaluator.EvalSettings(num_samples=4, max_decode_len=3, seed=0, batch_size=3),
+        references=refs,
+        references_sampled=True,
+    )
+    got = ev.estimates(trio[2][1])["reference/cross_entropy"].per_prompt
+    mask = references.positional_mask(refs)
+    assert mask[2].all()  # no EOS: the whole row is the response
+    np.testing.assert_allclose(got, direct_nll(trio[2], prompts, refs, mask), rtol=1e-5)
+
+
 def test_oracle_samples_as_references_give_golden_forward_kl(trio):
     """With the evaluator's own oracle samples (1 per prompt) as references, the student's
     minus the oracle's cross-entropy is the plain golden forward KL, sequence by sequence."""

@@ -137,6 +137,8 @@ def build_evaluator(values: dict) -> evaluator.Evaluator:
         mesh=mesh,
         train_prompts=train,
         references=refs,
+        # The experiment's own references in oracle mode are oracle samples (eval_setup).
+        references_sampled=values["mode"] == "oracle" and not FLAGS.references,
     )
 
 

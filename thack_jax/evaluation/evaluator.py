@@ -121,6 +121,8 @@ class Evaluator:
         `reference/oracle_cross_entropy`), computed once here. With oracle samples as
         references, reference/cross_entropy - reference/oracle_cross_entropy is a plain,
         paired estimate of golden/forward_kl. See references.py.
+      references_sampled: the references are model samples (the oracle's): a row of pad
+        ids is a response, not a missing one (`references.check_references`).
     """
 
     def __init__(
@@ -134,6 +136,7 @@ class Evaluator:
         mesh: jax.sharding.Mesh | None = None,
         train_prompts=None,
         references=None,
+        references_sampled: bool = False,
     ):
         if not isinstance(settings, EvalSettings):
             raise TypeError(f"settings must be an EvalSettings, got {type(settings).__name__}")
@@ -159,7 +162,11 @@ class Evaluator:
         if references is not None:
             lengths = {role: c.max_target_length for role, c in roles.items()}
             self._references = refs_lib.check_references(
-                references, prompts.shape[0], lengths, student_config.vocab_size
+                references,
+                prompts.shape[0],
+                lengths,
+                student_config.vocab_size,
+                sampled=references_sampled,
             )
             tokens, mask = (refs_lib.batches_of(x, settings.batch_size) for x in self._references)
             self._reference_batches = list(zip(tokens, mask, strict=True))

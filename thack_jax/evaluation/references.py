@@ -48,15 +48,26 @@ def positional_mask(tokens: np.ndarray, eos_id: int = 1) -> np.ndarray:
 
 
 def check_references(
-    references, num_prompts: int, max_lengths: dict[str, int], vocab_size: int
+    references,
+    num_prompts: int,
+    max_lengths: dict[str, int],
+    vocab_size: int,
+    sampled: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Validates a reference set; returns (tokens int32 [N, Ly_ref], mask bool [N, Ly_ref]).
+
+    The mask is positional, the sampler's own rule: every position up to and including the
+    first EOS, the whole row without one. A pad id (0) inside a response is a token there.
 
     Args:
       references: int array [N, Ly_ref] aligned with the N evaluation prompts.
       num_prompts: N.
       max_lengths: role -> its config's max_target_length (Ly_ref may not exceed any).
       vocab_size: token ids must lie in [0, vocab_size).
+      sampled: the references are model samples (an oracle's, oracle mode). A row of pad
+        ids without EOS is then a full-length response the model gave (a random oracle can
+        sample id 0 at every position), not a missing one; a task's (human) references
+        are padded with 0, so there an all-pad row is refused as a missing response.
     Raises:
       ValueError naming the shape, dtype, length or row that is wrong.
     """
@@ -85,9 +96,9 @@ def check_references(
             f"{refs[row].tolist()[:16]} ({bad.size} such rows)"
         )
     mask = positional_mask(refs)
-    # An all-pad row (no EOS, no token) is a missing response, not a response of pads.
+    # A task's all-pad row (no EOS, no token) is a missing response, not a response of pads.
     empty = np.flatnonzero(~(refs != 0).any(axis=1))
-    if empty.size:
+    if empty.size and not sampled:
         raise ValueError(
             f"references row {int(empty[0])} has no token at all (only pad 0, no EOS; "
             f"{empty.size} such rows of {refs.shape[0]}); every prompt needs a response"

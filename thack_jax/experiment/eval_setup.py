@@ -99,6 +99,7 @@ def build_evaluator(ctx: stage_work.StageContext) -> Evaluator:
         settings=settings,
         mesh=ctx.mesh,
         references=references,
+        references_sampled=cfg.mode == "oracle",  # the oracle's samples (eval_data)
     )
     reference_levels.ensure(ctx, evaluator)
     return evaluator
