@@ -5,12 +5,14 @@ r"""Rebuilds the teacher-hacking report (report.md + plots/) from workdirs or ru
   python launch/report.py --summary_dir=docs/reproduction/runs --out_dir=docs/reproduction
   python launch/report.py --workdir=DIR --write_summary=docs/reproduction/runs
   python launch/report.py --workdir=DIR --reference_check=docs/field
+  python launch/report.py --summary_dir=A --summary_dir=B ... --sensitivity=OUT.md
 
 Reads every `DIR/runs/<name>/train/metrics.jsonl` (with `run.json` beside it) and
 `DIR/experiment.json`, and/or every run summary `SUMMARY_DIR/*.json`
 (`thack_jax/reporting/summary.py`); writes `OUT_DIR/report.md` and `OUT_DIR/plots/*.png`
 (default OUT_DIR: the first workdir) and prints the findings. With --write_summary it
-writes the workdirs' run summaries into that directory instead of a report. Every path may
+writes the workdirs' run summaries into that directory instead of a report; with
+--sensitivity, the sensitivity table (reporting/sensitivity.py) of the runs instead. Every path may
 be local or a URI (gs://...). Neither jax nor tensorflow is imported.
 """
 
@@ -20,7 +22,7 @@ from absl import app, flags
 
 from thack_jax.cli import common
 from thack_jax.core import storage
-from thack_jax.reporting import reference_check, report, summary  # noqa: E402
+from thack_jax.reporting import reference_check, report, sensitivity, summary  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.adopt_module_key_flags(common)  # --help lists --verbose
@@ -32,6 +34,12 @@ flags.DEFINE_string("out_dir", None, "Where report.md and plots/ go; default: th
 flags.DEFINE_enum("metric", "forward_kl", report.DIVERGENCES, "Divergence of the analysis.")
 flags.DEFINE_string(
     "write_summary", None, "Write the workdirs' run summaries into this directory (no report)."
+)
+flags.DEFINE_string(
+    "sensitivity",
+    None,
+    "Write the sensitivity table (teacher error x steps x regime, pooled over worlds) of the "
+    "runs to this markdown file instead of a report.",
 )
 flags.DEFINE_string(
     "reference_check",
@@ -66,6 +74,14 @@ def main(argv):
             raise app.UsageError("--write_summary needs --workdir (and no --summary_dir)")
         paths = summary.summarize(FLAGS.workdir, FLAGS.write_summary)
         print(f"report: {len(paths)} run summaries in {FLAGS.write_summary}")
+        return
+    if FLAGS.sensitivity is not None:
+        workdirs, summary_dirs = FLAGS.workdir or [], FLAGS.summary_dir or []
+        if not workdirs and not summary_dirs:
+            raise app.UsageError("--sensitivity needs --workdir or --summary_dir")
+        runs = report.load_runs(workdirs) if workdirs else []
+        runs += summary.load_summaries(summary_dirs)
+        print(sensitivity.write(runs, FLAGS.sensitivity, workdirs + summary_dirs, FLAGS.metric))
         return
     path = _report()  # ReportError is a ValueError (one line, common.run); so are bad JSON lines
     print(f"report: {path}")
