@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 
@@ -51,6 +52,15 @@ def test_the_load_warning_appears_only_above_max_load():
     assert len(bench_limits.load_line("at start", 1e9)) == 1
 
 
+def test_the_end_load_allows_for_the_benchmarks_own_threads():
+    load = os.getloadavg()[0]
+    lines = bench_limits.load_line("at end", load - 0.5, own_threads=1)
+    assert "own ~1 busy threads" in lines[0]
+    assert len(lines) == 1  # load <= (load - 0.5) + 1: the own threads are not other jobs
+    above = bench_limits.load_line("at end", load - 1.5, own_threads=1)
+    assert above[1].startswith("WARNING") and "+ 1 own threads" in above[1]
+
+
 def test_a_skipped_baseline_is_a_row_without_a_ratio():
     assert bench_table.row("x, tokens/s", 3.0, None) == "| x, tokens/s | 3 | skipped | - |"
     assert bench_table.row("x", 1.0, 4.0, "%") == "| x | 1 | 4 | 25.0% |"
@@ -84,6 +94,9 @@ def test_the_tiny_table_has_every_row_with_finite_positive_ratios(capsys):
         "online-teacher step, s: vs offline step (s)",
         "online-student step, s: vs offline step (s)",
         "evaluator, s per checkpoint (4 x 2, in 8, out 4): vs offline step (s)",
+        "evaluator: drawing the student's samples, s: share of a checkpoint",
+        "evaluator: scoring (each model on each sample set), s: share of a checkpoint",
+        "evaluator setup (reference samples, once per run), s: vs a checkpoint (s)",
     ]
     assert len(figures) == len(expected_starts), out
     for figure, start in zip(figures, expected_starts, strict=True):

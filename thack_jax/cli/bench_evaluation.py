@@ -88,6 +88,22 @@ def init(config, seed):
     return jax.jit(models.init_params, static_argnums=0)(config, jax.random.key(seed))
 
 
+def _breakdown(ev: evaluator.Evaluator, student) -> tuple[float, float]:
+    """Median seconds of the two halves of one `evaluate`: drawing the student's samples,
+    and scoring them and the cached reference samples (every model pass). Times the
+    evaluator's own steps (private methods), so the split is of the real call."""
+    placed = (ev.student_config, ev.place_params(ev.student_config, student))
+    sample_times, score_times = [], []
+    for _ in range(FLAGS.repeats):
+        start = time.perf_counter()
+        samples = ev._sample(*placed, stream=evaluator.STREAMS["student"])
+        sample_times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        ev._score(placed, samples)
+        score_times.append(time.perf_counter() - start)
+    return float(np.median(sample_times)), float(np.median(score_times))
+
+
 def measure(name: str, spec: dict | None = None) -> dict:
     """Times the Evaluator of shape `name` (`shape_spec`), or of `spec` (the same keys:
     ref, student configs; prompts, samples, lx, ly) labelled `name`; the settings (batch
@@ -123,6 +139,7 @@ def measure(name: str, spec: dict | None = None) -> dict:
         ev.evaluate(student)
         times.append(time.perf_counter() - start)
     steady = float(np.median(times))
+    sample_s, score_s = _breakdown(ev, student)
     _, mask = ev.reference_samples("teacher")
     n = spec["prompts"] * spec["samples"]
     return dict(
@@ -133,6 +150,8 @@ def measure(name: str, spec: dict | None = None) -> dict:
         setup=setup,
         first=first,
         steady=steady,
+        sample_s=sample_s,
+        score_s=score_s,
         seq_per_s=n / steady,
         mean_len=float(mask.sum(1).mean()),
     )
@@ -148,14 +167,15 @@ def main(argv: list[str]) -> int:
     )
     print(
         "| shape | models | prompts x samples, lengths | setup s | first evaluate s | "
-        "evaluate s | responses/s | mean ref length |"
+        "evaluate s | of it: sampling s | scoring s | responses/s | mean ref length |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name in FLAGS.shapes:
         r = measure(name)
         print(
             f"| {r['name']} | {r['models']} | {r['shape']} | {r['setup']:.1f} | "
-            f"{r['first']:.1f} | {r['steady']:.2f} | {r['seq_per_s']:.1f} | "
+            f"{r['first']:.1f} | {r['steady']:.2f} | {r['sample_s']:.2f} | {r['score_s']:.2f} | "
+            f"{r['seq_per_s']:.1f} | "
             f"{r['mean_len']:.1f} |",
             flush=True,
         )

@@ -21,10 +21,13 @@ Rows (teacher and student of one T5 v1.1 size, random weights), each with its un
     forward) and an online-student source (sampler + teacher forward), against the same
     loop over fixed host arrays (the offline step);
   * the evaluator: seconds per checkpoint (`Evaluator.evaluate`, --eval_prompts x 2
-    samples, inputs --input_len, outputs --new_tokens) against one offline step.
+    samples, inputs --input_len, outputs --new_tokens) against one offline step, split
+    into drawing the student's samples and scoring (every model on every sample set; the
+    oracle's and teacher's samples are drawn once, in the setup, also shown);
 Times are the best of --repeats after a warm-up (compilation) run; the loop steps are timed
 over 2 consecutive updates. The machine, versions and load average are printed before and
-after; a 1-minute load above --max_load prints a WARNING (the ratios are then not
+after; a 1-minute load above --max_load at the start (--max_load plus one per core at the
+end, where the benchmark's own threads count) prints a WARNING (the ratios are then not
 publishable). Progress goes to stderr.
 """
 
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import sys
 import time
 import types
@@ -253,9 +257,9 @@ def loop_seconds(args, config) -> dict[str, float]:
     return seconds
 
 
-def evaluator_seconds(argv0: str, args, config) -> float:
-    """Steady seconds of one `Evaluator.evaluate` (bench_evaluation.measure; oracle, teacher
-    and student all of `config`)."""
+def evaluator_seconds(argv0: str, args, config) -> dict:
+    """`bench_evaluation.measure` of one `Evaluator` (oracle, teacher and student all of
+    `config`): steady seconds per `evaluate`, its sampling / scoring split, the setup."""
     progress(f"measuring the evaluator ({args.eval_prompts} prompts x 2 samples)")
     bench_evaluation.parse_args([argv0, f"--repeats={args.repeats}"])
     spec = dict(
@@ -266,7 +270,7 @@ def evaluator_seconds(argv0: str, args, config) -> float:
         lx=args.input_len,
         ly=args.new_tokens,
     )
-    return bench_evaluation.measure("table", spec)["steady"]
+    return bench_evaluation.measure("table", spec)
 
 
 def measure_rows(argv0: str, args) -> list[str]:
@@ -287,9 +291,28 @@ def measure_rows(argv0: str, args) -> list[str]:
     for name in ("online_teacher", "online_student"):
         figure = f"{name.replace('_', '-')} step, s: vs offline step (s)"
         rows.append(row(figure, steps[name], offline))
-    eval_s = evaluator_seconds(argv0, args, config)
+    ev = evaluator_seconds(argv0, args, config)
     shape = f"{args.eval_prompts} x 2, in {args.input_len}, out {args.new_tokens}"
-    rows.append(row(f"evaluator, s per checkpoint ({shape}): vs offline step (s)", eval_s, offline))
+    rows += [
+        row(f"evaluator, s per checkpoint ({shape}): vs offline step (s)", ev["steady"], offline),
+        row(
+            "evaluator: drawing the student's samples, s: share of a checkpoint",
+            ev["sample_s"],
+            ev["steady"],
+            "%",
+        ),
+        row(
+            "evaluator: scoring (each model on each sample set), s: share of a checkpoint",
+            ev["score_s"],
+            ev["steady"],
+            "%",
+        ),
+        row(
+            "evaluator setup (reference samples, once per run), s: vs a checkpoint (s)",
+            ev["setup"],
+            ev["steady"],
+        ),
+    ]
     return rows
 
 
@@ -305,7 +328,7 @@ def main(argv: list[str]) -> int:
         "\n".join(bench_limits.machine_lines() + bench_limits.load_line("at start", args.max_load))
     )
     rows = measure_rows(argv[0], args)
-    print("\n".join(bench_limits.load_line("at end", args.max_load)))
+    print("\n".join(bench_limits.load_line("at end", args.max_load, os.cpu_count() or 1)))
     print("\n".join(bench_limits.machine_lines()))
     print("\n".join(HEADER + rows))
     return 0
