@@ -93,6 +93,19 @@ def test_deterministic_common_random_numbers_and_compiled_once(trio):
     assert other.evaluate(trio[2][1])["golden/js"] != first["golden/js"]
 
 
+def test_a_checkpoint_on_a_mesh_does_not_retrace_the_parameter_shapes(trio, monkeypatch):
+    """The shardings of the student's params are worked out once: `models.param_shapes`
+    traces the model's init, which cost as much as the tiny default's evaluation itself."""
+    mesh = partitioning.make_mesh({"data": -1, "model": 1})
+    ev = make_evaluator(trio, prompts_(8), mesh=mesh)
+    first = ev.evaluate(trio[2][1])
+    calls = []
+    shapes = models.param_shapes
+    monkeypatch.setattr(models, "param_shapes", lambda c: calls.append(c) or shapes(c))
+    assert ev.evaluate(trio[2][1]) == first
+    assert calls == []
+
+
 def test_student_equal_to_teacher_has_zero_proxy(trio):
     oracle, teacher, _ = trio
     ev = make_evaluator(trio, prompts_(5))

@@ -183,6 +183,7 @@ class Evaluator:
         self.mode = "field" if oracle is None else "oracle"
         self._batches = refs_lib.batches_of(prompts.astype(np.int32), self.batch_size)
         self._key = jax.random.key(self.seed)
+        self._shardings = {}  # config -> its params' shardings on the mesh
         self._refs = {
             role: (model[0], self.place_params(*model))
             for role, model in models_given.items()
@@ -209,12 +210,17 @@ class Evaluator:
     # ------------------------------------------------------------------------ placement
 
     def param_shardings(self, config: T5Config):
-        """Shardings of a params tree of `config` on the mesh (None without a mesh)."""
+        """Shardings of a params tree of `config` on the mesh (None without a mesh).
+
+        Cached per config: `models.param_axes` / `param_shapes` trace the model's init, which
+        cost as much as the tiny default's whole evaluation when done at every checkpoint."""
         if self.mesh is None:
             return None
-        return partitioning.param_shardings(
-            self.mesh, models.param_axes(config), models.param_shapes(config)
-        )
+        if config not in self._shardings:
+            self._shardings[config] = partitioning.param_shardings(
+                self.mesh, models.param_axes(config), models.param_shapes(config)
+            )
+        return self._shardings[config]
 
     def place_params(self, config: T5Config, params: dict) -> dict:
         """Puts params on the mesh, or (no mesh) commits them to the first device: the jitted
