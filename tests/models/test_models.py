@@ -59,6 +59,22 @@ def _incremental_logits(config, params, inputs, targets):
     return jnp.stack(out, axis=1)
 
 
+@pytest.mark.parametrize("name", ["tiny", "llama-tiny"])
+def test_parameter_shapes_are_traced_once_per_config_and_handed_out_as_new_trees(name):
+    config = models.get_config(name, max_target_length=7)  # a config no other test traced
+    traced = []
+    original = jax.eval_shape
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(jax, "eval_shape", lambda *a, **k: traced.append(1) or original(*a, **k))
+        first, axes = models.param_shapes(config), models.param_axes(config)
+        first["extra"] = None  # a caller's change stays in its own tree
+        second = models.param_shapes(config)
+    assert len(traced) == 1
+    assert "extra" not in second and second.keys() == axes.keys()
+    flat = jax.tree.leaves(second)
+    assert flat and all(isinstance(x, jax.ShapeDtypeStruct) for x in flat)
+
+
 @pytest.mark.parametrize("name", ["tiny", "t5_1_0_tiny"])
 def test_incremental_decoding_matches_teacher_forcing(name):
     if name == "t5_1_0_tiny":

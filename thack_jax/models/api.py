@@ -62,21 +62,27 @@ def _init_t5(config: T5Config, rng: jax.Array) -> dict:
 
 def param_axes(config: ModelConfig) -> dict:
     """The parameter tree with each leaf replaced by its tuple of logical axis names."""
-    if is_decoder_only(config):
-        return decoder_api.param_axes(config)
-    boxed = jax.eval_shape(functools.partial(_boxed_init, config), jax.random.key(0))
     return jax.tree.map(
         lambda p: tuple(p.names),
-        boxed,
+        _abstract_boxed(config),
         is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned),
     )
 
 
 def param_shapes(config: ModelConfig) -> dict:
     """The parameter tree of `jax.ShapeDtypeStruct`s; nothing is allocated."""
-    if is_decoder_only(config):
-        return decoder_api.param_shapes(config)
-    return nn.unbox(jax.eval_shape(functools.partial(_boxed_init, config), jax.random.key(0)))
+    return nn.unbox(_abstract_boxed(config))
+
+
+@functools.lru_cache(maxsize=64)
+def _abstract_boxed(config: ModelConfig):
+    """The boxed (logically partitioned) parameter tree of shapes, traced once per config.
+
+    A trace of the init took ~0.5 s for each of the tiny default's models on the 2-core box,
+    and one online run (its checks, shardings and checkpoint loads) asked for it 24 times.
+    Never handed out as is (callers get new trees from tree maps), so none can change it."""
+    init = decoder_api._boxed_init if is_decoder_only(config) else _boxed_init
+    return jax.eval_shape(functools.partial(init, config), jax.random.key(0))
 
 
 def count_params(config: ModelConfig) -> int:
