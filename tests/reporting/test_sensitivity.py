@@ -58,6 +58,19 @@ def test_worlds_pool_and_scales_stay_apart(tmp_path):
     assert offline[1] == f"{int(expected['offline']['last_step']):,}"
 
 
+def test_one_row_per_world(tmp_path):
+    dirs = [_scaled(tmp_path / "a", 0, 1.6, 0.3), _scaled(tmp_path / "b", 1, 1.6, 0.7)]
+    text = sensitivity.table(report.load_runs(dirs), by_world=True)
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines()[2:]]
+    assert [(c[2], c[3], c[4]) for c in cells] == [
+        ("offline N=64x1: 2", "0", "0.30 (0.30..0.30)"),  # 2 seeds in one world
+        ("offline N=64x1: 2", "1", "0.70 (0.70..0.70)"),
+        ("online_teacher: 1", "0", "0.30"),
+        ("online_teacher: 1", "1", "0.70"),
+    ]
+    assert [c[11] for c in cells[2:]] == ["0/1", "1/1"]
+
+
 def test_the_same_run_twice_is_refused(tmp_path):
     a = _scaled(tmp_path / "a", 0, 1.6, 0.3)
     runs = report.load_runs([a, a])
@@ -84,3 +97,4 @@ def test_the_cli_writes_the_table_from_summaries(tmp_path):
     assert f"--summary_dir={dirs[0]} --summary_dir={dirs[1]} --sensitivity={out}" in text
     # From summaries, the same table as from the workdirs.
     assert sensitivity.table(report.load_runs([a, b])) in text
+    assert sensitivity.table(report.load_runs([a, b]), by_world=True) in text

@@ -36,6 +36,7 @@ class Cell:
     scale: float
     steps: int
     label: str  # `report._base_label` of the runs' configuration
+    world: int | None = None  # None: pooled over worlds
 
 
 def _key(run: report.Run, analysis: dict) -> Cell:
@@ -45,10 +46,13 @@ def _key(run: report.Run, analysis: dict) -> Cell:
     return Cell(float(scale), analysis["last_step"], report._base_label(run.config))
 
 
-def cells(runs: list[report.Run], metric: str = "forward_kl") -> dict[Cell, list[dict]]:
+def cells(
+    runs: list[report.Run], metric: str = "forward_kl", by_world: bool = False
+) -> dict[Cell, list[dict]]:
     """Cell -> one record per run: its `analyse` dict plus 'world', 'seed', 'teacher' and
-    'student_init' (the golden levels, nan when the run has none). Oracle-mode runs only;
-    the same (cell, world, seed) twice (a summary directory given twice) is an error."""
+    'student_init' (the golden levels, nan when the run has none); by_world: one cell per
+    world. Oracle-mode runs only; the same (cell, world, seed) twice (a summary directory
+    given twice) is an error."""
     out, seen = collections.defaultdict(list), {}
     for run in runs:
         a = report.analyse(run, metric)
@@ -56,6 +60,8 @@ def cells(runs: list[report.Run], metric: str = "forward_kl") -> dict[Cell, list
             raise report.ReportError(f"{run.metrics_path}: no golden values (field mode)")
         cell = _key(run, a)
         ident = (cell, run.experiment.get("world", 0), run.config.get("seed"))
+        if by_world:
+            cell = dataclasses.replace(cell, world=ident[1])
         if ident in seen:
             raise report.ReportError(
                 f"{run.metrics_path} and {seen[ident]} are the same run (scale {cell.scale}, "
@@ -102,14 +108,15 @@ def row(cell: Cell, records: list[dict]) -> str:
     return "| " + " | ".join(cols) + " |"
 
 
-def table(runs: list[report.Run], metric: str = "forward_kl") -> str:
-    """The markdown table, rows ordered by scale, steps, then regime (offline first)."""
-    by_cell = cells(runs, metric)
+def table(runs: list[report.Run], metric: str = "forward_kl", by_world: bool = False) -> str:
+    """The markdown table, rows ordered by scale, steps, then regime (offline first), and
+    with by_world, one row per world after the regime."""
+    by_cell = cells(runs, metric, by_world)
     order = {r: k for k, r in enumerate(report.REGIMES)}
 
     def sort_key(cell: Cell):
         regime = cell.label.split()[0]
-        return (cell.scale, cell.steps, order.get(regime, 9), cell.label)
+        return (cell.scale, cell.steps, order.get(regime, 9), cell.label, cell.world or 0)
 
     lines = [row(c, by_cell[c]) for c in sorted(by_cell, key=sort_key)]
     return "\n".join([*HEADER, *lines])
@@ -125,7 +132,13 @@ def write(runs: list[report.Run], path: str, sources: list[str], metric: str) ->
             + " ".join(f"--summary_dir={s}" for s in sources)
             + f" --sensitivity={path}` (thack_jax/reporting/sensitivity.py).",
             "",
+            "## Pooled over worlds (mean, with the min..max over the runs)",
+            "",
             table(runs, metric),
+            "",
+            "## One row per world",
+            "",
+            table(runs, metric, by_world=True),
             "",
         ]
     )
