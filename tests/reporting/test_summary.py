@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -111,6 +112,19 @@ def test_report_from_summaries_equals_report_from_workdir(workdir, summary_dir, 
     for name in os.listdir(tmp_path / "a" / "plots"):
         same = (tmp_path / "a" / "plots" / name).read_bytes()
         assert (tmp_path / "b" / "plots" / name).read_bytes() == same, name
+
+
+def test_a_directory_of_summary_directories_stands_for_them(summary_dir, tmp_path):
+    parent = tmp_path / "worlds"
+    for name in ("world1", "world0"):
+        shutil.copytree(summary_dir, parent / name)
+    (parent / "empty").mkdir()  # no summaries: skipped
+    runs = summary.load_summaries([str(parent)])
+    one = summary.load_summaries([summary_dir])
+    assert [r.name for r in runs] == [r.name for r in one] * 2
+    assert [r.workdir for r in runs] == [str(parent / "world0")] * len(one) + [
+        str(parent / "world1")
+    ] * len(one)
 
 
 def _write(path, record):

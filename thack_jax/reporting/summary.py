@@ -192,15 +192,28 @@ def load_summary(path: str, summary_dir: str) -> report.Run:
 
 def load_summaries(summary_dirs) -> list[report.Run]:
     """Every run summary `<dir>/*.json`, in file-name order per directory (the order
-    `report.load_runs` gives the runs of the workdir they were made from)."""
+    `report.load_runs` gives the runs of the workdir they were made from). A directory with
+    no summaries of its own but subdirectories that hold some (one per workdir, e.g.
+    docs/reproduction/worlds/runs/world0, world1, ...) stands for those, in name order."""
     runs = []
     for directory in summary_dirs:
         if not storage.isdir(directory):
             raise report.ReportError(f"summary directory not found: {directory}")
-        # As glob("*.json") did: no hidden files (nor temporary files of write_atomic).
-        names = [n for n in storage.listdir(directory) if n.endswith(".json")]
-        paths = [storage.join(directory, n) for n in names if not n.startswith(".")]
-        if not paths:
-            raise report.ReportError(f"no run summaries (*.json) in {directory}")
-        runs += [load_summary(p, directory) for p in paths]
+        paths = _summary_paths(directory)
+        if paths:
+            runs += [load_summary(p, directory) for p in paths]
+            continue
+        subdirs = [storage.join(directory, n) for n in storage.listdir(directory)]
+        subdirs = [d for d in subdirs if storage.isdir(d) and _summary_paths(d)]
+        if not subdirs:
+            raise report.ReportError(
+                f"no run summaries (*.json) in {directory} nor in its subdirectories"
+            )
+        runs += load_summaries(subdirs)
     return runs
+
+
+def _summary_paths(directory: str) -> list[str]:
+    # As glob("*.json") did: no hidden files (nor temporary files of write_atomic).
+    names = [n for n in storage.listdir(directory) if n.endswith(".json")]
+    return [storage.join(directory, n) for n in names if not n.startswith(".")]
