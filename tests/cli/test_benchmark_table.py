@@ -47,6 +47,16 @@ def test_decode_step_bytes_counts_the_relu_mlp_and_bfloat16_parameters():
     assert bench_limits.decode_step_bytes(config, 1, 3, 1) == expected
 
 
+def test_the_layer_kernels_are_the_decode_steps_per_layer_reads():
+    config = models.get_config("tiny")
+    shapes = bench_limits.layer_kernel_shapes(config)
+    assert len(shapes) == config.num_decoder_layers * 9  # q k v o, cross q o, wi_0 wi_1 wo
+    per_layer = sum(i * o for i, o in shapes) // config.num_decoder_layers
+    d, inner, f = config.d_model, config.inner_dim, config.d_ff
+    assert per_layer == 6 * d * inner + 3 * d * f  # decode_step_bytes' layer weights
+    assert bench_limits.gemv_chain_bandwidth(config, 1) > 0
+
+
 def test_the_load_warning_appears_only_above_max_load():
     assert any(line.startswith("WARNING") for line in bench_limits.load_line("at start", -1.0))
     assert len(bench_limits.load_line("at start", 1e9)) == 1
@@ -85,6 +95,7 @@ def test_the_tiny_table_has_every_row_with_finite_positive_ratios(capsys):
     expected_starts = [
         "memory read bandwidth, GB/s",
         "f32 matmul peak, GFLOP/s",
+        "decoder layers' matmuls at batch 1 (",
         "sampler batch 1, tokens/s: ours vs HF generate (",
         "sampler batch 1, tokens/s: ours vs memory roofline (",
         "sampler batch 2, tokens/s: ours vs HF generate (",

@@ -30,6 +30,35 @@ def matmul_peak(size: int, repeats: int) -> float:
     return flops / bench_sampling.best_time(run, repeats)
 
 
+def layer_kernel_shapes(config) -> list[tuple[int, int]]:
+    """The [in, out] kernels a T5 decode step multiplies its rows by, decoder layer after
+    layer: self-attention q, k, v, o, cross-attention q, o, then the MLP (wi_0, wi_1, wo for
+    gated-gelu, else wi, wo). The cross-attention k, v run once, before the loop."""
+    d, inner, f = config.d_model, config.inner_dim, config.d_ff
+    mlp = [(d, f)] * (2 if config.feed_forward == "gated-gelu" else 1) + [(f, d)]
+    layer = [(d, inner)] * 3 + [(inner, d), (d, inner), (inner, d)] + mlp
+    return layer * config.num_decoder_layers
+
+
+def gemv_chain_bandwidth(config, repeats: int) -> float:
+    """Read bandwidth in bytes/s of the decode step's matmuls alone at batch 1: one jitted
+    chain of `[1, in] x [in, out]` products over `layer_kernel_shapes` (float32; each
+    product's input is the previous output, resized, so they run one after another as in
+    the step), best of `repeats`. Against `memory_bandwidth` it shows what the backend
+    reaches on the decoder's many small kernels: the ceiling of a batch-1 decode."""
+    kernels = [jnp.full(s, 1e-3, jnp.float32) for s in layer_kernel_shapes(config)]
+
+    def chain(x, kernels):
+        for k in kernels:
+            x = jnp.tanh(jnp.resize(x, (1, k.shape[0])) @ k)
+        return x
+
+    run = jax.jit(chain)
+    x = jnp.ones((1, config.d_model), jnp.float32)
+    seconds = bench_sampling.best_time(lambda: run(x, kernels), repeats)
+    return sum(k.size * 4 for k in kernels) / seconds
+
+
 def decode_step_bytes(config, batch: int, prompt_len: int, new_tokens: int) -> float:
     """Bytes a T5 decode step must read at least (the memory roofline's numerator):
 

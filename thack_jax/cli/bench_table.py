@@ -6,7 +6,9 @@
 
 Rows (teacher and student of one T5 v1.1 size, random weights), each with its unit:
   * machine limits: memory read bandwidth (a jitted `x.sum()` over --bandwidth_mib MiB of
-    float32) and the f32 matmul peak (the train-step benchmark's `jnp.dot`);
+    float32) and the f32 matmul peak (the train-step benchmark's `jnp.dot`); then the
+    bandwidth the decoder layers' kernels reach as one chain of batch-1 products
+    (`bench_limits.gemv_chain_bandwidth`), the ceiling of a batch-1 decode on this backend;
   * sampler at each --decode_batch (--input_len prompt tokens, --new_tokens sampled):
     tokens/s of ours against HF `generate` (as `benchmark.py sampling` times them), and
     against the memory roofline: the measured bandwidth over the bytes a decode step reads
@@ -280,9 +282,19 @@ def measure_rows(argv0: str, args) -> list[str]:
     bandwidth = bench_limits.memory_bandwidth(args.bandwidth_mib, args.repeats)
     progress(f"measuring f32 matmul peak ({args.matmul_size}^3)")
     peak = bench_limits.matmul_peak(args.matmul_size, args.repeats)
+    progress("measuring the decoder's matmul chain at batch 1")
+    chain = bench_limits.gemv_chain_bandwidth(config, args.repeats)
+    chain_mb = sum(4 * i * o for i, o in bench_limits.layer_kernel_shapes(config)) / 1e6
     rows = [
         f"| memory read bandwidth, GB/s | {bandwidth / 1e9:.4g} | - | - |",
         f"| f32 matmul peak, GFLOP/s | {peak / 1e9:.4g} | - | - |",
+        row(
+            f"decoder layers' matmuls at batch 1 ({chain_mb:.1f} MB, one chain), GB/s: vs "
+            "memory read bandwidth",
+            chain / 1e9,
+            bandwidth / 1e9,
+            "%",
+        ),
     ]
     rows += sampler_rows(args, config, bandwidth)
     rows += train_rows(args, config, peak)
