@@ -128,20 +128,37 @@ def test_diagnose_simulation_examples_run(example, tmp_path):
     assert "false" in result.stdout.lower()  # the false-positive rate table
 
 
+def _summary_dirs(example) -> list[str]:
+    return [a.split("=", 1)[1] for a in example.args if a.startswith("--summary_dir=")]
+
+
+# Examples that rebuild from committed summaries; one naming placeholder folders (report.py
+# --help's `--summary_dir=A --summary_dir=B`) is checked for its flags only.
 REBUILDS = [
     e
     for e in EXAMPLES
-    if e.tool == "report" and any(a.startswith("--summary_dir=") for a in e.args)
+    if e.tool == "report"
+    and _summary_dirs(e)
+    and all((REPO / d).is_dir() for d in _summary_dirs(e))
 ]
+
+
+def test_the_rebuild_examples_are_found():
+    sources = {e.source.split(":")[0] for e in REBUILDS}
+    assert {"docs/reproduction.md", "docs/reproduction/sensitivity.md"} <= sources
 
 
 @pytest.mark.parametrize("example", _unique(REBUILDS))
 def test_report_rebuilds_from_the_committed_summaries(example, tmp_path):
-    """docs/reproduction.md's and docs/models_decoder.md's last step (and report.py
-    --help), in a copy of the summaries."""
+    """docs/reproduction.md's and docs/models_decoder.md's last steps (reports and the
+    sensitivity table) and report.py --help's, in a copy of the summaries."""
     args = dict(a.split("=", 1) for a in example.args)
-    runs = tmp_path / args["--summary_dir"]
-    shutil.copytree(REPO / args["--summary_dir"], runs)
+    for directory in _summary_dirs(example):
+        shutil.copytree(REPO / directory, tmp_path / directory)
     result = _run("report", example.args, tmp_path)
     assert result.returncode == 0, f"{example}\n{result.stderr[-2000:]}"
-    assert (tmp_path / args["--out_dir"] / "report.md").is_file()
+    if "--sensitivity" in args:
+        written = (tmp_path / args["--sensitivity"]).read_text()
+        assert "## One row per world" in written
+    else:
+        assert (tmp_path / args["--out_dir"] / "report.md").is_file()
