@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from thack_jax import models
 from thack_jax.models import decoder_api as api
 from thack_jax.models.decoder_config import DecoderConfig, get_decoder_config
 from thack_jax.models.decoder_network import rope_inv_freq
@@ -22,9 +23,9 @@ PUBLISHED = {"smollm2-135m": 134.5e6, "qwen2.5-0.5b": 494e6, "llama-3.2-1b": 1.2
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
 def test_param_counts_match_published_without_allocating(name):
     config = get_decoder_config(name)
-    shapes = api.param_shapes(config)
+    shapes = models.param_shapes(config)
     assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(shapes))
-    count = api.count_params(config)
+    count = models.count_params(config)
     assert abs(count - PUBLISHED[name]) / PUBLISHED[name] < 0.005, count
 
 
@@ -65,8 +66,8 @@ def _flat(tree, is_leaf=None) -> dict:
 )
 def test_param_tree_shapes_and_logical_axes_match_contract(name, overrides):
     config = get_decoder_config(name, **overrides)
-    shapes = _flat(api.param_shapes(config))
-    axes = _flat(api.param_axes(config), is_leaf=lambda x: isinstance(x, tuple))
+    shapes = _flat(models.param_shapes(config))
+    axes = _flat(models.param_axes(config), is_leaf=lambda x: isinstance(x, tuple))
     want = _contract_tree(config)
     assert sorted(shapes) == sorted(want)
     assert sorted(axes) == sorted(want)
@@ -226,7 +227,9 @@ def test_sharded_logits_and_decoding_equal_unsharded():
     want = _logits(config, params, inputs, targets)
     want_decoded = _decoded(config, params, inputs, targets)
     mesh = partitioning.make_mesh({"data": 2, "fsdp": 2, "model": 2})
-    shardings = partitioning.param_shardings(mesh, api.param_axes(config), api.param_shapes(config))
+    shardings = partitioning.param_shardings(
+        mesh, models.param_axes(config), models.param_shapes(config)
+    )
     assert shardings["layers_0"]["attention"]["key"]["kernel"].spec == P("fsdp", "model", None)
     sharded = jax.device_put(params, shardings)
     batch = partitioning.shard_batch(mesh, {"inputs": inputs, "targets": targets})

@@ -14,6 +14,7 @@ import torch
 import transformers
 from safetensors import safe_open
 
+from thack_jax import models
 from thack_jax.models import decoder_api, hf_decoder, hf_decoder_config
 from thack_jax.models.decoder_config import DECODER_CONFIGS, get_decoder_config
 from thack_jax.models.hf_files import DamagedCheckpointError
@@ -110,7 +111,7 @@ def _random_params(config, seed=0):
         centre = 1.0 if path[-1].key == "scale" else 0.0
         return (centre + 0.1 * rng.normal(size=s.shape)).astype(np.float32)
 
-    return jax.tree_util.tree_map_with_path(draw, decoder_api.param_shapes(config))
+    return jax.tree_util.tree_map_with_path(draw, models.param_shapes(config))
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +137,7 @@ def test_logits_match_pytorch(saved, kind):
     assert config.tie_word_embeddings == hf.tie_word_embeddings
     assert config.attention_bias == (kind.startswith("qwen2"))
     assert (config.rope_scaling is not None) == (kind == "llama_mqa_llama3")
-    shapes = jax.tree.map(lambda s: s.shape, decoder_api.param_shapes(config))
+    shapes = jax.tree.map(lambda s: s.shape, models.param_shapes(config))
     assert jax.tree.map(np.shape, params) == shapes
     diff = _max_diff(config, params, model)
     print(f"{kind}: max |logits - torch logits| = {diff:.2e}")
@@ -378,7 +379,7 @@ def test_damaged_values_and_bad_paths(saved, tmp_path):
 
 def test_name_mapping_is_a_bijection():
     for name in DECODER_CONFIGS:
-        for path in flatten(decoder_api.param_shapes(get_decoder_config(name))):
+        for path in flatten(models.param_shapes(get_decoder_config(name))):
             hf_name, layout = hf_decoder.to_hf(path)
             assert hf_decoder.to_ours(hf_name) == (path, layout)
     assert hf_decoder.to_ours("model.layers.0.self_attn.o_proj.bias") is None

@@ -76,10 +76,9 @@ def decode_step_bytes(config, batch: int, prompt_len: int, new_tokens: int) -> f
     length over the `new_tokens` steps (step t attends to t + 1 keys); the token
     embedding rows (B x D) are left out.
     """
-    d, inner, f, v = config.d_model, config.inner_dim, config.d_ff, config.vocab_size
+    d, inner, v = config.d_model, config.inner_dim, config.vocab_size
     layers = config.num_decoder_layers
-    n_mlp = 3 if config.feed_forward == "gated-gelu" else 2
-    weights = layers * (6 * d * inner + n_mlp * d * f + 3 * d)
+    weights = sum(i * o for i, o in layer_kernel_shapes(config)) + layers * 3 * d
     weights += d + config.num_heads * config.relative_attention_num_buckets + v * d
     cache = layers * 2 * batch * inner * (new_tokens + 1) / 2
     cross = layers * 2 * batch * inner * prompt_len

@@ -48,13 +48,22 @@ flags.DEFINE_string(
 )
 
 
-def _report() -> str:
+def _sources() -> tuple[list[str], list[str]]:
     workdirs, summary_dirs = FLAGS.workdir or [], FLAGS.summary_dir or []
     if not workdirs and not summary_dirs:
         raise app.UsageError("--workdir or --summary_dir is required (repeat for several)")
+    return workdirs, summary_dirs
+
+
+def _runs(workdirs: list[str], summary_dirs: list[str]) -> list:
+    return (report.load_runs(workdirs) if workdirs else []) + summary.load_summaries(summary_dirs)
+
+
+def _report() -> str:
+    workdirs, summary_dirs = _sources()
     if not FLAGS.out_dir and not workdirs:
         raise app.UsageError("--out_dir is required with --summary_dir alone")
-    runs = (report.load_runs(workdirs) if workdirs else []) + summary.load_summaries(summary_dirs)
+    runs = _runs(workdirs, summary_dirs)
     out_dir = FLAGS.out_dir or workdirs[0]
     return report.write_report(workdirs + summary_dirs, out_dir, FLAGS.metric, runs=runs)
 
@@ -76,11 +85,8 @@ def main(argv):
         print(f"report: {len(paths)} run summaries in {FLAGS.write_summary}")
         return
     if FLAGS.sensitivity is not None:
-        workdirs, summary_dirs = FLAGS.workdir or [], FLAGS.summary_dir or []
-        if not workdirs and not summary_dirs:
-            raise app.UsageError("--sensitivity needs --workdir or --summary_dir")
-        runs = report.load_runs(workdirs) if workdirs else []
-        runs += summary.load_summaries(summary_dirs)
+        workdirs, summary_dirs = _sources()
+        runs = _runs(workdirs, summary_dirs)
         print(sensitivity.write(runs, FLAGS.sensitivity, workdirs + summary_dirs, FLAGS.metric))
         return
     path = _report()  # ReportError is a ValueError (one line, common.run); so are bad JSON lines

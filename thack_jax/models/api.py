@@ -81,7 +81,7 @@ def _abstract_boxed(config: ModelConfig):
     A trace of the init took ~0.5 s for each of the tiny default's models on the 2-core box,
     and one online run (its checks, shardings and checkpoint loads) asked for it 24 times.
     Never handed out as is (callers get new trees from tree maps), so none can change it."""
-    init = decoder_api._boxed_init if is_decoder_only(config) else _boxed_init
+    init = decoder_api.boxed_init if is_decoder_only(config) else _boxed_init
     return jax.eval_shape(functools.partial(init, config), jax.random.key(0))
 
 

@@ -21,7 +21,6 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from thack_jax.models.decoder_config import DecoderConfig
 from thack_jax.models.decoder_network import DecoderLM
@@ -32,7 +31,9 @@ def module(config: DecoderConfig) -> DecoderLM:
     return DecoderLM(config)
 
 
-def _boxed_init(config: DecoderConfig, rng: jax.Array):
+def boxed_init(config: DecoderConfig, rng: jax.Array):
+    """The boxed (logically partitioned) parameters; `api.param_shapes` / `param_axes` trace
+    it (once per config) for both families."""
     inputs, targets = jnp.ones((1, 4), jnp.int32), jnp.ones((1, 3), jnp.int32)
     return module(config).init(rng, inputs, targets)["params"]
 
@@ -41,26 +42,7 @@ def _boxed_init(config: DecoderConfig, rng: jax.Array):
 def init_params(config: DecoderConfig, rng: jax.Array) -> dict:
     """Random parameters (normal(init_std) kernels and embedding, unit norm scales, zero
     biases, as HF's Llama init), a plain nested dict. Jitted: op-by-op init is slow."""
-    return nn.unbox(_boxed_init(config, rng))
-
-
-def param_axes(config: DecoderConfig) -> dict:
-    """The parameter tree with each leaf replaced by its tuple of logical axis names."""
-    boxed = jax.eval_shape(functools.partial(_boxed_init, config), jax.random.key(0))
-    return jax.tree.map(
-        lambda p: tuple(p.names),
-        boxed,
-        is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned),
-    )
-
-
-def param_shapes(config: DecoderConfig) -> dict:
-    """The parameter tree of `jax.ShapeDtypeStruct`s; nothing is allocated."""
-    return nn.unbox(jax.eval_shape(functools.partial(_boxed_init, config), jax.random.key(0)))
-
-
-def count_params(config: DecoderConfig) -> int:
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(param_shapes(config))))
+    return nn.unbox(boxed_init(config, rng))
 
 
 def logits(config: DecoderConfig, params: dict, inputs: jax.Array, targets: jax.Array) -> jax.Array:
