@@ -113,6 +113,24 @@ def test_build_store_in_a_bucket(tiny, store, memory_bucket):
         assert got == storage.read_bytes(storage.join(store.directory, name)), name
 
 
+def test_every_process_waits_for_the_writer_whether_it_filled_or_found_the_store(
+    tiny, memory_bucket, monkeypatch
+):
+    """A non-writer that goes on while process 0 still finishes a remote store (whole
+    arrays, manifest, chunk objects deleted) reads deleted chunk objects: the two-process
+    bucket test failed that way under load. Both paths out of the builder pass the
+    barrier (a process that arrives late finds the store complete)."""
+    config, teacher, _ = tiny
+    names = []
+    monkeypatch.setattr(generation.distributed, "barrier", names.append)
+    directory = f"{memory_bucket}/run/offline_data"
+    filled = build(directory, config, teacher)  # (the per-chunk stop checks barrier too)
+    assert filled.is_complete and names[-1] == "offline_store_filled"
+    assert names.count("offline_store_filled") == 1
+    assert build(directory, config, teacher).is_complete  # found complete
+    assert names.count("offline_store_filled") == 2 and names[-1] == "offline_store_filled"
+
+
 # ----------------------------------------------------------------------------- online
 
 

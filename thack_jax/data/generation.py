@@ -275,7 +275,7 @@ def build_offline_store(
     )
     store = OfflineStore.create_or_open(directory, spec, prompts, writer=jax.process_index() == 0)
     if store.is_complete:
-        return store
+        return wait_until_filled(store)
     multiple = math.lcm(chunk, 1 if mesh is None else partitioning.data_parallel_size(mesh))
 
     def generate(chunk_prompts: np.ndarray, chunk_index: int) -> np.ndarray:
@@ -293,4 +293,14 @@ def build_offline_store(
         return partitioning.to_host(out.tokens)[: len(chunk_prompts) * completions_per_prompt]
 
     store.fill(generate, chunk, progress=progress_callback(progress))
+    return wait_until_filled(store)
+
+
+def wait_until_filled(store: OfflineStore) -> OfflineStore:
+    """`store` once every process has it complete. A remote store's one writer (process 0)
+    finishes it after the last chunk (whole arrays, complete manifest, chunk objects
+    deleted): no process may go on before, or a later stage opening the store mid-cleanup
+    looks for chunk objects already deleted. Every process passes here, whether it found
+    the store complete or filled it (a process arriving after the fill finds it complete)."""
+    distributed.barrier("offline_store_filled")
     return store

@@ -20,6 +20,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+from thack_jax.data.generation import wait_until_filled
 from thack_jax.data.offline_store import (
     OfflineSpec,
     OfflineStore,
@@ -127,7 +128,7 @@ def build_reference_store(
     store = OfflineStore.create_or_open(directory, spec, inputs, writer=jax.process_index() == 0)
     _check_stored_rows(store, targets)
     if store.is_complete:
-        return store
+        return wait_until_filled(store)
 
     def copy(chunk_inputs: np.ndarray, chunk_index: int) -> np.ndarray:
         # SIGTERM / SIGINT: stop before the next chunk; the finished ones are saved. Agreed
@@ -140,4 +141,4 @@ def build_reference_store(
         return targets[start : start + len(chunk_inputs)]
 
     store.fill(copy, chunk_size, progress=progress_callback(progress))
-    return store
+    return wait_until_filled(store)
