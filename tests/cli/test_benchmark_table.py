@@ -105,6 +105,8 @@ def test_the_tiny_table_has_every_row_with_finite_positive_ratios(capsys):
         "online-teacher step, s: vs offline step (s)",
         "online-student step, s: vs offline step (s)",
         "evaluator, s per checkpoint (4 x 2, in 8, out 4): vs offline step (s)",
+        "evaluator, s per checkpoint: vs the same without the reference cache "
+        "(reference_cache_mib=0, 7 decoder passes), s",
         "evaluator: drawing the student's samples, s: share of a checkpoint",
         "evaluator: scoring (each model on each sample set), s: share of a checkpoint",
         "evaluator setup (reference samples, once per run), s: vs a checkpoint (s)",

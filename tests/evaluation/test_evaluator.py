@@ -153,6 +153,7 @@ def test_bad_inputs(trio):
         (dict(max_decode_len=0), "EvalSettings.max_decode_len=0 must be an integer >= 1"),
         (dict(seed="0"), "EvalSettings.seed='0' must be an integer"),
         (dict(estimator="nope"), "EvalSettings.estimator='nope' must be one of"),
+        (dict(reference_cache_mib=-1), "EvalSettings.reference_cache_mib=-1 must be an"),
     ],
 )
 def test_eval_settings_name_the_bad_field(kwargs, match):
@@ -302,6 +303,39 @@ def test_one_batch_draws_with_the_key_of_old_batch_0(trio):
         np.testing.assert_array_equal(ev.reference_samples(role)[0], np.asarray(want)[:10])
 
 
+@pytest.mark.parametrize("mesh", [None, pytest.param("mesh", marks=pytest.mark.slow)])
+def test_cached_reference_passes_give_the_same_numbers_bitwise(trio, mesh, monkeypatch):
+    """The reference models' encoder outputs and own log-probs, computed once, change what a
+    checkpoint recomputes (5 decoder passes instead of 7), not a number; a budget that holds
+    only the oracle's log-probs recomputes the teacher's; 0 caches nothing."""
+    mesh = None if mesh is None else partitioning.make_mesh({"data": -1, "model": 1})
+    prompts = prompts_(7)  # batches of 4: the last one padded
+    decoded = []
+    real_decode = batch_scoring._decode_logprobs
+    monkeypatch.setattr(
+        batch_scoring, "_decode_logprobs", lambda *a: decoded.append(1) or real_decode(*a)
+    )
+    # Counted as half a MiB per batch and model: 1 MiB holds one model's 2 batches.
+    monkeypatch.setattr(batch_scoring, "fixed_bytes", lambda *a: 2**19)
+    results = {}
+    for mib in (2, 0, 1):
+        batch_scoring.score_fn.cache_clear()  # trace again: count the decoder passes
+        ev = make_evaluator(trio, prompts, mesh=mesh, reference_cache_mib=mib)
+        decoded.clear()
+        results[mib] = ev.estimates(trio[2][1])
+        results[mib, "passes"] = len(decoded)
+    assert (results[2, "passes"], results[0, "passes"]) == (5, 7)
+    assert results[1, "passes"] == 6  # the oracle's own log-probs cached, the teacher's not
+    for key, est in results[0].items():
+        for other in (results[2][key], results[1][key]):
+            assert (other.value, other.stderr, other.per_token) == (
+                est.value,
+                est.stderr,
+                est.per_token,
+            ), key
+            np.testing.assert_array_equal(other.per_prompt, est.per_prompt, err_msg=key)
+
+
 # ----------------------------------------------------------------------------- field mode
 
 
@@ -321,12 +355,14 @@ def test_without_oracle_only_the_proxy_is_measured_with_the_same_values(trio, me
         lambda *a: decoded.append(1) or real_decode(*a),
     )
     batch_scoring.score_fn.cache_clear()  # trace again: count the decoder passes
+    batch_scoring.fixed_fn.cache_clear()
     oracle, teacher, student = trio
     settings = evaluator.EvalSettings(16, L, seed=0, batch_size=4)
     ev = evaluator.Evaluator(None, teacher, student[0], prompts, settings, mesh=mesh)
     assert len(calls) == 2 and ev.mode == "field"  # the teacher's 2 batches, no oracle's
     field = ev.evaluate(trio[2][1])
-    assert len(calls) == 4 and len(decoded) == 4  # the student's 2 batches; 4 decoder passes
+    # The student's 2 batches; 3 decoder passes per checkpoint + the teacher's own, once.
+    assert len(calls) == 4 and len(decoded) == 4
     assert set(field) == {k for k in with_oracle if k.startswith("proxy/")}
     for key, value in field.items():
         assert value == pytest.approx(with_oracle[key], rel=1e-6, abs=1e-9), key

@@ -42,6 +42,13 @@ flags.DEFINE_integer(
     "8 by default so that a 2-core CPU finishes in minutes).",
     **_F,
 )
+flags.DEFINE_integer(
+    "reference_cache_mib",
+    2048,
+    "EvalSettings.reference_cache_mib: memory for the references' own log-probs (0: none, "
+    "every reference pass at every checkpoint).",
+    **_F,
+)
 flags.DEFINE_enum(
     "estimator",
     "rao_blackwell",
@@ -106,8 +113,9 @@ def _breakdown(ev: evaluator.Evaluator, student) -> tuple[float, float]:
 
 def measure(name: str, spec: dict | None = None) -> dict:
     """Times the Evaluator of shape `name` (`shape_spec`), or of `spec` (the same keys:
-    ref, student configs; prompts, samples, lx, ly) labelled `name`; the settings (batch
-    size, estimator, repeats) are this module's parsed FLAGS."""
+    ref, student configs; prompts, samples, lx, ly; optionally reference_cache_mib)
+    labelled `name`; the other settings (batch size, estimator, repeats, and the reference
+    cache unless `spec` sets it) are this module's parsed FLAGS."""
     spec = shape_spec(name) if spec is None else spec
     rng = np.random.default_rng(0)
     vocab = spec["student"].vocab_size
@@ -126,6 +134,7 @@ def measure(name: str, spec: dict | None = None) -> dict:
             spec["ly"],
             batch_size=min(FLAGS.batch_size, spec["prompts"]),
             estimator=FLAGS.estimator,
+            reference_cache_mib=spec.get("reference_cache_mib", FLAGS.reference_cache_mib),
         ),
         mesh=mesh,
     )

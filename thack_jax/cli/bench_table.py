@@ -259,10 +259,14 @@ def loop_seconds(args, config) -> dict[str, float]:
     return seconds
 
 
-def evaluator_seconds(argv0: str, args, config) -> dict:
+def evaluator_seconds(argv0: str, args, config, cache_mib: int = 2048) -> dict:
     """`bench_evaluation.measure` of one `Evaluator` (oracle, teacher and student all of
-    `config`): steady seconds per `evaluate`, its sampling / scoring split, the setup."""
-    progress(f"measuring the evaluator ({args.eval_prompts} prompts x 2 samples)")
+    `config`, `EvalSettings.reference_cache_mib=cache_mib`): steady seconds per
+    `evaluate`, its sampling / scoring split, the setup."""
+    progress(
+        f"measuring the evaluator ({args.eval_prompts} prompts x 2 samples, reference "
+        f"cache {cache_mib} MiB)"
+    )
     bench_evaluation.parse_args([argv0, f"--repeats={args.repeats}"])
     spec = dict(
         ref=config,
@@ -271,6 +275,7 @@ def evaluator_seconds(argv0: str, args, config) -> dict:
         samples=2,
         lx=args.input_len,
         ly=args.new_tokens,
+        reference_cache_mib=cache_mib,
     )
     return bench_evaluation.measure("table", spec)
 
@@ -304,9 +309,16 @@ def measure_rows(argv0: str, args) -> list[str]:
         figure = f"{name.replace('_', '-')} step, s: vs offline step (s)"
         rows.append(row(figure, steps[name], offline))
     ev = evaluator_seconds(argv0, args, config)
+    uncached = evaluator_seconds(argv0, args, config, cache_mib=0)
     shape = f"{args.eval_prompts} x 2, in {args.input_len}, out {args.new_tokens}"
     rows += [
         row(f"evaluator, s per checkpoint ({shape}): vs offline step (s)", ev["steady"], offline),
+        row(
+            "evaluator, s per checkpoint: vs the same without the reference cache "
+            "(reference_cache_mib=0, 7 decoder passes), s",
+            ev["steady"],
+            uncached["steady"],
+        ),
         row(
             "evaluator: drawing the student's samples, s: share of a checkpoint",
             ev["sample_s"],

@@ -63,6 +63,11 @@ flags.DEFINE_integer("max_decode_len", 64, "Response length cap.")
 flags.DEFINE_integer("batch_size", 16, "Prompts per device batch.")
 flags.DEFINE_integer("seed", 0, "Seed of every sample (common random numbers).")
 flags.DEFINE_enum("estimator", "rao_blackwell", list(evaluator.ESTIMATORS), "Estimator.")
+flags.DEFINE_integer(
+    "reference_cache_mib",
+    2048,
+    "Device memory (MiB) for the reference models' own log-probs, computed once (0: none).",
+)
 flags.DEFINE_integer("model_parallel", 1, "Size of the mesh's model axis (data = the rest).")
 flags.DEFINE_float("poll_seconds", 30.0, "Seconds between looks for new checkpoints.")
 flags.DEFINE_float(
@@ -133,6 +138,7 @@ def build_evaluator(values: dict) -> evaluator.Evaluator:
             seed=values["seed"],
             batch_size=values["batch_size"],
             estimator=values["estimator"],
+            reference_cache_mib=FLAGS.reference_cache_mib,
         ),
         mesh=mesh,
         train_prompts=train,

@@ -19,34 +19,33 @@ draws with the row id i * n + j of its stream's one key (`sampling.sample(first_
 so the samples, and every estimate, do not depend on `EvalSettings.batch_size`.
 
 Cost per `evaluate`: one student sampling pass, then per batch one jitted function
-(`batch_scoring.score_fn`) that runs each model's encoder once and decodes (teacher
-forcing) the student on its own, the oracle's and the teacher's responses, and each
-reference on its own and the student's responses (7 decoder passes, 3 encoder passes; 4
-and 2 without an oracle; one more student decoder pass over the references).
+(`batch_scoring.score_fn`) that runs the student's encoder and decodes (teacher forcing)
+the student on its own, the oracle's and the teacher's responses, and each reference on
+the student's responses (5 decoder passes, 1 encoder pass; 3 and 1 without an oracle; one
+more student decoder pass over the references). The reference models' encoder outputs and
+their log-probs of their own samples are computed once, at construction (2 more decoder
+passes and 2 encoder passes per checkpoint when `EvalSettings.reference_cache_mib` cannot
+hold the log-probs).
 Prompts are processed `batch_size` at a time (the last batch padded with copies of prompt
 0, results dropped), so every jitted function compiles once per shape. See docs/evaluation.md.
 """
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from thack_jax import models
-from thack_jax.core import checks
 from thack_jax.decoding import sampling
-from thack_jax.decoding.settings import SamplingConfig
-from thack_jax.evaluation import divergences, sanity
+from thack_jax.evaluation import batch_scoring, divergences, sanity
 from thack_jax.evaluation import references as refs_lib
 from thack_jax.evaluation.batch_scoring import REFERENCES, Side, reference_fn, score_fn
 from thack_jax.evaluation.sanity import DegenerateEvaluationError  # noqa: F401 (re-export)
+from thack_jax.evaluation.settings import ESTIMATORS, EvalSettings  # noqa: F401 (re-export)
 from thack_jax.models.config import T5Config
 from thack_jax.parallel import partitioning
 
-ESTIMATORS = ("rao_blackwell", "plain")
 DIVERGENCES = ("forward_kl", "reverse_kl", "js")
 # The sample stream of each model (its key: fold_in(fold_in(key(seed), stream), 0)); fixed
 # per role, so the teacher's and the student's samples are the same with or without oracle.
@@ -62,41 +61,6 @@ def metrics_of(estimates: dict[str, divergences.Estimate]) -> dict[str, float]:
         metrics[f"{key}_per_token"] = est.per_token
         metrics[f"{key}_per_token_stderr"] = est.per_token_stderr
     return metrics
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalSettings:
-    """How the `Evaluator` measures: one frozen value, checked when it is made.
-
-    num_samples: responses per prompt and per model.
-    max_decode_len: response length cap (a row without EOS is cut there: a complete
-      response of that length, as the sampler does).
-    seed: the key of every sample drawn (references once, student at every call).
-    batch_size: prompts per device batch (bounds memory: scoring a batch holds a few
-      arrays [batch_size * num_samples, max_decode_len, V] float32 at once).
-    estimator: 'rao_blackwell' (lower variance, never negative) or 'plain'.
-    """
-
-    num_samples: int
-    max_decode_len: int
-    _: dataclasses.KW_ONLY
-    seed: int = 0
-    batch_size: int = 16
-    estimator: str = "rao_blackwell"
-
-    def __post_init__(self):
-        checks.choice(self, "estimator", ESTIMATORS)
-        for name in ("num_samples", "batch_size", "max_decode_len"):
-            checks.integer(self, name, 1)
-        checks.integer(self, "seed")
-        # Plain Python ints: equal settings compare and hash equal.
-        for name in ("num_samples", "max_decode_len", "seed", "batch_size"):
-            object.__setattr__(self, name, int(getattr(self, name)))
-
-    @property
-    def sampling(self) -> SamplingConfig:
-        """What every model draws: its own distribution (T = 1, untruncated)."""
-        return SamplingConfig(max_decode_len=self.max_decode_len, num_samples=self.num_samples)
 
 
 class Evaluator:
@@ -194,6 +158,7 @@ class Evaluator:
             role: self._sample(config, params, STREAMS[role])
             for role, (config, params) in self._refs.items()
         }
+        self._fixed = self._fixed_passes()  # per batch: {role: Fixed}, or None
         self._reference_levels = {}
         if references is not None:  # the levels of the reference models, once
             self._reference_levels = {
@@ -261,6 +226,30 @@ class Evaluator:
             out.append((partitioning.to_host(s.tokens), partitioning.to_host(s.mask)))
         return out
 
+    def _fixed_passes(self) -> list[dict | None]:
+        """Per batch, what no checkpoint changes of each reference model (`Fixed`): its
+        encoder output, and its log-probs of its own samples while they fit in
+        `settings.reference_cache_mib` (references in `_refs` order: the oracle first)."""
+        budget = self.settings.reference_cache_mib * 2**20
+        if budget == 0:
+            return [None] * len(self._batches)
+        rows = self.batch_size * self.num_samples
+        own = {}
+        for role, (config, _) in self._refs.items():
+            need = batch_scoring.fixed_bytes(config, rows, self.max_decode_len) * len(self._batches)
+            own[role] = need <= budget
+            budget -= need if own[role] else 0
+        out = []
+        for b, inputs in enumerate(self._batches):
+            placed = self._put(inputs, ("batch", "length"))
+            fixed = {}
+            for role, (config, params) in self._refs.items():
+                fn = batch_scoring.fixed_fn(config, self.num_samples, self.mesh, own[role])
+                tokens = self._put(self._ref_samples[role][b][0], ("batch", "length"))
+                fixed[role] = fn(params, placed, tokens)
+            out.append(fixed)
+        return out
+
     def _reference_level(self, role: str) -> divergences.Estimate:
         """The cross-entropy of reference model `role` on the reference responses (once)."""
         config, params = self._refs[role]
@@ -302,7 +291,8 @@ class Evaluator:
             refs = None
             if self._references is not None:
                 refs = tuple(self._put(x, ("batch", "length")) for x in self._reference_batches[b])
-            result, ref_lp = fn(params, self._put(inputs, ("batch", "length")), samples, refs)
+            placed = self._put(inputs, ("batch", "length"))
+            result, ref_lp = fn(params, placed, samples, refs, self._fixed[b])
             if ref_lp is not None:
                 ref_parts.append(partitioning.to_host(ref_lp))
             for role, (p_side, q_side) in result.items():

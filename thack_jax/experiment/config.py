@@ -206,6 +206,7 @@ class EvalConfig:
     batch_size: int = 64
     seed: int = 1234
     estimator: str = "rao_blackwell"
+    reference_cache_mib: int = 2048  # evaluation.settings.EvalSettings (memory, not numbers)
 
     def __post_init__(self):
         checks.integer(self, "num_prompts", 1)
@@ -216,6 +217,7 @@ class EvalConfig:
         checks.integer(self, "batch_size", 1)
         checks.integer(self, "seed", 0)
         checks.choice(self, "estimator", ESTIMATOR_NAMES)
+        checks.integer(self, "reference_cache_mib", 0)
 
     def steps(self, num_steps: int) -> tuple[int, ...]:
         """The sorted evaluation steps of a run of `num_steps` updates (0 and num_steps

@@ -76,6 +76,7 @@ def settings_of(ctx: stage_work.StageContext) -> EvalSettings:
         seed=ev.seed,
         batch_size=ev.batch_size,
         estimator=ev.estimator,
+        reference_cache_mib=ev.reference_cache_mib,
     )
 
 
